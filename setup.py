@@ -1,0 +1,71 @@
+"""Build and install videomt_fast.
+
+The CUDA extension ``videomt_fast._C`` (csrc/) is built with ninja when the installed torch has
+CUDA and nvcc is found; otherwise it is skipped with one line and the package installs as pure
+Python (it then compiles the extension just in time on first CUDA use, or runs the PyTorch path).
+
+Environment switches: ``VIDEOMT_FAST_SKIP_CUDA_BUILD=1`` skips the extension; ``MAX_JOBS`` caps
+the parallel compile jobs; ``VIDEOMT_FAST_CUDA_ARCHS`` (e.g. ``"8.0;9.0"``) picks the targets.
+"""
+
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_extension():
+    if os.environ.get("VIDEOMT_FAST_SKIP_CUDA_BUILD", "0") == "1":
+        print("videomt_fast: skipping the CUDA extension (VIDEOMT_FAST_SKIP_CUDA_BUILD=1)", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except Exception as exc:  # torch missing in the build environment
+        print(f"videomt_fast: skipping the CUDA extension (torch not importable: {exc})", file=sys.stderr)
+        return [], {}
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
+        why = "torch is a CPU build" if torch.version.cuda is None else "nvcc not found"
+        print(f"videomt_fast: skipping the CUDA extension ({why}); the package runs on its PyTorch path", file=sys.stderr)
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if not sources:
+        return [], {}
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("VIDEOMT_FAST_CUDA_ARCHS", "8.0;9.0"))
+    ext = CUDAExtension(
+        name="videomt_fast._C",
+        sources=sources,
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _cuda_extension()
+
+setup(
+    name="videomt_fast",
+    version="0.1.0",
+    description="Fast VidEoMT / EoMT video and image segmentation: transformers' outputs, fused kernels",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["videomt_fast", "videomt_fast.*", "bench"]),
+    package_dir={"videomt_fast.kernels": "kernels"},
+    package_data={"videomt_fast": ["csrc/*"]},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "huggingface_hub"],
+    extras_require={
+        "triton": ["triton"],
+        "video": ["av", "pycocotools", "tqdm"],
+        "test": ["pytest", "transformers>=5.3", "av", "pycocotools", "tqdm"],
+        "ray": ["ray"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["videomt-fast=videomt_fast.cli:main"]},
+)

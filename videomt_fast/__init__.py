@@ -1,0 +1,65 @@
+"""videomt_fast: transformers' VidEoMT and EoMT, same outputs, many times faster.
+
+Change one import::
+
+    from videomt_fast import VideomtForUniversalSegmentation  # was: from transformers import ...
+"""
+
+from . import ops
+from .configuration import PRESETS, EomtConfig, VideomtConfig, config_from_preset
+from .modeling import (
+    EomtForUniversalSegmentation,
+    EomtForUniversalSegmentationOutput,
+    VideomtForUniversalSegmentation,
+    VideomtForUniversalSegmentationOutput,
+)
+
+__version__ = "0.1.0"
+
+
+def backend_report(device="cpu"):
+    """Which backend (reference / triton / cuda) each op runs on ``device``, and why."""
+    return ops.backend_report(device)
+
+
+def from_transformers(hf_model):
+    """Convert a loaded transformers VidEoMT / EoMT model; parameters share its storage where they can."""
+    from .loading import from_transformers as _convert
+
+    return _convert(hf_model)
+
+
+def patch_transformers():
+    """Make transformers' ``VideomtForUniversalSegmentation.from_pretrained`` (and EoMT's, and
+    ``AutoModelForUniversalSegmentation``'s for those model types) return videomt_fast models.
+
+    Returns a handle; ``handle.undo()`` or :func:`unpatch_transformers` restores transformers. Also a
+    context manager: ``with videomt_fast.patch_transformers(): ...``.
+    """
+    from .patching import patch
+
+    return patch()
+
+
+def unpatch_transformers():
+    """Undo :func:`patch_transformers` (no-op when not patched)."""
+    from .patching import unpatch
+
+    unpatch()
+
+
+__all__ = [
+    "VideomtConfig",
+    "EomtConfig",
+    "VideomtForUniversalSegmentation",
+    "VideomtForUniversalSegmentationOutput",
+    "EomtForUniversalSegmentation",
+    "EomtForUniversalSegmentationOutput",
+    "PRESETS",
+    "config_from_preset",
+    "backend_report",
+    "from_transformers",
+    "patch_transformers",
+    "unpatch_transformers",
+    "ops",
+]

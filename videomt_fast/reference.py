@@ -1,0 +1,175 @@
+"""Plain-PyTorch references of every fused op: the ground truth, and the CPU path.
+
+Each function here is declared as an op in :mod:`videomt_fast.ops`; fast implementations
+(Triton in ``videomt_fast.kernels``, CUDA in ``videomt_fast._C``) must match them. Tests and
+benchmarks import these same functions.
+
+Layouts shared by all backends:
+
+* ``qkv`` is the output of the fused QKV projection, ``(B, N, 3 * d)`` with the columns ordered
+  ``[q (d) | k (d) | v (d)]`` and each of those split into ``num_heads`` heads of ``d / num_heads``.
+* Token rows are ordered ``[queries (num_queries), cls, registers, patches]``; ``num_prefix`` counts
+  the rows before the first patch (``num_queries + 1 + num_register_tokens``).
+* ``mask_bits`` packs, per (batch, query), one bit per patch column: bit ``j % 32`` of int32 word
+  ``j // 32`` is set when query row ``q`` may attend patch ``j``. Shape ``(B, num_queries, ceil(P / 32))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+# --------------------------------------------------------------------------------------------
+# attention
+
+
+def unpack_mask_bits(mask_bits: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """``(B, Q, W)`` int32 words -> ``(B, Q, num_patches)`` bool."""
+    shifts = torch.arange(32, device=mask_bits.device, dtype=torch.int32)
+    bits = (mask_bits.unsqueeze(-1) >> shifts) & 1  # (B, Q, W, 32)
+    return bits.flatten(-2)[..., :num_patches].bool()
+
+
+def pack_mask_bits(allowed: torch.Tensor) -> torch.Tensor:
+    """``(B, Q, P)`` bool -> ``(B, Q, ceil(P / 32))`` int32 words (inverse of :func:`unpack_mask_bits`)."""
+    batch, queries, patches = allowed.shape
+    words = (patches + 31) // 32
+    padded = torch.zeros(batch, queries, words * 32, dtype=torch.int64, device=allowed.device)
+    padded[..., :patches] = allowed.to(torch.int64)
+    weights = torch.ones(32, dtype=torch.int64, device=allowed.device) << torch.arange(
+        32, dtype=torch.int64, device=allowed.device
+    )
+    packed = (padded.view(batch, queries, words, 32) * weights).sum(-1)
+    # reinterpret the low 32 bits as a signed int32 word
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def attention_mask_from_bits(
+    mask_bits: torch.Tensor, seq_len: int, num_queries: int, num_prefix: int
+) -> torch.Tensor:
+    """Boolean ``(B, 1, N, N)`` mask (True = may attend) equivalent to the packed bits."""
+    batch = mask_bits.shape[0]
+    allowed = torch.ones(batch, seq_len, seq_len, dtype=torch.bool, device=mask_bits.device)
+    allowed[:, :num_queries, num_prefix:] = unpack_mask_bits(mask_bits, seq_len - num_prefix)
+    return allowed[:, None]
+
+
+def attention_ref(
+    qkv: torch.Tensor,
+    num_heads: int,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """Softmax attention over the fused QKV layout; ``(B, N, 3d) -> (B, N, d)``.
+
+    With ``mask_bits``, query rows ``[0, num_queries)`` see patch column ``j`` (row ``num_prefix + j``)
+    only where its bit is set; every other pair is unmasked. Rows never lose their non-patch columns,
+    so no row is fully masked.
+    """
+    batch, seq_len, three_d = qkv.shape
+    dim = three_d // 3
+    head_dim = dim // num_heads
+    q, k, v = qkv.view(batch, seq_len, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    mask = None
+    if mask_bits is not None:
+        mask = attention_mask_from_bits(mask_bits, seq_len, num_queries, num_prefix)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=head_dim**-0.5)
+    return out.transpose(1, 2).reshape(batch, seq_len, dim)
+
+
+# --------------------------------------------------------------------------------------------
+# EoMT mask bits
+
+
+def mask_bits_ref(mask_logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(B, Q, h, w)`` mask logits -> packed bits of ``bilinear_resize(logits, grid) > 0``.
+
+    The resize is ``F.interpolate(mode="bilinear", align_corners=False)``, as transformers' EoMT does.
+    """
+    resized = F.interpolate(mask_logits, size=tuple(grid), mode="bilinear", align_corners=False)
+    return pack_mask_bits(resized.flatten(2) > 0)
+
+
+# --------------------------------------------------------------------------------------------
+# norms and epilogues
+
+
+def layer_norm_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension."""
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def residual_layer_norm_ref(
+    x: torch.Tensor,
+    f: torch.Tensor,
+    scale: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x = x + scale * f; y = LayerNorm(x)``; returns ``(x, y)``."""
+    x = f * scale + x
+    return x, F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``gelu(x @ weight.T + bias)`` with the exact erf GELU."""
+    return F.gelu(F.linear(x, weight, bias))
+
+
+def linear_residual_ref(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """``residual + scale * (x @ weight.T + bias)``."""
+    return F.linear(x, weight, bias) * scale + residual
+
+
+def query_update_ref(
+    out: torch.Tensor,
+    table: torch.Tensor,
+    prev: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Write the next frame's queries into rows ``[0, Q)`` of the token buffer ``out`` and return it.
+
+    ``out[:, :Q] = prev @ weight.T + bias + table`` (or ``table`` when ``prev`` is None, frame 0).
+    """
+    num_queries = table.shape[0]
+    if prev is None:
+        out[:, :num_queries] = table
+    else:
+        out[:, :num_queries] = F.linear(prev, weight, bias) + table
+    return out
+
+
+ops.define_op("attention", attention_ref, "softmax attention on the fused QKV layout (EoMT mask bits optional)")
+ops.define_op("mask_bits", mask_bits_ref, "bilinear resize of mask logits to the patch grid, > 0, packed to bits")
+ops.define_op("layer_norm", layer_norm_ref, "LayerNorm over the last dimension")
+ops.define_op("residual_layer_norm", residual_layer_norm_ref, "x += scale * f, then LayerNorm(x)")
+ops.define_op("linear_gelu", linear_gelu_ref, "Linear + bias + exact GELU (fc1 epilogue)")
+ops.define_op("linear_residual", linear_residual_ref, "Linear + bias + layer scale + residual (out-proj / fc2)")
+ops.define_op("query_update", query_update_ref, "query_updater(prev) + query table into the token buffer rows")
+
+ops.register_backend_module("triton", "videomt_fast.kernels")
+
+__all__ = [
+    "attention_ref",
+    "mask_bits_ref",
+    "layer_norm_ref",
+    "residual_layer_norm_ref",
+    "linear_gelu_ref",
+    "linear_residual_ref",
+    "query_update_ref",
+    "pack_mask_bits",
+    "unpack_mask_bits",
+    "attention_mask_from_bits",
+]
