@@ -129,14 +129,18 @@ def triton_interpreting() -> bool:
 
 
 def _device_reason(backend: str, tensor: torch.Tensor | None) -> str | None:
-    if tensor is None:
+    """Why ``backend`` cannot run on ``tensor``'s device (None when it can).
+
+    Triton kernels run on CPU tensors only in the interpreter and only when forced
+    (``use_backend("triton")`` / ``VIDEOMT_FAST_BACKEND=triton``): tests use that to check them,
+    while ``auto`` keeps CPU work on the reference path.
+    """
+    if tensor is None or tensor.device.type == "cuda":
         return None
-    if tensor.device.type == "cuda":
-        return None
-    if backend == "triton" and triton_interpreting():
+    if backend == "triton" and triton_interpreting() and _forced_backend() == "triton":
         return None
     return f"inputs are on {tensor.device.type}, {backend} needs CUDA" + (
-        " (or TRITON_INTERPRET=1)" if backend == "triton" else ""
+        " (or TRITON_INTERPRET=1 with the triton backend forced)" if backend == "triton" else ""
     )
 
 
