@@ -1,0 +1,84 @@
+"""Helpers shared by the Triton kernels: guards' building blocks and launch-time flags."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from videomt_fast import ops
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def interpreting() -> bool:
+    return ops.triton_interpreting()
+
+
+def interp_bf16(dtype: torch.dtype) -> bool:
+    """Whether kernels must work around the CPU interpreter's bf16 support (constexpr ``INTERP_BF16``).
+
+    Triton's interpreter (3.x, numpy underneath) has two bf16 defects: ``tl.dot`` on bf16 operands
+    returns garbage, and fp32 -> bf16 conversion truncates instead of rounding to nearest even. Under
+    ``TRITON_INTERPRET=1`` with bf16 tensors, kernels therefore upcast bf16 tiles to fp32 before
+    ``tl.dot`` (exact) and round to bf16 with :func:`to_bf16_rne` before converting (exact too), so the
+    interpreter computes what the GPU computes. On a GPU the flag is never set and the code is plain.
+    """
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def to_bf16_rne(x):
+    """fp32 -> fp32 value rounded to the nearest bf16 (ties to even); its bf16 conversion is then exact."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def cast_to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """``x.to(dtype)`` that rounds to nearest under the interpreter's bf16 too."""
+    if INTERP_BF16:
+        x = to_bf16_rne(x.to(tl.float32))
+    return x.to(dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 ("ieee") for fp32 tensors, never silent TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def device_reason(*tensors: torch.Tensor) -> str | None:
+    """None when every tensor lives where a Triton kernel can read it (CUDA, or CPU in the interpreter)."""
+    first = tensors[0].device
+    for t in tensors:
+        if t.device != first:
+            return f"tensors on different devices ({first} and {t.device})"
+    if first.type == "cuda":
+        return None
+    if first.type == "cpu" and interpreting():
+        return None
+    return f"tensors on {first.type}; triton kernels need CUDA (or TRITON_INTERPRET=1)"
+
+
+def dtype_reason(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
+    if dtype is None:
+        if t.dtype not in FLOAT_DTYPES:
+            return f"{name} dtype {t.dtype} (needs float32, float16 or bfloat16)"
+        return None
+    if t.dtype != dtype:
+        return f"{name} dtype {t.dtype} differs from {dtype}"
+    return None
+
+
+def first_reason(*reasons: str | None) -> str | None:
+    for r in reasons:
+        if r is not None:
+            return r
+    return None
+
+
+def env_flag(name: str, default: str) -> str:
+    return os.environ.get(name, default).strip().lower() or default

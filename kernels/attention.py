@@ -1,0 +1,239 @@
+"""Flash-style softmax attention on the fused QKV layout, with EoMT's packed mask bits.
+
+One program owns ``BLOCK_M`` query rows of one (batch, head) and walks the key/value rows in blocks of
+``BLOCK_N`` with an online softmax (running max and sum in fp32), so the ``N x N`` score matrix never
+exists in memory. Q, K and V are read by strides straight from the ``(B, N, 3 d)`` output of the fused
+QKV projection (no transpose, no copy) and the result is written as ``(B, N, d)``, ready for the output
+projection.
+
+Masked variant (EoMT): rows ``[0, num_queries)`` may attend patch column ``j`` (token ``num_prefix + j``)
+only where bit ``j`` of their packed mask words is set; all other (row, column) pairs are unmasked. A
+masked score is ``-inf`` and the running max starts at a finite ``-1e30``, so a block in which a row sees
+nothing contributes exactly zero and never produces NaN; every query row keeps its non-patch columns.
+
+The block sizes below are a conventional starting point (Triton's fused-attention tutorial uses the
+same family); they must be re-tuned on the GPU, e.g. against SDPA's flash backend with
+``bench/bench_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import cast_to, device_reason, dot_precision, interp_bf16, dtype_reason, first_reason
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_kernel(
+    qkv_ptr,  # (B, N, 3 * D) fused projection output; head h of q/k/v at columns h*HEAD_DIM (+D, +2D)
+    out_ptr,  # (B, N, D) output, same dtype as qkv
+    bits_ptr,  # (B, Q, W) int32 packed mask bits, W = ceil((N - num_prefix) / 32); unused without HAS_MASK
+    stride_qkv_b,
+    stride_qkv_n,  # qkv strides in elements (the last one is 1)
+    stride_out_b,
+    stride_out_n,  # out strides in elements (the last one is 1)
+    stride_bits_b,
+    stride_bits_q,  # bits strides in words (the last one is 1)
+    seq_len,  # N
+    dim,  # D = num_heads * HEAD_DIM
+    num_heads,
+    num_queries,  # Q: rows [0, Q) are masked query rows
+    num_prefix,  # first patch token; patch j is token num_prefix + j
+    qk_scale,  # head_dim ** -0.5 * log2(e): scores go straight to exp2
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 tensors)
+    INTERP_BF16: tl.constexpr,  # interpreter bf16 workarounds, see _common.interp_bf16 (never on a GPU)
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    row_ok = offs_m < seq_len
+
+    q_base = qkv_ptr + batch * stride_qkv_b + head * HEAD_DIM
+    k_base = q_base + dim
+    v_base = q_base + 2 * dim
+
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qkv_n + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_M, BLOCK_D)
+    if INTERP_BF16:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 domain), finite on purpose
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp2
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # Only blocks that hold query rows look at the mask words at all.
+    block_has_queries = pid_m * BLOCK_M < num_queries
+    bits_rows = bits_ptr + batch * stride_bits_b + offs_m * stride_bits_q  # (BLOCK_M,) row starts
+    is_query = offs_m < num_queries
+
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < seq_len
+        k_t = tl.load(
+            k_base + cols[None, :] * stride_qkv_n + offs_d[:, None],
+            mask=col_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )  # (BLOCK_D, BLOCK_N)
+        if INTERP_BF16:
+            k_t = k_t.to(tl.float32)
+        s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        if HAS_MASK:
+            if block_has_queries:
+                patch = cols - num_prefix
+                patch_c = tl.maximum(patch, 0)
+                need = is_query[:, None] & ((patch >= 0) & col_ok)[None, :]
+                words = tl.load(bits_rows[:, None] + (patch_c // 32)[None, :], mask=need, other=-1)
+                allowed = ((words >> (patch_c % 32)[None, :]) & 1) != 0
+                s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        v = tl.load(
+            v_base + cols[:, None] * stride_qkv_n + offs_d[None, :],
+            mask=col_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        p = cast_to(p, qkv_ptr.dtype.element_ty, INTERP_BF16)  # the tensor cores take P in the input precision
+        if INTERP_BF16:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    out_ptrs = out_ptr + batch * stride_out_b + offs_m[:, None] * stride_out_n + head * HEAD_DIM + offs_d[None, :]
+    tl.store(out_ptrs, cast_to(out, out_ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def _launch_config(head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim; to be re-measured on the GPU."""
+    if head_dim <= 64:
+        return 64, 64, 4, 3
+    return 64, 64, 8, 2
+
+
+def attention_launch(
+    qkv: torch.Tensor, num_heads: int, mask_bits: torch.Tensor | None, num_queries: int, num_prefix: int
+) -> torch.Tensor:
+    """Host launcher: ``(B, N, 3d)`` -> new ``(B, N, d)``. Inputs must have passed :func:`attention_guard`."""
+    batch, seq_len, three_d = qkv.shape
+    dim = three_d // 3
+    head_dim = dim // num_heads
+    out = torch.empty(batch, seq_len, dim, dtype=qkv.dtype, device=qkv.device)
+    if batch == 0 or seq_len == 0:
+        return out
+    block_m, block_n, num_warps, num_stages = _launch_config(head_dim)
+    has_mask = mask_bits is not None and num_queries > 0
+    bits = mask_bits if has_mask else qkv  # dummy pointer when unmasked, never read
+    grid = (triton.cdiv(seq_len, block_m), batch * num_heads)
+    _attention_kernel[grid](
+        qkv,
+        out,
+        bits,
+        qkv.stride(0),
+        qkv.stride(1),
+        out.stride(0),
+        out.stride(1),
+        bits.stride(0) if has_mask else 0,
+        bits.stride(1) if has_mask else 0,
+        seq_len,
+        dim,
+        num_heads,
+        num_queries if has_mask else 0,
+        num_prefix,
+        head_dim**-0.5 * _LOG2E,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        HAS_MASK=has_mask,
+        PRECISION=dot_precision(qkv.dtype),
+        INTERP_BF16=interp_bf16(qkv.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return out
+
+
+@torch.library.custom_op("videomt_fast::attention", mutates_args=())
+def attention_op(
+    qkv: torch.Tensor, num_heads: int, mask_bits: torch.Tensor | None, num_queries: int, num_prefix: int
+) -> torch.Tensor:
+    return attention_launch(qkv, num_heads, mask_bits, num_queries, num_prefix)
+
+
+@attention_op.register_fake
+def _(qkv, num_heads, mask_bits, num_queries, num_prefix):
+    batch, seq_len, three_d = qkv.shape
+    return qkv.new_empty(batch, seq_len, three_d // 3)
+
+
+def attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """Triton implementation of :func:`videomt_fast.reference.attention_ref` (same signature)."""
+    return torch.ops.videomt_fast.attention(qkv, int(num_heads), mask_bits, int(num_queries), int(num_prefix))
+
+
+def attention_guard(
+    qkv: torch.Tensor,
+    num_heads: int,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> str | None:
+    """None when the kernel takes these inputs, else why not."""
+    if not isinstance(qkv, torch.Tensor) or qkv.dim() != 3:
+        return "qkv must be a (B, N, 3d) tensor"
+    tensors = (qkv,) if mask_bits is None else (qkv, mask_bits)
+    reason = first_reason(device_reason(*tensors), dtype_reason("qkv", qkv))
+    if reason is not None:
+        return reason
+    batch, seq_len, three_d = qkv.shape
+    if three_d % 3 or num_heads <= 0 or (three_d // 3) % num_heads:
+        return f"qkv last dim {three_d} is not 3 * num_heads({num_heads}) * head_dim"
+    head_dim = three_d // 3 // num_heads
+    if head_dim % 16 or head_dim > 128:
+        return f"head_dim {head_dim} (needs a multiple of 16, at most 128)"
+    if qkv.stride(2) != 1:
+        return "qkv last dim is not contiguous"
+    if mask_bits is not None:
+        if not 0 <= num_queries <= num_prefix <= seq_len:
+            return f"needs 0 <= num_queries ({num_queries}) <= num_prefix ({num_prefix}) <= N ({seq_len})"
+        words = math.ceil((seq_len - num_prefix) / 32)
+        if mask_bits.dtype != torch.int32:
+            return f"mask_bits dtype {mask_bits.dtype} (needs int32)"
+        if tuple(mask_bits.shape) != (batch, num_queries, words):
+            return f"mask_bits shape {tuple(mask_bits.shape)} (needs {(batch, num_queries, words)})"
+        if num_queries > 0 and mask_bits.stride(2) != 1:
+            return "mask_bits last dim is not contiguous"
+    if (batch - 1) * qkv.stride(0) + (seq_len - 1) * qkv.stride(1) + three_d >= 2**31 or qkv.numel() >= 2**31:
+        return "qkv too large for 32-bit offsets"
+    return None
