@@ -366,18 +366,46 @@ class _Segmenter(nn.Module):
         config: _SegmenterConfig | None = None,
         dtype: torch.dtype | str | None = "auto",
         device: torch.device | str | None = None,
+        fast: bool = False,
         **kwargs: Any,
     ) -> "_Segmenter":
-        """Load a transformers ``save_pretrained`` directory, a hub id, or a research-code ``.pth``."""
+        """Load a transformers ``save_pretrained`` directory, a hub id, or a research-code ``.pth``.
+
+        ``fast=True`` returns ``model.optimize(...)`` (bf16 unless ``dtype`` names another).
+        """
         from .loading import load_pretrained
 
-        return load_pretrained(cls, pretrained_model_name_or_path, config=config, dtype=dtype, device=device, **kwargs)
+        model = load_pretrained(cls, pretrained_model_name_or_path, config=config, dtype=dtype, device=device, **kwargs)
+        if fast:
+            fast_dtype = model.dtype if dtype not in (None, "auto") else torch.bfloat16
+            model.optimize(dtype=fast_dtype)
+        return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` in transformers' format (loadable by both)."""
         from .loading import save_pretrained
 
         save_pretrained(self, directory)
+
+    def optimize(
+        self,
+        dtype: torch.dtype | None = torch.bfloat16,
+        cuda_graphs: bool = True,
+        check_finite: bool | None = None,
+        clone_outputs: bool = True,
+    ) -> "_Segmenter":
+        """Set the model up for speed, in place; returns it.
+
+        Casts the weights to ``dtype`` (bf16 by default; the kernels accumulate in fp32), and on CUDA
+        makes :meth:`new_session` replay one CUDA graph per input shape. ``check_finite=False`` also
+        drops the per-call NaN/inf scan of the input (one reduction and one host sync).
+        ``clone_outputs=False`` lets a graphed session return its static output buffers (valid until
+        the next step) instead of copies.
+        """
+        from .fast import optimize
+
+        return optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
+                        clone_outputs=clone_outputs)
 
     def backend_report(self) -> dict[str, dict[str, Any]]:
         """Which backend each op would use on this model's device, and why."""
@@ -488,8 +516,17 @@ class VideomtForUniversalSegmentation(_Segmenter):
         )
 
     # ------------------------------------------------------------------ streaming
-    def new_session(self, batch_size: int = 1) -> "VideomtSession":
-        """A streaming session: feed one frame per :meth:`VideomtSession.step`, queries carried between."""
+    def new_session(self, batch_size: int = 1):
+        """A streaming session: feed one frame per ``step(frames)``, queries carried between.
+
+        After :meth:`optimize` on a CUDA model this is a :class:`videomt_fast.fast.GraphedSession`
+        (one CUDA graph per input shape); otherwise a :class:`videomt_fast.session.VideomtSession`.
+        """
+        settings = getattr(self, "fast_settings", None)
+        if settings is not None and settings.cuda_graphs and self.device.type == "cuda":
+            from .fast import GraphedSession
+
+            return GraphedSession(self, batch_size=batch_size, clone_outputs=settings.clone_outputs)
         from .session import VideomtSession
 
         return VideomtSession(self, batch_size=batch_size)

@@ -1,0 +1,156 @@
+"""The fast inference path: low-precision weights, fused kernels, and CUDA-graph sessions.
+
+``model.optimize(dtype=torch.bfloat16)`` casts the weights (fp32 accumulation stays inside the
+kernels) and marks the model fast; on CUDA its ``new_session()`` then returns a
+:class:`GraphedSession`, which captures the whole frame step (all layers and the head) once per
+input shape and replays it per frame, with the propagated queries in static buffers. Several
+sessions can run side by side: each owns its graphs and buffers.
+
+The kernels themselves are chosen per op by :mod:`videomt_fast.ops` (Triton / CUDA on GPU
+tensors, reference elsewhere), so this module never names a backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput, check_frames
+
+
+@dataclass
+class FastSettings:
+    dtype: torch.dtype = torch.bfloat16
+    cuda_graphs: bool = True
+    clone_outputs: bool = True  # graph outputs live in static buffers overwritten by the next step
+
+
+def optimize(model, dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: bool = True,
+             check_finite: bool | None = None, clone_outputs: bool = True):
+    """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
+    if dtype is not None:
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
+        probs = model.attn_mask_probs.detach().clone()
+        model.to(dtype=dtype)
+        model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
+    if check_finite is not None:
+        model.check_finite = bool(check_finite)
+    model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs)
+    return model.eval()
+
+
+class GraphedSession:
+    """A VidEoMT streaming session whose frame step replays a captured CUDA graph.
+
+    Same contract as :class:`videomt_fast.session.VideomtSession` (``step``, ``reset``, errors on a
+    changed batch size or frame size). The first frame (learned queries only) and later frames
+    (``query_updater(prev) + queries``) are two graphs; both write the queries to propagate into a
+    static buffer inside the graph, so a step is one input copy and one replay.
+
+    With ``use_graphs=False`` (or off CUDA) the same static-buffer step runs eagerly, which is how
+    the CPU tests check it.
+    """
+
+    def __init__(self, model: VideomtForUniversalSegmentation, batch_size: int = 1, use_graphs: bool | None = None,
+                 clone_outputs: bool = True):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.model = model
+        self.batch_size = batch_size
+        on_cuda = model.device.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else bool(use_graphs and on_cuda)
+        self.clone_outputs = clone_outputs
+        self.frame_size: tuple[int, int] | None = None
+        self.frame_index = 0
+        self._static: dict[str, torch.Tensor] = {}
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[bool, tuple[torch.Tensor, ...]] = {}
+        self._pool = None
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Start a new video (the graphs for this frame size are kept and reused)."""
+        self.frame_index = 0
+
+    @property
+    def propagated_queries(self) -> torch.Tensor | None:
+        return None if self.frame_index == 0 else self._static["queries"]
+
+    def _allocate(self, size: tuple[int, int]) -> None:
+        model, cfg = self.model, self.model.config
+        device, dtype = model.device, model.dtype
+        self._static = {
+            "frames": torch.zeros(self.batch_size, cfg.num_channels, *size, device=device, dtype=dtype),
+            "queries": torch.zeros(self.batch_size, cfg.num_queries, cfg.hidden_size, device=device, dtype=dtype),
+        }
+        self._graphs, self._outputs = {}, {}
+        self.frame_size = size
+
+    # ------------------------------------------------------------------ the step
+    def _eager_step(self, first: bool) -> tuple[torch.Tensor, ...]:
+        model, static = self.model, self._static
+        hidden = model.encode_frames(static["frames"])
+        prev = None if first else static["queries"]
+        masks, classes, sequence, queries = model.query_step(hidden, prev, model.grid_for(*self.frame_size))
+        static["queries"].copy_(queries)
+        return masks, classes, sequence
+
+    def _capture(self, first: bool) -> None:
+        # warm up on a side stream (allocator and autotuning settle), then capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        saved = self._static["queries"].clone()
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._eager_step(first)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self._eager_step(first)
+        self._static["queries"].copy_(saved)  # warm-up and capture must not advance the video
+        self._graphs[first] = graph
+        self._outputs[first] = outputs
+
+    @torch.no_grad()
+    def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
+        model = self.model
+        check_frames(frames, "frames", 4, model.config, "(batch_size, channels, height, width)", model.check_finite)
+        if frames.shape[0] != self.batch_size:
+            raise ValueError(
+                f"frames has batch size {frames.shape[0]}; this session was started with batch_size={self.batch_size}"
+            )
+        size = (int(frames.shape[-2]), int(frames.shape[-1]))
+        if self.frame_size is None or (self.frame_index == 0 and size != self.frame_size):
+            self._allocate(size)
+        elif size != self.frame_size:
+            raise ValueError(
+                f"frames are {size[0]}x{size[1]}; this session's video is {self.frame_size[0]}x{self.frame_size[1]} "
+                "(call reset() to start a new video)"
+            )
+        if frames.device != model.device:
+            raise ValueError(f"frames are on {frames.device}; the model is on {model.device}")
+        first = self.frame_index == 0
+        self._static["frames"].copy_(frames)
+        if self.use_graphs:
+            if first not in self._graphs:
+                self._capture(first)
+            self._graphs[first].replay()
+            masks, classes, sequence = self._outputs[first]
+        else:
+            masks, classes, sequence = self._eager_step(first)
+        if self.clone_outputs:
+            masks, classes, sequence = masks.clone(), classes.clone(), sequence.clone()
+        self.frame_index += 1
+        return VideomtForUniversalSegmentationOutput(
+            class_queries_logits=classes, masks_queries_logits=masks, last_hidden_state=sequence
+        )
+
+    __call__ = step
+
+    def __repr__(self) -> str:
+        return (f"GraphedSession(batch_size={self.batch_size}, frame_size={self.frame_size}, "
+                f"graphs={'on' if self.use_graphs else 'off'}, frames_seen={self.frame_index})")
