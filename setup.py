@@ -55,7 +55,7 @@ setup(
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["videomt_fast", "videomt_fast.*", "bench"]),
+    packages=find_packages(include=["videomt_fast", "videomt_fast.*"]),
     package_dir={"videomt_fast.kernels": "kernels"},
     package_data={"videomt_fast": ["csrc/*"]},
     install_requires=["torch>=2.4", "numpy", "safetensors", "huggingface_hub"],
