@@ -64,3 +64,12 @@ def test_graphed_session_on_gpu_matches_eager():
         out_b = b.step(x[:, t])
         assert max_abs(out_a.masks_queries_logits, clip.masks_queries_logits[t : t + 1]) < 1e-3
         assert max_abs(out_b.class_queries_logits, clip.class_queries_logits[t : t + 1]) < 1e-3
+
+
+def test_model_traces_under_torch_compile(model):
+    x = video(1, 2)
+    with torch.no_grad():
+        eager = model(pixel_values_videos=x)
+        compiled = torch.compile(model, backend="aot_eager")
+        out = compiled(pixel_values_videos=x)
+    assert max_abs(out.masks_queries_logits, eager.masks_queries_logits) < 1e-4
