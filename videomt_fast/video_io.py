@@ -1,0 +1,506 @@
+"""Video and image I/O for offline segmentation: input discovery, decoding, PNG and MP4 writing.
+
+Decoding uses torchcodec when it is importable (and asked for, or ``auto``), otherwise PyAV. Frames
+come out as ``(T, H, W, 3)`` uint8 chunks so that the device does the resize and normalization.
+PNGs are written by a small zlib encoder (8/16-bit grayscale, 8-bit RGB; no Pillow needed) and read
+back with PyAV's PNG decoder, an independent implementation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+VIDEO_EXTS = frozenset(
+    ".mp4 .m4v .mov .mkv .avi .webm .mpg .mpeg .ts .mts .m2ts .wmv .flv .3gp .ogv .y4m .gif".split()
+)
+IMAGE_EXTS = frozenset(".png .jpg .jpeg .bmp .tif .tiff .webp .ppm .pgm".split())
+LIST_EXTS = frozenset(".txt .lst .list".split())
+
+
+class VideoReadError(RuntimeError):
+    """A video (or frame folder) could not be opened or decoded; the message names the input."""
+
+
+@dataclass
+class VideoSource:
+    """One video to segment: a video file, or a folder of frames (``frames`` in order)."""
+
+    path: str
+    kind: str  # "video" or "frames"
+    name: str = ""
+    frames: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.path
+
+
+# ---------------------------------------------------------------------------------- discovery
+
+
+def _natural_key(text: str) -> list:
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", text)]
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _frame_files(directory: str) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    files = [n for n in names if _ext(n) in IMAGE_EXTS and os.path.isfile(os.path.join(directory, n))]
+    return [os.path.join(directory, n) for n in sorted(files, key=_natural_key)]
+
+
+def _walk_folder(root: str) -> list[VideoSource]:
+    """Video files anywhere under ``root``; every folder holding images is one frame-folder video."""
+    found: list[VideoSource] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_natural_key)
+        images = [f for f in filenames if _ext(f) in IMAGE_EXTS]
+        if images:
+            found.append(VideoSource(dirpath, "frames", frames=_frame_files(dirpath)))
+        for f in sorted(filenames, key=_natural_key):
+            if _ext(f) in VIDEO_EXTS and not f.startswith("."):
+                found.append(VideoSource(os.path.join(dirpath, f), "video"))
+    return found
+
+
+def _read_list(path: str) -> list[str]:
+    base = os.path.dirname(os.path.abspath(path))
+    entries = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            line = os.path.expanduser(line)
+            entries.append(line if os.path.isabs(line) else os.path.join(base, line))
+    return entries
+
+
+def discover_inputs(inputs: Sequence[str]) -> tuple[list[VideoSource], list[tuple[str, str]]]:
+    """Expand files, folders (recursively), list files and frame folders into videos.
+
+    Returns ``(sources, problems)``; ``problems`` lists ``(input, reason)`` for inputs that do not
+    exist or hold nothing to segment. Every source gets a unique ``name`` (its output folder).
+    """
+    sources: list[tuple[VideoSource, str | None]] = []  # (source, root folder it was found under)
+    problems: list[tuple[str, str]] = []
+    seen_lists: set[str] = set()
+
+    def add(entry: str, from_list: bool) -> None:
+        if os.path.isdir(entry):
+            found = _walk_folder(entry)
+            if not found:
+                problems.append((entry, "folder holds no videos or frames"))
+            root = os.path.abspath(entry)
+            # a folder that is itself a frame folder is named after itself, not after its parent
+            for src in found:
+                sources.append((src, None if os.path.abspath(src.path) == root else root))
+        elif os.path.isfile(entry):
+            if _ext(entry) in LIST_EXTS and not from_list:
+                real = os.path.realpath(entry)
+                if real in seen_lists:
+                    return
+                seen_lists.add(real)
+                for item in _read_list(entry):
+                    add(item, True)
+            elif _ext(entry) in IMAGE_EXTS:
+                problems.append((entry, "a single image is not a video; pass its folder to segment the frames"))
+            else:  # anything else is tried as a video (a bad one fails at decode, by name)
+                sources.append((VideoSource(entry, "video"), None))
+        else:
+            problems.append((entry, "no such file or folder"))
+
+    for entry in inputs:
+        add(os.fspath(entry), False)
+
+    unique: dict[str, VideoSource] = {}
+    for src, root in sources:
+        key = os.path.realpath(src.path)
+        if key not in unique:
+            unique[key] = src
+            src.name = _base_name(src, root)
+    named = list(unique.values())
+    _dedupe_names(named)
+    return named, problems
+
+
+def _safe(text: str) -> str:
+    text = re.sub(r"[^A-Za-z0-9._+=@-]+", "_", text).strip("._")
+    return text or "video"
+
+
+def _base_name(src: VideoSource, root: str | None) -> str:
+    path = os.path.abspath(src.path)
+    if root is not None:
+        rel = os.path.relpath(path, root)
+    else:
+        rel = os.path.basename(path.rstrip(os.sep))
+    if src.kind == "video":
+        rel = os.path.splitext(rel)[0]
+    return "__".join(_safe(part) for part in rel.split(os.sep) if part)
+
+
+def _dedupe_names(sources: list[VideoSource]) -> None:
+    """Same base name from different paths: add a short hash of the full path."""
+    counts: dict[str, int] = {}
+    for src in sources:
+        counts[src.name] = counts.get(src.name, 0) + 1
+    for src in sources:
+        if counts[src.name] > 1:
+            digest = hashlib.sha1(os.path.realpath(src.path).encode()).hexdigest()[:8]
+            src.name = f"{src.name}-{digest}"
+
+
+# ---------------------------------------------------------------------------------- decoding
+
+
+def torchcodec_available() -> bool:
+    try:
+        import torchcodec.decoders  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_decoder(name: str) -> str:
+    if name == "auto":
+        return "torchcodec" if torchcodec_available() else "pyav"
+    if name == "torchcodec" and not torchcodec_available():
+        raise ValueError("--decoder torchcodec: torchcodec is not importable (pip install torchcodec)")
+    if name not in ("pyav", "torchcodec"):
+        raise ValueError(f"unknown decoder {name!r}; choose pyav, torchcodec or auto")
+    return name
+
+
+@dataclass
+class VideoInfo:
+    height: int
+    width: int
+    num_frames: int | None  # None when the container does not say
+    fps: float | None
+
+
+def probe(source: VideoSource) -> VideoInfo:
+    """Size, frame count (when known) and rate, without decoding the whole video."""
+    import av
+
+    if source.kind == "frames":
+        if not source.frames:
+            raise VideoReadError(f"{source.path}: frame folder holds no images")
+        first = _read_image(source.frames[0])
+        return VideoInfo(first.shape[0], first.shape[1], len(source.frames), None)
+    try:
+        with av.open(source.path) as container:
+            if not container.streams.video:
+                raise VideoReadError(f"{source.path}: no video stream")
+            stream = container.streams.video[0]
+            frames = int(stream.frames) if stream.frames else None
+            rate = float(stream.average_rate) if stream.average_rate else None
+            return VideoInfo(stream.codec_context.height, stream.codec_context.width, frames, rate)
+    except VideoReadError:
+        raise
+    except Exception as exc:
+        raise VideoReadError(f"{source.path}: cannot open as a video ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_image(path: str) -> np.ndarray:
+    import av
+
+    try:
+        with av.open(path) as container:
+            frame = next(container.decode(video=0))
+            return frame.to_ndarray(format="rgb24")
+    except Exception as exc:
+        raise VideoReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+
+
+def _chunks_of(frames: Iterable[np.ndarray], chunk: int, label: str) -> Iterator[np.ndarray]:
+    buf: list[np.ndarray] = []
+    shape = None
+    for frame in frames:
+        if shape is None:
+            shape = frame.shape
+        elif frame.shape != shape:
+            raise VideoReadError(f"{label}: frame size changes mid-video ({shape[1]}x{shape[0]} -> {frame.shape[1]}x{frame.shape[0]})")
+        buf.append(frame)
+        if len(buf) == chunk:
+            yield np.stack(buf)
+            buf = []
+    if buf:
+        yield np.stack(buf)
+
+
+def _pyav_frames(path: str, threads: int) -> Iterator[np.ndarray]:
+    import av
+
+    try:
+        container = av.open(path)
+    except Exception as exc:
+        raise VideoReadError(f"{path}: cannot open as a video ({type(exc).__name__}: {exc})") from exc
+    try:
+        if not container.streams.video:
+            raise VideoReadError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if threads:
+            stream.codec_context.thread_count = threads
+        try:
+            for frame in container.decode(stream):
+                yield frame.to_ndarray(format="rgb24")
+        except VideoReadError:
+            raise
+        except Exception as exc:
+            raise VideoReadError(f"{path}: decoding failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        container.close()
+
+
+def _torchcodec_chunks(path: str, chunk: int, threads: int) -> Iterator[np.ndarray]:
+    from torchcodec.decoders import VideoDecoder
+
+    try:
+        decoder = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=threads)
+        total = len(decoder)
+    except Exception as exc:
+        raise VideoReadError(f"{path}: cannot open as a video ({type(exc).__name__}: {exc})") from exc
+    for start in range(0, total, chunk):
+        try:
+            batch = decoder.get_frames_in_range(start, min(start + chunk, total)).data
+        except Exception as exc:
+            raise VideoReadError(f"{path}: decoding failed at frame {start} ({type(exc).__name__}: {exc})") from exc
+        yield batch.numpy()
+
+
+def iter_chunks(source: VideoSource, chunk: int, decoder: str = "pyav", threads: int = 0) -> Iterator[np.ndarray]:
+    """Decoded frames as ``(t, H, W, 3)`` uint8 arrays, ``t <= chunk``, in order.
+
+    Raises :class:`VideoReadError` (naming the input) when the video cannot be opened or decoded.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be positive, got {chunk}")
+    if source.kind == "frames":
+        return _chunks_of((_read_image(p) for p in source.frames), chunk, source.path)
+    if decoder == "torchcodec":
+        return _torchcodec_chunks(source.path, chunk, threads)
+    return _chunks_of(_pyav_frames(source.path, threads), chunk, source.path)
+
+
+# ---------------------------------------------------------------------------------- PNG
+
+
+def _png_chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def encode_png(image: np.ndarray, level: int = 3) -> bytes:
+    """Lossless PNG bytes for ``(H, W)`` uint8/uint16 grayscale or ``(H, W, 3)`` uint8 RGB.
+
+    Every row uses the "Up" filter (byte difference to the row above), which compresses label maps
+    well and is cheap to compute in numpy.
+    """
+    image = np.asarray(image)
+    if image.ndim == 2 and image.dtype == np.uint8:
+        bit_depth, color_type, raw = 8, 0, image
+    elif image.ndim == 2 and image.dtype == np.uint16:
+        bit_depth, color_type, raw = 16, 0, image.astype(">u2")
+    elif image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8:
+        bit_depth, color_type, raw = 8, 2, image
+    else:
+        raise ValueError(f"encode_png: expected (H, W) uint8/uint16 or (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    height, width = image.shape[:2]
+    if height == 0 or width == 0:
+        raise ValueError(f"encode_png: empty image {image.shape}")
+    rows = np.ascontiguousarray(raw).view(np.uint8).reshape(height, -1)
+    filtered = np.empty((height, rows.shape[1] + 1), dtype=np.uint8)
+    filtered[:, 0] = 2  # Up
+    filtered[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps mod 256
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return b"".join(
+        (b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)), _png_chunk(b"IEND", b""))
+    )
+
+
+def write_png(path: str, image: np.ndarray, level: int = 3) -> None:
+    data = encode_png(image, level)
+    with open(path, "wb") as fh:
+        fh.write(data)
+
+
+def read_png(path: str) -> np.ndarray:
+    """Decode a PNG with PyAV: ``(H, W)`` uint8/uint16 for grayscale, ``(H, W, 3)`` uint8 for colour."""
+    import av
+
+    with av.open(path) as container:
+        frame = next(container.decode(video=0))
+    name = frame.format.name
+    if name in ("gray", "gray8"):
+        return frame.to_ndarray()
+    if name.startswith("gray16"):
+        return frame.reformat(format="gray16le").to_ndarray() if name != "gray16le" else frame.to_ndarray()
+    return frame.to_ndarray(format="rgb24")
+
+
+def label_map_image(ids: np.ndarray) -> np.ndarray:
+    """Non-negative integer map -> uint8 when every value fits, else uint16 (error above 65535)."""
+    ids = np.asarray(ids)
+    top = int(ids.max()) if ids.size else 0
+    low = int(ids.min()) if ids.size else 0
+    if low < 0:
+        raise ValueError(f"label map holds negative values (min {low}); shift them first")
+    if top <= 255:
+        return ids.astype(np.uint8)
+    if top <= 65535:
+        return ids.astype(np.uint16)
+    raise ValueError(f"label map value {top} does not fit 16 bits")
+
+
+def ids_to_rgb(ids: np.ndarray) -> np.ndarray:
+    """COCO panoptic colour encoding: ``id = R + 256 G + 256^2 B``."""
+    ids = np.asarray(ids).astype(np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
+def rgb_to_ids(rgb: np.ndarray) -> np.ndarray:
+    rgb = np.asarray(rgb).astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+
+
+# ---------------------------------------------------------------------------------- overlays
+
+
+def palette(n: int, seed: int = 7) -> np.ndarray:
+    """``(n, 3)`` uint8 distinct-ish colours; entry 0 is black (background)."""
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(40, 256, size=(max(n, 1), 3), dtype=np.int64).astype(np.uint8)
+    colours[0] = 0
+    return colours
+
+
+def blend(frame: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Tint ``frame`` (H, W, 3) uint8 by ``ids`` (H, W, 0 = none) with ``colours[ids % len]``."""
+    ids = np.asarray(ids)
+    tint = colours[ids % len(colours)]
+    mask = (ids > 0)[..., None]
+    mixed = (frame.astype(np.float32) * (1 - alpha) + tint.astype(np.float32) * alpha).astype(np.uint8)
+    return np.where(mask, mixed, frame)
+
+
+class Mp4Writer:
+    """Append RGB frames to an MP4 (H.264 when libx264 is there, else MPEG-4 Part 2) with PyAV.
+
+    Odd frame sizes are padded by one edge row/column (yuv420p needs even sizes).
+    """
+
+    def __init__(self, path: str, fps: float | None = None, crf: int = 23):
+        import av
+
+        self.path = path
+        self.container = av.open(path, "w", format="mp4")
+        self.fps = Fraction(fps or 25).limit_denominator(1001)
+        self.crf = crf
+        self.stream = None
+        self.size: tuple[int, int] | None = None
+
+    def _open(self, height: int, width: int) -> None:
+        import av
+
+        for codec in ("libx264", "mpeg4"):
+            try:
+                av.codec.Codec(codec, "w")
+            except Exception:
+                continue
+            stream = self.container.add_stream(codec, rate=self.fps)
+            break
+        else:
+            raise RuntimeError("no H.264 or MPEG-4 encoder in this PyAV build")
+        self.size = (height + height % 2, width + width % 2)
+        stream.height, stream.width = self.size
+        stream.pix_fmt = "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": str(self.crf), "preset": "veryfast"}
+        self.stream = stream
+
+    def write(self, frame: np.ndarray) -> None:
+        import av
+
+        if self.stream is None:
+            self._open(*frame.shape[:2])
+        h, w = self.size
+        if frame.shape[:2] != (h, w):
+            frame = np.pad(frame, ((0, h - frame.shape[0]), (0, w - frame.shape[1]), (0, 0)), mode="edge")
+        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            self.container.mux(packet)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            for packet in self.stream.encode():
+                self.container.mux(packet)
+        self.container.close()
+
+
+def write_test_video(
+    path: str,
+    num_frames: int,
+    height: int,
+    width: int,
+    codec: str = "libx264",
+    pix_fmt: str | None = None,
+    fps: int = 10,
+    seed: int = 0,
+) -> list[np.ndarray]:
+    """Encode moving synthetic shapes (a few rectangles and a disc on a gradient); returns the RGB frames.
+
+    Used by the tests and handy for smoke runs. ``pix_fmt`` defaults to yuv420p for even sizes and
+    yuv444p for odd ones.
+    """
+    import av
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([xx * 255 // max(width - 1, 1), yy * 255 // max(height - 1, 1), np.full_like(xx, 96)], -1).astype(np.uint8)
+    shapes = [
+        (rng.integers(0, 256, 3), rng.uniform(0.1, 0.3), rng.uniform(-2, 2, 2), rng.uniform(0, 1, 2))
+        for _ in range(3)
+    ]
+    frames = []
+    container = av.open(path, "w")
+    try:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = height, width
+        stream.pix_fmt = pix_fmt or ("yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p")
+        for t in range(num_frames):
+            img = base.copy()
+            for k, (colour, size, vel, pos) in enumerate(shapes):
+                cy = (pos[0] * height + vel[0] * t) % height
+                cx = (pos[1] * width + vel[1] * t) % width
+                r = size * min(height, width)
+                if k == 2:
+                    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                else:
+                    inside = (abs(yy - cy) <= r) & (abs(xx - cx) <= r * 1.5)
+                img[inside] = colour
+            frames.append(img)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+        if num_frames == 0:  # still write a valid (empty) file: header and trailer only
+            container.start_encoding()
+    finally:
+        container.close()
+    return frames
