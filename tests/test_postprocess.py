@@ -1,0 +1,257 @@
+"""Post-processing parity with transformers' VideomtVideoProcessor (CPU, reference path)."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import hf_oracle
+from videomt_fast import ops
+from videomt_fast import postprocess as pp
+from videomt_fast.processing import VideomtVideoProcessor
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    try:
+        return hf_oracle.load().processor
+    except ImportError as exc:
+        pytest.skip(f"transformers' VidEoMT processor unavailable: {exc}")
+
+
+@pytest.fixture
+def ours():
+    return VideomtVideoProcessor()
+
+
+def random_outputs(frames, queries, num_labels, h, w, seed, dtype=torch.float32, layout="blobs"):
+    """Logits that make real segments: peaked classes for half the queries, then either overlapping
+    blob masks ("blobs", the instance case) or near-partition Voronoi cells with some duplicated,
+    shifted centres ("cells", so panoptic has valid segments and overlap rejections), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randn(frames, queries, num_labels + 1, generator=g) * 1.5
+    confident = torch.rand(frames, queries, generator=g) < 0.5
+    peak = torch.randint(0, num_labels, (frames, queries), generator=g)
+    boost = 4.0 + 4.0 * torch.rand(frames, queries, generator=g)
+    cls.scatter_add_(2, peak[..., None], (confident * boost)[..., None])
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    cy, cx = torch.rand(2, frames, queries, 1, 1, generator=g)
+    noise = 0.8 * torch.randn(frames, queries, h, w, generator=g)
+    if layout == "blobs":
+        radius = 0.1 + 0.35 * torch.rand(frames, queries, 1, 1, generator=g)
+        dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+        masks = 12.0 * (radius - dist) / radius + noise
+    else:
+        dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()  # (F, Q, h, w)
+        two = dist.topk(2, dim=1, largest=False).values
+        other = torch.where(dist <= two[:, :1], two[:, 1:2], two[:, :1])  # distance to the nearest other centre
+        masks = 40.0 * (other - dist) + noise
+        # a quarter of the queries repeat another query's cell, a little dilated: one of each pair loses
+        dup = torch.rand(frames, queries, 1, 1, generator=g) < 0.25
+        src = torch.randint(0, queries, (frames, queries, 1, 1), generator=g).expand(-1, -1, h, w)
+        masks = torch.where(dup, masks.gather(1, src) + 1.5, masks)
+    return SimpleNamespace(class_queries_logits=cls.to(dtype), masks_queries_logits=masks.to(dtype))
+
+
+def assert_segments_equal(expected, got, tol=1e-5):
+    assert len(expected) == len(got)
+    for f, (e, o) in enumerate(zip(expected, got)):
+        assert o["segmentation"].dtype == torch.long
+        assert o["segmentation"].shape == e["segmentation"].shape
+        diff = (o["segmentation"] != e["segmentation"]).sum().item()
+        assert diff == 0, f"frame {f}: {diff} pixels differ"
+        ei, oi = e["segments_info"], o["segments_info"]
+        assert [(s["id"], s["label_id"]) for s in oi] == [(s["id"], s["label_id"]) for s in ei], f"frame {f}"
+        for s_e, s_o in zip(ei, oi):
+            assert abs(s_e["score"] - s_o["score"]) <= tol, (f, s_e, s_o)
+            assert s_o["score"] == round(s_o["score"], 6)
+
+
+SIZES = [
+    [(97, 131)],  # up, odd
+    [(12, 9), (40, 40), (161, 75)],  # down, same, up; non-uniform per frame
+    [(33, 200), (200, 33), (1, 5), (64, 48), (80, 81)],
+]
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.8])
+def test_instance_matches_transformers(oracle, ours, sizes, threshold):
+    out = random_outputs(len(sizes), 37, 7, 20, 24, seed=len(sizes) * 10 + int(threshold * 10))
+    expected = oracle.post_process_instance_segmentation(out, sizes, threshold=threshold)
+    got = ours.post_process_instance_segmentation(out, sizes, threshold=threshold)
+    assert sum(len(r["segments_info"]) for r in expected) >= 2 * len(sizes) or threshold == 0.8
+    assert_segments_equal(expected, got)
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
+@pytest.mark.parametrize(
+    "threshold,mask_threshold,overlap,fuse",
+    [(0.8, 0.5, 0.8, None), (0.5, 0.5, 0.8, {0, 1, 2}), (0.6, 0.3, 0.5, {3}), (0.5, 0.7, 0.9, set()), (0.4, 0.5, 0.0, {0, 1, 2, 3, 4, 5, 6})],
+)
+def test_panoptic_matches_transformers(oracle, ours, sizes, threshold, mask_threshold, overlap, fuse):
+    out = random_outputs(len(sizes), 41, 7, 20, 24, seed=len(sizes) + int(threshold * 100) + int(overlap * 7), layout="cells")
+    kwargs = dict(threshold=threshold, mask_threshold=mask_threshold, overlap_mask_area_threshold=overlap, label_ids_to_fuse=fuse)
+    expected = oracle.post_process_panoptic_segmentation(out, sizes, **kwargs)
+    got = ours.post_process_panoptic_segmentation(out, sizes, **kwargs)
+    assert sum(len(r["segments_info"]) for r in expected) >= len(sizes)  # the case must exercise the rules
+    assert_segments_equal(expected, got)
+
+
+def test_panoptic_fusing_is_exercised(oracle, ours):
+    """Several valid queries of one fused label: they share one id and one segments_info entry."""
+    sizes = [(60, 60), (30, 45)]
+    out = random_outputs(2, 60, 2, 16, 16, seed=3, layout="cells")
+    expected = oracle.post_process_panoptic_segmentation(out, sizes, threshold=0.5, label_ids_to_fuse={0})
+    plain = oracle.post_process_panoptic_segmentation(out, sizes, threshold=0.5)
+    got = ours.post_process_panoptic_segmentation(out, sizes, threshold=0.5, label_ids_to_fuse={0})
+    assert sum(len(r["segments_info"]) for r in expected) < sum(len(r["segments_info"]) for r in plain)
+    assert_segments_equal(expected, got)
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
+@pytest.mark.parametrize("with_scores", [False, True])
+def test_semantic_matches_transformers(oracle, ours, sizes, with_scores):
+    out = random_outputs(len(sizes), 23, 19, 20, 24, seed=len(sizes) + 100 * with_scores)
+    expected = oracle.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
+    got = ours.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
+    for e, o in zip(expected, got):
+        if with_scores:
+            assert torch.equal(o.segmentation, e.segmentation)
+            torch.testing.assert_close(o.segmentation_scores, e.segmentation_scores, rtol=0, atol=0)
+        else:
+            assert o.dtype == torch.long and torch.equal(o, e)
+
+
+def test_small_blocks_match(monkeypatch, oracle, ours):
+    """A tiny memory budget forces many query / class blocks; answers must not change."""
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_BLOCK_MB", "0.01")
+    assert pp.block_channels(200, 100, 100) == pp.QUERY_ALIGN
+    sizes = [(90, 70), (50, 120)]
+    out = random_outputs(2, 70, 40, 20, 24, seed=11, layout="cells")
+    assert_segments_equal(
+        oracle.post_process_instance_segmentation(out, sizes, threshold=0.4),
+        ours.post_process_instance_segmentation(out, sizes, threshold=0.4),
+    )
+    assert_segments_equal(
+        oracle.post_process_panoptic_segmentation(out, sizes, threshold=0.5, label_ids_to_fuse={1, 5, 9}),
+        ours.post_process_panoptic_segmentation(out, sizes, threshold=0.5, label_ids_to_fuse={1, 5, 9}),
+    )
+    for e, o in zip(oracle.post_process_semantic_segmentation(out, sizes), ours.post_process_semantic_segmentation(out, sizes)):
+        assert torch.equal(e, o)
+
+
+def test_bfloat16_logits_match(oracle, ours):
+    out = random_outputs(2, 30, 5, 16, 20, seed=5, dtype=torch.bfloat16, layout="cells")
+    sizes = [(40, 50), (17, 23)]
+    assert_segments_equal(
+        oracle.post_process_instance_segmentation(out, sizes, threshold=0.4),
+        ours.post_process_instance_segmentation(out, sizes, threshold=0.4),
+    )
+    assert_segments_equal(
+        oracle.post_process_panoptic_segmentation(out, sizes, threshold=0.5),
+        ours.post_process_panoptic_segmentation(out, sizes, threshold=0.5),
+    )
+
+
+def test_no_segments_and_transformers_output_object(oracle, ours):
+    out = random_outputs(2, 10, 3, 8, 8, seed=1)
+    out.class_queries_logits[..., -1] = 50.0  # every query says "no object"
+    for method, kw in (("post_process_instance_segmentation", {}), ("post_process_panoptic_segmentation", {})):
+        got = getattr(ours, method)(out, [(5, 6), (7, 3)], **kw)
+        assert_segments_equal(getattr(oracle, method)(out, [(5, 6), (7, 3)], **kw), got)
+        assert all((r["segmentation"] == -1).all() for r in got)
+    from transformers.models.videomt.modeling_videomt import VideomtForUniversalSegmentationOutput
+
+    hf_out = VideomtForUniversalSegmentationOutput(
+        class_queries_logits=out.class_queries_logits, masks_queries_logits=out.masks_queries_logits
+    )
+    assert len(ours.post_process_semantic_segmentation(hf_out, [(4, 4), (4, 4)])) == 2
+
+
+def test_bad_inputs_name_the_argument(ours):
+    out = random_outputs(2, 10, 3, 8, 8, seed=1)
+    with pytest.raises(ValueError, match="len\\(target_sizes\\).*2"):
+        ours.post_process_instance_segmentation(out, [(4, 4)])
+    with pytest.raises(ValueError, match="target_sizes\\[1\\]"):
+        ours.post_process_panoptic_segmentation(out, [(4, 4), (4,)])
+    with pytest.raises(ValueError, match="masks_queries_logits must have shape"):
+        ours.post_process_semantic_segmentation(
+            SimpleNamespace(class_queries_logits=out.class_queries_logits, masks_queries_logits=out.masks_queries_logits[0]),
+            [(4, 4), (4, 4)],
+        )
+    with pytest.raises(ValueError, match="class_queries_logits must have shape"):
+        ours.post_process_semantic_segmentation(
+            SimpleNamespace(class_queries_logits=out.class_queries_logits[0], masks_queries_logits=out.masks_queries_logits),
+            [(4, 4), (4, 4)],
+        )
+    with pytest.raises(ValueError, match="agree on \\(frames, queries\\)"):
+        ours.post_process_semantic_segmentation(
+            SimpleNamespace(class_queries_logits=out.class_queries_logits[:1], masks_queries_logits=out.masks_queries_logits),
+            [(4, 4), (4, 4)],
+        )
+    with pytest.raises(ValueError, match="class_queries_logits"):
+        ours.post_process_semantic_segmentation(object(), [(4, 4)])
+
+
+def test_ops_are_declared_and_dispatch_to_reference_on_cpu():
+    names = set(ops.op_names())
+    assert {"semantic_segmentation", "instance_segmentation", "panoptic_segmentation"} <= names
+    cls = torch.zeros(1, 2, 3)
+    masks = torch.zeros(1, 2, 4, 4)
+    line = ops.explain("instance_segmentation", cls, masks, [(4, 4)], 0.5)
+    assert line.startswith("instance_segmentation: reference")
+
+
+def test_panoptic_ratio_compares_in_double():
+    """area / original = 4/5 is 0.800000011920929 in float32: transformers' `.item() > 0.8` keeps it."""
+    keep = torch.tensor([True])
+    labels = torch.tensor([0])
+    ids, new = pp.panoptic_segment_ids(keep, labels, torch.tensor([4]), torch.tensor([5]), torch.tensor([4]), 0.8, None, 3)
+    assert new.tolist() == [True] and ids.tolist() == [0]
+    ids, new = pp.panoptic_segment_ids(keep, labels, torch.tensor([4]), torch.tensor([5]), torch.tensor([4]), 0.8000001, None, 3)
+    assert new.tolist() == [False] and ids.tolist() == [-1]
+
+
+# ----------------------------------------------------------------------------- pre-processing
+
+
+def _tv_free_expected(frames_tchw_uint8: torch.Tensor) -> torch.Tensor:
+    """transformers' pre-processing written out: torchvision's CPU uint8 resize is torch's uint8 antialiased
+    bilinear kernel; then the fused rescale+normalize with mean/std times 1/rescale_factor."""
+    x = torch.nn.functional.interpolate(frames_tchw_uint8, size=(640, 640), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406]) * (1.0 / (1 / 255))
+    std = torch.tensor([0.229, 0.224, 0.225]) * (1.0 / (1 / 255))
+    return (x.float() - mean[:, None, None]) / std[:, None, None]
+
+
+def test_preprocess_layouts_agree(ours):
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (3, 50, 70, 3), dtype=torch.uint8, generator=g)
+    expected = _tv_free_expected(video.permute(0, 3, 1, 2).contiguous())[None]
+    for inp in (video, video.permute(0, 3, 1, 2), video.numpy(), list(video.numpy()), [video]):
+        got = ours(inp)["pixel_values_videos"]
+        assert got.shape == (1, 3, 3, 640, 640) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    batch = ours(torch.stack([video, video.flip(0)]))
+    assert batch.pixel_values_videos.shape == (2, 3, 3, 640, 640)
+    torch.testing.assert_close(batch.pixel_values_videos[1], expected[0].flip(0), rtol=0, atol=1e-6)
+
+
+def test_preprocess_float_path_is_close_to_uint8_path(ours):
+    """The float-resize-then-round path (torchvision's path on CUDA) differs from the uint8 kernel by at most 1 level."""
+    video = torch.randint(0, 256, (2, 3, 45, 90), dtype=torch.uint8)
+    a = ours._resize(video, (64, 64))
+    b = torch.nn.functional.interpolate(video.float(), size=(64, 64), mode="bilinear", antialias=True).round().clamp(0, 255)
+    assert (a.float() - b).abs().max() <= 1
+
+
+def test_preprocess_errors(ours):
+    with pytest.raises(ValueError, match="videos"):
+        ours(torch.zeros(2, 5, 5, 5, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="videos"):
+        ours(torch.zeros(5, dtype=torch.uint8))
