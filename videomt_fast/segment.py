@@ -1,0 +1,944 @@
+"""``videomt-fast segment``: offline segmentation of many videos, resumable, on one or more devices.
+
+    videomt-fast segment INPUTS... --model DIR_OR_HUB_ID --task instance|semantic|panoptic --out DIR
+
+INPUTS are video files, folders (searched recursively; a folder holding images is one video made of
+those frames, in natural order) and text files listing such paths (one per line, ``#`` comments,
+relative paths resolved from the list's folder).
+
+Per video the outputs go to ``OUT/<video name>/``:
+
+* ``instance``: ``instances.json`` (YouTube-VIS style results: one entry per track with a score, a
+  category and one RLE mask, or null, per frame) and ``instance_ids/<frame>.png`` (track ids, 0 = none);
+* ``semantic``: ``semantic/<frame>.png`` (class ids);
+* ``panoptic``: ``panoptic/<frame>.png`` (COCO panoptic colour encoding, ``id = R + 256 G + 256^2 B``,
+  0 = void) and ``panoptic.json`` (per-frame ``segments_info``);
+* ``overlay.mp4`` with ``--overlay``;
+* ``done.json`` last: the completion marker. A video whose folder has it is skipped on a rerun.
+
+A video is written under ``OUT/.<name>.tmp-*`` and renamed into place only once complete, so a killed
+run never leaves a half-written ``OUT/<name>``; leftovers are removed when that video is redone.
+PNGs are 8-bit when every value fits, 16-bit otherwise.
+
+Pipeline (per device): decoder threads fill bounded per-video queues with uint8 frame chunks; the
+main thread uploads a chunk, resizes and normalizes it on the device, runs the early layers on the
+whole chunk and the query layers frame by frame with the propagated queries carried across chunks
+(memory is bounded by the chunk, not the video), post-processes on the device, and hands CPU maps to
+a writer thread (bounded queue) that encodes PNGs in a small thread pool. Several devices run one
+process each over a shared work queue; ``--ray`` runs one Ray task per video instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from . import video_io
+from .video_io import VideoReadError, VideoSource
+
+DONE_MARKER = "done.json"
+KILL_AFTER_FRAMES_ENV = "VIDEOMT_FAST_SEGMENT_KILL_AFTER_FRAMES"  # test hook: SIGKILL self after N frames written
+TASKS = ("instance", "semantic", "panoptic")
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class SegmentSettings:
+    model: str
+    task: str
+    out: str
+    size: int | None = None  # square side; None = config.image_size
+    short_side: int | None = None  # keep aspect: short side to this, pad to the patch size
+    chunk_size: int = 16
+    dtype: str = "auto"
+    engine: str = "chunk"  # "chunk": early layers batched over a chunk; "session": model.new_session()
+    fast: bool = False  # model.optimize() (bf16 weights, fused kernels, CUDA graphs for sessions)
+    decoder: str = "auto"
+    decode_workers: int = 2
+    decode_threads: int = 0
+    prefetch_chunks: int = 2
+    png_threads: int = 2
+    png_level: int = 3
+    threshold: float | None = None
+    mask_threshold: float = 0.5
+    overlap_threshold: float = 0.8
+    fuse_labels: list[int] = field(default_factory=list)
+    overlay: bool = False
+    overwrite: bool = False
+
+    def task_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 0.8 if self.task == "panoptic" else 0.5
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="videomt-fast segment",
+        description="Segment videos and frame folders offline with a VidEoMT model; resumable.",
+    )
+    p.add_argument("inputs", nargs="+", help="video files, folders (recursive), frame folders, or .txt lists of paths")
+    p.add_argument("--model", required=True, help="save_pretrained folder, hub id, or research .pth")
+    p.add_argument("--task", choices=TASKS, default="instance")
+    p.add_argument("--out", required=True, help="output folder (one subfolder per video)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--size", type=int, help="square input side (default: the config's image_size, as transformers)")
+    size.add_argument("--short-side", type=int, help="keep the aspect ratio: resize the short side to N, pad to the patch size")
+    p.add_argument("--chunk-size", type=int, default=16, help="frames per early-layer batch (bounds memory; default 16)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--engine", choices=["chunk", "session"], default="chunk",
+                   help="chunk: early layers batched per chunk; session: one frame per step (CUDA graphs with --fast)")
+    p.add_argument("--fast", action="store_true", help="model.optimize(): fused kernels, CUDA-graph sessions")
+    p.add_argument("--devices", default="auto", help="comma list (cuda:0,cuda:1,cpu) or auto (every GPU, else cpu)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run one Ray task per video (ADDRESS of a cluster, or none for the default/local one)")
+    p.add_argument("--decoder", choices=["auto", "pyav", "torchcodec"], default="auto")
+    p.add_argument("--decode-workers", type=int, default=2, help="videos decoded ahead in parallel per device")
+    p.add_argument("--decode-threads", type=int, default=0, help="FFmpeg threads per decoder (0 = automatic)")
+    p.add_argument("--prefetch-chunks", type=int, default=2, help="decoded chunks queued per video")
+    p.add_argument("--png-threads", type=int, default=2)
+    p.add_argument("--png-level", type=int, default=3, help="zlib level for PNGs (0-9)")
+    p.add_argument("--threshold", type=float, help="score threshold (default 0.5 instance, 0.8 panoptic)")
+    p.add_argument("--mask-threshold", type=float, default=0.5, help="panoptic mask threshold")
+    p.add_argument("--overlap-threshold", type=float, default=0.8, help="panoptic overlap mask area threshold")
+    p.add_argument("--fuse-labels", default="", help="panoptic: comma list of label ids to fuse (stuff)")
+    p.add_argument("--overlay", action="store_true", help="also write overlay.mp4")
+    p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
+    for name in ("chunk_size", "decode_workers", "prefetch_chunks", "png_threads"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("size", "short_side"):
+        value = getattr(args, name)
+        if value is not None and value < 16:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 16, got {value}")
+    fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
+    return SegmentSettings(
+        model=args.model, task=args.task, out=os.path.abspath(args.out), size=args.size, short_side=args.short_side,
+        chunk_size=args.chunk_size, dtype=args.dtype, engine=args.engine, fast=args.fast, decoder=args.decoder,
+        decode_workers=args.decode_workers, decode_threads=args.decode_threads, prefetch_chunks=args.prefetch_chunks,
+        png_threads=args.png_threads, png_level=max(0, min(9, args.png_level)), threshold=args.threshold,
+        mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold, fuse_labels=fuse,
+        overlay=args.overlay, overwrite=args.overwrite,
+    )
+
+
+# ---------------------------------------------------------------------------------- jobs and markers
+
+
+@dataclass
+class Job:
+    source: VideoSource
+    out_dir: str  # final folder OUT/<name>
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+
+def is_done(out_dir: str) -> bool:
+    return os.path.isfile(os.path.join(out_dir, DONE_MARKER))
+
+
+def _result(job: Job, status: str, frames: int = 0, seconds: float = 0.0, error: str | None = None) -> dict:
+    return {"name": job.name, "path": job.source.path, "status": status, "frames": frames,
+            "seconds": round(seconds, 3), "error": error}
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+_MODEL_CACHE: dict[tuple, Any] = {}
+
+
+def resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_model(settings: SegmentSettings, device: str):
+    """The model on ``device`` (cached per process: Ray workers and repeated calls reuse it)."""
+    key = (settings.model, device, settings.dtype, settings.fast)
+    if key not in _MODEL_CACHE:
+        from .modeling import VideomtForUniversalSegmentation
+
+        dtype = resolve_dtype(settings.dtype, device)
+        model = VideomtForUniversalSegmentation.from_pretrained(settings.model, dtype=dtype, device=device)
+        if settings.fast and hasattr(model, "optimize"):
+            model.optimize(dtype=dtype)
+        model.eval()
+        _MODEL_CACHE.clear()  # one model per process
+        _MODEL_CACHE[key] = model
+    return _MODEL_CACHE[key]
+
+
+@dataclass
+class Geometry:
+    height: int  # source frame size
+    width: int
+    resize: tuple[int, int]  # frames are resized to this ...
+    padded: tuple[int, int]  # ... then padded (bottom/right) to this multiple of the patch size
+    valid: tuple[int, int]  # mask-logit rows/cols that cover the resized (unpadded) frame
+
+
+def plan_geometry(height: int, width: int, settings: SegmentSettings, config) -> Geometry:
+    ph, pw = config.patch_hw
+    if settings.short_side:
+        scale = settings.short_side / min(height, width)
+        # multiples of 4 so that the unpadded region is a whole number of mask-logit pixels (stride 4)
+        rh = max(4, int(round(height * scale / 4)) * 4)
+        rw = max(4, int(round(width * scale / 4)) * 4)
+        padded = (math.ceil(rh / ph) * ph, math.ceil(rw / pw) * pw)
+        return Geometry(height, width, (rh, rw), padded, (rh // 4, rw // 4))
+    if settings.size:
+        side = (settings.size, settings.size)
+    else:
+        side = tuple(config.image_hw)
+    if side[0] % ph or side[1] % pw:
+        raise ValueError(f"--size {side[0]}x{side[1]} must be a multiple of the patch size {ph}x{pw}")
+    return Geometry(height, width, side, side, (side[0] // 4, side[1] // 4))
+
+
+# ---------------------------------------------------------------------------------- decoding ahead
+
+
+class _DecodedVideo:
+    """The consumer's view of one video being decoded in the background."""
+
+    def __init__(self, job: Job, depth: int):
+        self.job = job
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.cancel = threading.Event()
+
+    def _get(self):
+        return self.queue.get()
+
+    def info(self) -> video_io.VideoInfo:
+        kind, payload = self._get()
+        if kind == "error":
+            raise payload
+        assert kind == "info", kind
+        return payload
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        while True:
+            kind, payload = self._get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise payload
+            yield payload
+
+
+def _decode_into(video: _DecodedVideo, settings: SegmentSettings, decoder: str) -> None:
+    def put(item) -> bool:
+        while not video.cancel.is_set():
+            try:
+                video.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        source = video.job.source
+        if not put(("info", video_io.probe(source))):
+            return
+        for chunk in video_io.iter_chunks(source, settings.chunk_size, decoder, settings.decode_threads):
+            if not put(("chunk", chunk)):
+                return
+        put(("end", None))
+    except BaseException as exc:  # reported by name to the consumer
+        if not isinstance(exc, VideoReadError):
+            exc = VideoReadError(f"{video.job.source.path}: {type(exc).__name__}: {exc}")
+        put(("error", exc))
+
+
+class Prefetcher:
+    """Decode up to ``workers`` videos ahead, each into its own bounded queue; yield them in order."""
+
+    def __init__(self, jobs: Iterable[Job], settings: SegmentSettings):
+        self.jobs = iter(jobs)
+        self.settings = settings
+        self.decoder = video_io.resolve_decoder(settings.decoder)
+        self.pool = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="decode")
+        self.pending: deque[_DecodedVideo] = deque()
+
+    def _fill(self) -> None:
+        while len(self.pending) < self.settings.decode_workers + 1:
+            job = next(self.jobs, None)
+            if job is None:
+                return
+            video = _DecodedVideo(job, self.settings.prefetch_chunks)
+            self.pool.submit(_decode_into, video, self.settings, self.decoder)
+            self.pending.append(video)
+
+    def __iter__(self) -> Iterator[_DecodedVideo]:
+        try:
+            self._fill()
+            while self.pending:
+                video = self.pending.popleft()
+                try:
+                    yield video
+                finally:
+                    video.cancel.set()  # stop its decoder if the consumer gave up early
+                self._fill()
+        finally:
+            for video in self.pending:
+                video.cancel.set()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------------- writing
+
+
+def _frame_names(source: VideoSource, start: int, count: int) -> list[str]:
+    if source.kind == "frames":
+        return [os.path.splitext(os.path.basename(p))[0] for p in source.frames[start : start + count]]
+    return [f"{i:06d}" for i in range(start, start + count)]
+
+
+class VideoOutput:
+    """All files of one video, written under a temporary folder and renamed into place at the end."""
+
+    def __init__(self, job: Job, settings: SegmentSettings, info: video_io.VideoInfo, geometry: Geometry,
+                 labels: dict[int, str], pool: ThreadPoolExecutor):
+        self.job = job
+        self.settings = settings
+        self.info = info
+        self.geometry = geometry
+        self.labels = labels
+        self.pool = pool
+        parent = os.path.dirname(job.out_dir)
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_partials(parent, job.name)
+        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = os.path.join(parent, f".{job.name}.tmp-{tag}")
+        os.makedirs(self.tmp)
+        self.sub = {"instance": "instance_ids", "semantic": "semantic", "panoptic": "panoptic"}[settings.task]
+        os.makedirs(os.path.join(self.tmp, self.sub))
+        self.frames = 0
+        self.max_id = 0
+        self.panoptic_frames: list[dict] = []
+        self.overlay = None
+        if settings.overlay:
+            self.overlay = video_io.Mp4Writer(os.path.join(self.tmp, "overlay.mp4"), info.fps)
+            self.colours = video_io.palette(256)
+
+    def _write_png(self, name: str, image: np.ndarray) -> None:
+        video_io.write_png(os.path.join(self.tmp, self.sub, name + ".png"), image, self.settings.png_level)
+
+    def add(self, start: int, ids: np.ndarray, extra: list | None, rgb: np.ndarray | None) -> None:
+        """``ids`` ``(t, H, W)`` int: instance track ids / semantic classes / panoptic ids (0 = none)."""
+        names = _frame_names(self.job.source, start, ids.shape[0])
+        if len(names) != ids.shape[0]:
+            raise RuntimeError(f"{self.job.source.path}: more frames decoded than listed")
+        if self.settings.task == "panoptic":
+            images = [video_io.ids_to_rgb(frame) for frame in ids]
+            for i, (name, segments) in enumerate(zip(names, extra)):
+                areas = np.bincount(ids[i].ravel(), minlength=len(segments) + 1)
+                self.panoptic_frames.append({
+                    "frame_index": start + i,
+                    "file_name": name + ".png",
+                    "segments_info": [
+                        {"id": s["id"] + 1, "category_id": s["label_id"], "score": s["score"],
+                         "area": int(areas[s["id"] + 1]) if s["id"] + 1 < len(areas) else 0}
+                        for s in segments
+                    ],
+                })
+        else:
+            images = [video_io.label_map_image(frame) for frame in ids]
+        list(self.pool.map(self._write_png, names, images))
+        self.max_id = max(self.max_id, int(ids.max()) if ids.size else 0)
+        if self.overlay is not None and rgb is not None:
+            for frame, frame_ids in zip(rgb, ids):
+                self.overlay.write(video_io.blend(frame, frame_ids, self.colours))
+        self.frames += ids.shape[0]
+
+    def _json(self, name: str, data: Any) -> None:
+        path = os.path.join(self.tmp, name)
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(data, fh)
+
+    def finish(self, tracks: Any, stats: dict) -> None:
+        if self.overlay is not None:
+            self.overlay.close()
+            self.overlay = None
+        video = {"name": self.job.name, "file": self.job.source.path, "height": self.geometry.height,
+                 "width": self.geometry.width, "length": self.frames,
+                 "frame_names": _frame_names(self.job.source, 0, self.frames)}
+        categories = [{"id": int(k), "name": v} for k, v in sorted(self.labels.items())]
+        if self.settings.task == "instance":
+            self._json("instances.json", {"video": video, "categories": categories, "annotations": tracks})
+        elif self.settings.task == "panoptic":
+            self._json("panoptic.json", {"video": video, "categories": categories, "annotations": self.panoptic_frames})
+        marker = {**stats, "name": self.job.name, "source": self.job.source.path, "task": self.settings.task,
+                  "frames": self.frames, "height": self.geometry.height, "width": self.geometry.width,
+                  "model_input": list(self.geometry.padded), "model": self.settings.model,
+                  "max_id": self.max_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self._json(DONE_MARKER, marker)  # last file: the folder is complete
+        if os.path.lexists(self.job.out_dir):  # an incomplete folder from elsewhere, or --overwrite
+            shutil.rmtree(self.job.out_dir) if os.path.isdir(self.job.out_dir) else os.remove(self.job.out_dir)
+        os.rename(self.tmp, self.job.out_dir)
+
+    def abort(self) -> None:
+        if self.overlay is not None:
+            try:
+                self.overlay.close()
+            except Exception:
+                pass
+            self.overlay = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def remove_stale_partials(parent: str, name: str) -> None:
+    """Temporary folders a killed run left for this video."""
+    prefix = f".{name}.tmp-"
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        if entry.startswith(prefix):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+class _KillHook:
+    """Test hook: SIGKILL this process once ``VIDEOMT_FAST_SEGMENT_KILL_AFTER_FRAMES`` frames are written."""
+
+    def __init__(self):
+        value = os.environ.get(KILL_AFTER_FRAMES_ENV)
+        self.limit = int(value) if value else None
+        self.count = 0
+
+    def frames_written(self, n: int) -> None:
+        if self.limit is None:
+            return
+        self.count += n
+        if self.count >= self.limit:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Writer(threading.Thread):
+    """Consumes ``(kind, job, ...)`` messages from a bounded queue and writes files; reports results."""
+
+    def __init__(self, settings: SegmentSettings, labels: dict[int, str], on_event: Callable[[str, Any], None]):
+        super().__init__(name="segment-writer", daemon=True)
+        self.settings = settings
+        self.labels = labels
+        self.on_event = on_event
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png")
+        self.outputs: dict[str, VideoOutput] = {}
+        self.failed: dict[str, str] = {}  # job name -> error, read by the producer to stop early
+        self.kill_hook = _KillHook()
+
+    def submit(self, *message) -> None:
+        self.queue.put(message)
+
+    def run(self) -> None:
+        while True:
+            message = self.queue.get()
+            if message[0] == "stop":
+                break
+            kind, job = message[0], message[1]
+            try:
+                if job.name in self.failed and kind != "end" and kind != "abort":
+                    continue
+                if kind == "start":
+                    _, _, info, geometry = message
+                    self.outputs[job.name] = VideoOutput(job, self.settings, info, geometry, self.labels, self.pool)
+                elif kind == "chunk":
+                    _, _, start, ids, extra, rgb = message
+                    self.outputs[job.name].add(start, ids, extra, rgb)
+                    self.kill_hook.frames_written(ids.shape[0])
+                elif kind == "end":
+                    _, _, tracks_fn, stats = message
+                    output = self.outputs.pop(job.name, None)
+                    if job.name in self.failed:
+                        if output is not None:
+                            output.abort()
+                        self.on_event("result", _result(job, "failed", stats.get("frames", 0), stats.get("seconds", 0.0), self.failed.pop(job.name)))
+                        continue
+                    tracks = tracks_fn() if tracks_fn is not None else None
+                    output.finish(tracks, stats)
+                    self.on_event("result", _result(job, "done", output.frames, stats.get("seconds", 0.0)))
+                elif kind == "abort":
+                    _, _, error, frames = message
+                    output = self.outputs.pop(job.name, None)
+                    if output is not None:
+                        output.abort()
+                    error = self.failed.pop(job.name, None) or error
+                    self.on_event("result", _result(job, "failed", frames, 0.0, error))
+            except Exception as exc:
+                output = self.outputs.pop(job.name, None)
+                if output is not None:
+                    output.abort()
+                error = f"writing outputs failed: {type(exc).__name__}: {exc}"
+                if kind in ("end", "abort"):
+                    self.failed.pop(job.name, None)
+                    self.on_event("result", _result(job, "failed", 0, 0.0, error))
+                else:
+                    self.failed[job.name] = error
+        self.pool.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------- inference
+
+
+class _Engine:
+    """One device: preprocessing, the model with queries carried across chunks, post-processing."""
+
+    def __init__(self, settings: SegmentSettings, device: str):
+        import torch
+
+        from .processing import VideomtVideoProcessor
+
+        self.torch = torch
+        self.settings = settings
+        self.device = torch.device(device)
+        self.model = load_model(settings, device)
+        self.config = self.model.config
+        self.processor_cls = VideomtVideoProcessor
+        self.processor = VideomtVideoProcessor()
+        self.labels = dict(self.config.id2label)
+
+    # --- per video
+    def start(self, info: video_io.VideoInfo) -> Geometry:
+        geometry = plan_geometry(info.height, info.width, self.settings, self.config)
+        self.geometry = geometry
+        self.processor = self.processor_cls(size={"height": geometry.resize[0], "width": geometry.resize[1]})
+        self.prev_queries = None
+        self.session = self.model.new_session(1) if self.settings.engine == "session" else None
+        self.tracker = _make_tracker(self, info) if self.settings.task == "instance" else None
+        return geometry
+
+    def preprocess(self, chunk: np.ndarray):
+        torch = self.torch
+        frames = torch.from_numpy(chunk)
+        if self.device.type == "cuda":
+            frames = frames.pin_memory().to(self.device, non_blocking=True)
+        frames = frames.permute(0, 3, 1, 2)  # (t, 3, H, W) uint8 on the device
+        pixels = self.processor.preprocess(frames)["pixel_values_videos"][0]
+        ph, pw = self.geometry.padded
+        if pixels.shape[-2:] != (ph, pw):
+            pixels = torch.nn.functional.pad(pixels, (0, pw - pixels.shape[-1], 0, ph - pixels.shape[-2]))
+        return pixels.to(self.model.dtype)
+
+    def forward(self, pixels):
+        """``(t, 3, H, W)`` -> class logits ``(t, Q, C+1)`` and mask logits ``(t, Q, h, w)`` (float32, cropped)."""
+        torch = self.torch
+        with torch.inference_mode():
+            classes, masks = [], []
+            if self.session is not None:
+                for i in range(pixels.shape[0]):
+                    out = self.session.step(pixels[i : i + 1])
+                    classes.append(out.class_queries_logits)
+                    masks.append(out.masks_queries_logits)
+            else:
+                grid = self.model.grid_for(*pixels.shape[-2:])
+                hidden = self.model.encode_frames(pixels)
+                for i in range(pixels.shape[0]):
+                    mask_logits, class_logits, _, self.prev_queries = self.model.query_step(
+                        hidden[i : i + 1], self.prev_queries, grid
+                    )
+                    classes.append(class_logits)
+                    masks.append(mask_logits)
+                del hidden
+            vh, vw = self.geometry.valid
+            classes = torch.cat(classes).float()
+            masks = torch.cat(masks)[:, :, :vh, :vw].float()
+        return classes, masks
+
+    def postprocess(self, start: int, classes, masks) -> tuple[np.ndarray, list | None]:
+        """Maps ``(t, H, W)`` int32 on the host (0 = none) and per-frame extras."""
+        torch = self.torch
+        outputs = {"class_queries_logits": classes, "masks_queries_logits": masks}
+        sizes = [(self.geometry.height, self.geometry.width)] * classes.shape[0]
+        s = self.settings
+        with torch.inference_mode():
+            if s.task == "semantic":
+                maps = self.processor.post_process_semantic_segmentation(outputs, target_sizes=sizes)
+                return torch.stack(maps).to(torch.int32).cpu().numpy(), None
+            if s.task == "panoptic":
+                results = self.processor.post_process_panoptic_segmentation(
+                    outputs, target_sizes=sizes, threshold=s.task_threshold(), mask_threshold=s.mask_threshold,
+                    overlap_mask_area_threshold=s.overlap_threshold, label_ids_to_fuse=set(s.fuse_labels) or None,
+                )
+                ids = torch.stack([r["segmentation"] for r in results]).to(torch.int32) + 1
+                return ids.cpu().numpy(), [r["segments_info"] for r in results]
+            return self.tracker.update(start, classes, masks, sizes), None
+
+
+# ---------------------------------------------------------------------------------- instance tracks
+
+# (filled in by _make_tracker; see videomt_fast.tracks)
+
+
+def _make_tracker(engine: "_Engine", info: video_io.VideoInfo):
+    from . import tracks
+
+    return tracks.make_segment_tracker(engine, info)
+
+
+# ---------------------------------------------------------------------------------- one device
+
+
+def segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
+                   on_event: Callable[[str, Any], None]) -> None:
+    """Segment ``jobs`` on ``device``; reports ``("frames", n)`` and ``("result", dict)`` through ``on_event``."""
+    engine = _Engine(settings, device)
+    writer = Writer(settings, engine.labels, on_event)
+    writer.start()
+    try:
+        for video in Prefetcher(jobs, settings):
+            job = video.job
+            if not settings.overwrite and is_done(job.out_dir):
+                on_event("result", _result(job, "skipped"))
+                continue
+            began = time.perf_counter()
+            frames = 0
+            started = False
+            try:
+                info = video.info()
+                geometry = engine.start(info)
+                writer.submit("start", job, info, geometry)
+                started = True
+                for chunk in video.chunks():
+                    if job.name in writer.failed:
+                        break
+                    t = chunk.shape[0]
+                    if (chunk.shape[1], chunk.shape[2]) != (geometry.height, geometry.width):
+                        raise VideoReadError(
+                            f"{job.source.path}: frame {frames} is {chunk.shape[2]}x{chunk.shape[1]}, "
+                            f"expected {geometry.width}x{geometry.height}"
+                        )
+                    classes, masks = engine.forward(engine.preprocess(chunk))
+                    ids, extra = engine.postprocess(frames, classes, masks)
+                    writer.submit("chunk", job, frames, ids, extra, chunk if settings.overlay else None)
+                    frames += t
+                    on_event("frames", t)
+                if frames == 0 and job.name not in writer.failed:
+                    raise VideoReadError(f"{job.source.path}: no frames decoded (empty video)")
+                tracker = engine.tracker
+                finish_tracks = (lambda tr=tracker: tr.finish()) if tracker is not None else None
+                seconds = time.perf_counter() - began
+                writer.submit("end", job, finish_tracks, {"seconds": round(seconds, 3), "frames": frames,
+                                                          "fps": round(frames / max(seconds, 1e-9), 3),
+                                                          "device": str(device)})
+            except Exception as exc:
+                error = str(exc) if isinstance(exc, VideoReadError) else f"{job.source.path}: {type(exc).__name__}: {exc}"
+                if not isinstance(exc, VideoReadError):
+                    error += "\n" + traceback.format_exc(limit=4)
+                if started:
+                    writer.submit("abort", job, error, frames)
+                else:
+                    on_event("result", _result(job, "failed", frames, time.perf_counter() - began, error))
+    finally:
+        writer.submit("stop", None)
+        writer.join()
+
+
+# ---------------------------------------------------------------------------------- several devices
+
+
+def resolve_devices(spec: str) -> list[str]:
+    import torch
+
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+        return ["cpu"]
+    devices = [d.strip() for d in spec.split(",") if d.strip()]
+    if not devices:
+        raise ValueError("--devices: empty list")
+    for d in devices:
+        torch.device(d)  # raises on nonsense
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--devices {spec}: CUDA is not available")
+    return devices
+
+
+def _device_worker(device: str, settings: SegmentSettings, jobs: list[Job], tasks, events) -> None:
+    """One process per device: pull job indices from the shared queue until a None arrives."""
+    def pull() -> Iterator[Job]:
+        while True:
+            index = tasks.get()
+            if index is None:
+                return
+            events.put(("taken", (device, index)))
+            yield jobs[index]
+
+    try:
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(device)
+        segment_videos(pull(), settings, device, lambda kind, payload: events.put((kind, payload)))
+    except BaseException as exc:
+        events.put(("crash", (device, f"{type(exc).__name__}: {exc}")))
+    finally:
+        events.put(("exit", device))
+
+
+def _run_multi(jobs: list[Job], settings: SegmentSettings, devices: list[str], on_event) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    tasks, events = ctx.Queue(), ctx.Queue()
+    for i in range(len(jobs)):
+        tasks.put(i)
+    for _ in devices:
+        tasks.put(None)
+    procs = {d: ctx.Process(target=_device_worker, args=(d, settings, jobs, tasks, events), daemon=True) for d in devices}
+    for p in procs.values():
+        p.start()
+    taken: dict[str, set[int]] = {d: set() for d in devices}
+    index_of = {job.name: i for i, job in enumerate(jobs)}
+    exited: set[str] = set()
+    while len(exited) < len(devices):
+        try:
+            kind, payload = events.get(timeout=1.0)
+        except queue.Empty:
+            for d, p in procs.items():
+                if d not in exited and not p.is_alive():  # died without saying so (killed, segfault)
+                    exited.add(d)
+                    _fail_taken(jobs, taken[d], f"worker on {d} died (exit code {p.exitcode})", on_event)
+            continue
+        if kind == "taken":
+            d, index = payload
+            taken[d].add(index)
+        elif kind == "result":
+            for d in devices:
+                taken[d].discard(index_of.get(payload["name"], -1))
+            on_event(kind, payload)
+        elif kind == "crash":
+            d, error = payload
+            print(f"videomt-fast segment: worker on {d} failed: {error}", file=sys.stderr)
+        elif kind == "exit":
+            exited.add(payload)
+            _fail_taken(jobs, taken[payload], f"worker on {payload} stopped before finishing it", on_event)
+        else:
+            on_event(kind, payload)
+    for p in procs.values():
+        p.join(timeout=10)
+    # jobs no worker took (every worker crashed early)
+    done_names = set()
+    while True:
+        try:
+            index = tasks.get_nowait()
+        except Exception:
+            break
+        if index is not None and jobs[index].name not in done_names:
+            done_names.add(jobs[index].name)
+            on_event("result", _result(jobs[index], "failed", error="no worker left to run it"))
+
+
+def _fail_taken(jobs: list[Job], indices: set[int], error: str, on_event) -> None:
+    for index in sorted(indices):
+        on_event("result", _result(jobs[index], "failed", error=error))
+    indices.clear()
+
+
+# ---------------------------------------------------------------------------------- Ray
+
+
+def _ray_segment_one(job: Job, settings: SegmentSettings) -> dict:
+    """Body of a Ray task: one video on this worker's GPU (or CPU); same outputs and markers."""
+    import torch
+
+    device = "cpu"
+    try:
+        import ray
+
+        if ray.get_gpu_ids() and torch.cuda.is_available():
+            device = "cuda"
+    except Exception:
+        pass
+    results: list[dict] = []
+    settings = SegmentSettings(**{**asdict(settings), "decode_workers": 1})
+    segment_videos([job], settings, device, lambda kind, payload: results.append(payload) if kind == "result" else None)
+    if not results:
+        return _result(job, "failed", error="no result from the worker")
+    return results[-1]
+
+
+def _run_ray(jobs: list[Job], settings: SegmentSettings, address: str, on_event) -> None:
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {"PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)}
+        ray.init(address=address or None, runtime_env={"env_vars": env}, log_to_driver=False)
+        started_here = True
+    try:
+        gpus = ray.cluster_resources().get("GPU", 0)
+        task = ray.remote(_ray_segment_one).options(num_gpus=1 if gpus else 0, num_cpus=1, max_retries=1)
+        pending = {task.remote(job, settings): job for job in jobs}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                job = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:
+                    result = _result(job, "failed", error=f"Ray task failed: {type(exc).__name__}: {exc}")
+                if result.get("frames"):
+                    on_event("frames", result["frames"])
+                on_event("result", result)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------- entry point
+
+
+def _progress_bar(total: int | None, enabled: bool):
+    try:
+        from tqdm import tqdm
+    except Exception:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, unit="frame", dynamic_ncols=True, disable=not enabled, smoothing=0.1, file=sys.stderr)
+
+
+def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray_address: str | None = None,
+        progress: bool = True) -> dict:
+    """Segment ``inputs``; returns the summary (also what ``main`` prints)."""
+    began = time.perf_counter()
+    sources, problems = video_io.discover_inputs(inputs)
+    results: list[dict] = [
+        {"name": os.path.basename(p.rstrip(os.sep)) or p, "path": p, "status": "failed", "frames": 0, "seconds": 0.0, "error": f"{p}: {why}"}
+        for p, why in problems
+    ]
+    todo: list[Job] = []
+    for source in sources:
+        job = Job(source, os.path.join(settings.out, source.name))
+        if not settings.overwrite and is_done(job.out_dir):
+            results.append(_result(job, "skipped"))
+        else:
+            todo.append(job)
+
+    total = 0
+    for job in todo:  # frame counts for the bar's ETA (containers that do not say make it open-ended)
+        try:
+            n = video_io.probe(job.source).num_frames
+        except Exception:
+            n = 0
+        if n is None:
+            total = None
+            break
+        total += n
+    bar = _progress_bar(total, progress and bool(todo))
+    counts = {"done": 0, "failed": 0}
+    lock = threading.Lock()
+
+    def on_event(kind: str, payload: Any) -> None:
+        with lock:
+            if kind == "frames":
+                if bar is not None:
+                    bar.update(payload)
+            elif kind == "result":
+                results.append(payload)
+                if payload["status"] in counts:
+                    counts[payload["status"]] += 1
+                if payload["status"] == "failed" and bar is not None:
+                    bar.write(f"failed: {payload['error'].splitlines()[0] if payload['error'] else payload['name']}")
+                if bar is not None:
+                    bar.set_postfix(videos=counts["done"], failed=counts["failed"], refresh=False)
+
+    try:
+        if todo:
+            os.makedirs(settings.out, exist_ok=True)
+            if ray_address is not None:
+                _run_ray(todo, settings, ray_address, on_event)
+            else:
+                device_list = resolve_devices(devices)
+                if len(device_list) == 1:
+                    segment_videos(todo, settings, device_list[0], on_event)
+                else:
+                    _run_multi(todo, settings, device_list, on_event)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - began
+    reported = {r["name"] for r in results}
+    for job in todo:  # never lose a video silently
+        if job.name not in reported:
+            results.append(_result(job, "failed", error=f"{job.source.path}: no result reported"))
+    frames = sum(r["frames"] for r in results if r["status"] == "done")
+    summary = {
+        "videos": len(results),
+        "done": sum(r["status"] == "done" for r in results),
+        "skipped": sum(r["status"] == "skipped" for r in results),
+        "failed": sum(r["status"] == "failed" for r in results),
+        "frames": frames,
+        "seconds": round(seconds, 3),
+        "fps": round(frames / seconds, 3) if seconds > 0 else 0.0,
+        "results": results,
+    }
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [
+        f"segment: {summary['videos']} videos: {summary['done']} done, {summary['skipped']} skipped (already done), "
+        f"{summary['failed']} failed; {summary['frames']} frames in {summary['seconds']:.1f} s "
+        f"({summary['fps']:.1f} frames/s)"
+    ]
+    for r in summary["results"]:
+        if r["status"] == "failed":
+            lines.append(f"  FAILED {r['name']}: {(r['error'] or '').splitlines()[0] if r['error'] else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = settings_from_args(args)
+        video_io.resolve_decoder(settings.decoder)
+        if args.ray is not None:
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise ValueError("--ray needs Ray: pip install 'ray[default]'")
+    except ValueError as exc:
+        print(f"videomt-fast segment: {exc}", file=sys.stderr)
+        return 2
+    summary = run(settings, args.inputs, devices=args.devices, ray_address=args.ray,
+                  progress=not args.no_progress)
+    print(format_summary(summary))
+    return 1 if summary["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
