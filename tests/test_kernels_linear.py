@@ -1,0 +1,118 @@
+"""GEMM epilogues (linear_gelu, linear_residual): the cuBLAS + Triton-pass and the Triton-GEMM paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from videomt_fast import ops, reference
+from videomt_fast.kernels import linear
+from videomt_fast.kernels.testing import assert_close, poisoned_empty, run_triton
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# (leading shape, K, N): token counts 20 / 27 / 212, K and N that are and are not tile multiples
+SHAPES = [((1, 20), 64, 256), ((3, 27), 256, 64), ((3, 27), 48, 40), ((1, 212), 96, 130), ((5,), 64, 64)]
+IMPLS = ["cublas", "triton"]
+
+
+def _inputs(lead, k, n, dtype, device, with_bias=True):
+    x = torch.randn(*lead, k, device=device).to(dtype)
+    weight = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    scale = (torch.rand(n, device=device) * 2 - 0.5).to(dtype)
+    residual = torch.randn(*lead, n, device=device).to(dtype)
+    return x, weight, bias, scale, residual
+
+
+def _d(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_linear_gelu(device, impl, dtype, shape):
+    x, weight, bias, _, _ = _inputs(*shape, DTYPES[dtype], device)
+    with poisoned_empty():
+        out = torch.ops.videomt_fast.linear_gelu(x, weight, bias, impl == "triton")
+    truth = reference.linear_gelu_ref(x.double(), weight.double(), bias.double())
+    assert out.dtype == x.dtype
+    assert_close(out, truth, reference.linear_gelu_ref(x, weight, bias), what=f"{impl} linear_gelu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_linear_residual(device, impl, dtype, shape):
+    x, weight, bias, scale, residual = _inputs(*shape, DTYPES[dtype], device)
+    residual_before = residual.clone()
+    with poisoned_empty():
+        out = torch.ops.videomt_fast.linear_residual(x, weight, bias, scale, residual, impl == "triton")
+    assert torch.equal(residual, residual_before), "the residual must not be modified"
+    truth = reference.linear_residual_ref(x.double(), weight.double(), bias.double(), scale.double(), residual.double())
+    lowprec = reference.linear_residual_ref(x, weight, bias, scale, residual)
+    assert_close(out, truth, lowprec, what=f"{impl} linear_residual")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_bias_and_strided_rows(device, impl):
+    """bias=None, and x / residual as row-strided column slices of wider buffers."""
+    wide = torch.randn(3, 27, 80, device=device)
+    x = wide[..., :64]
+    x_, weight, _, scale, _ = _inputs((3, 27), 64, 48, torch.float32, device)
+    residual = torch.randn(3, 27, 60, device=device)[..., :48]
+    out = torch.ops.videomt_fast.linear_gelu(x, weight, None, impl == "triton")
+    assert_close(out, reference.linear_gelu_ref(x.double(), weight.double(), None))
+    out = torch.ops.videomt_fast.linear_residual(x, weight, None, scale, residual, impl == "triton")
+    assert_close(out, reference.linear_residual_ref(x.double(), weight.double(), None, scale.double(), residual.double()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_registered_impl_dispatches(device):
+    """What ops.call runs is the implementation VIDEOMT_FAST_GEMM picked (the default: cublas)."""
+    x, weight, bias, scale, residual = _inputs((3, 27), 64, 48, torch.float32, device)
+    with poisoned_empty():
+        out = run_triton("linear_gelu", x, weight, bias)
+    assert_close(out, reference.linear_gelu_ref(x.double(), weight.double(), bias.double()))
+    with poisoned_empty():
+        out = run_triton("linear_residual", x, weight, bias, scale, residual)
+    assert_close(out, reference.linear_residual_ref(x.double(), weight.double(), bias.double(), scale.double(), residual.double()))
+
+
+def test_gemm_switch(monkeypatch):
+    import videomt_fast.kernels as kernels
+
+    assert kernels.GEMM in linear.GEMM_CHOICES
+    monkeypatch.delenv("VIDEOMT_FAST_GEMM", raising=False)
+    assert linear.gemm_choice() == "cublas"
+    monkeypatch.setenv("VIDEOMT_FAST_GEMM", "Triton")
+    assert linear.gemm_choice() == "triton"
+    monkeypatch.setenv("VIDEOMT_FAST_GEMM", "cutlass")
+    with pytest.raises(ValueError, match="VIDEOMT_FAST_GEMM"):
+        linear.gemm_choice()
+
+
+def test_guard_reasons():
+    x, weight, bias, scale, residual = _inputs((2, 5), 16, 8, torch.float32, "cpu")
+    with ops.use_backend("triton"):
+        assert ops.explain("linear_gelu", x, weight, bias) == "linear_gelu: triton (preconditions met)"
+        for needle, args in {
+            "weight shape": (x, torch.randn(8, 15), bias),
+            "weight dtype": (x, weight.half(), bias),
+            "bias must be": (x, weight, torch.randn(9)),
+            "last dim is not contiguous": (torch.randn(16, 2, 5).permute(1, 2, 0), weight, bias),
+            "weight rows": (x, torch.randn(16, 8).t(), bias),
+        }.items():
+            backend, _, why = ops.choose("linear_gelu", *args)
+            assert backend == "reference" and needle in why, (needle, why)
+        for needle, args in {
+            "residual shape": (x, weight, bias, scale, torch.randn(2, 5, 9)),
+            "residual dtype": (x, weight, bias, scale, residual.half()),
+            "scale must be": (x, weight, bias, torch.randn(3), residual),
+        }.items():
+            backend, _, why = ops.choose("linear_residual", *args)
+            assert backend == "reference" and needle in why, (needle, why)
