@@ -182,10 +182,12 @@ def gemm_launch(
 def _epilogue_kernel(
     y_ptr,  # (M, N) contiguous GEMM output (bias already added), updated in place
     scale_ptr,  # (N,) layer scale (unused unless RESIDUAL)
-    res_ptr,  # (M, N) residual, row stride stride_r, unit column stride (unused unless RESIDUAL)
+    res_ptr,  # (M, N) residual, row m at (m // rows_per_batch, m % rows_per_batch) by strides (unused unless RESIDUAL)
     M,
     N,
-    stride_r,
+    rows_per_batch,
+    stride_rb,
+    stride_rr,
     RESIDUAL: tl.constexpr,  # False: y = gelu(y); True: y = y * scale + residual
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -200,7 +202,8 @@ def _epilogue_kernel(
     y = tl.load(y_ptrs, mask=ok, other=0.0).to(tl.float32)
     if RESIDUAL:
         s = tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        r = tl.load(res_ptr + rows[:, None] * stride_r + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
+        res_rows = res_ptr + (rows // rows_per_batch) * stride_rb + (rows % rows_per_batch) * stride_rr
+        r = tl.load(res_rows[:, None] + offs_n[None, :], mask=ok, other=0.0).to(tl.float32)
         y = y * s[None, :] + r
     else:
         y = _gelu(y)
@@ -216,14 +219,16 @@ def epilogue_launch(y: torch.Tensor, scale: torch.Tensor | None = None, residual
         return y
     block_n = min(triton.next_power_of_2(n), 256)
     block_m = max(1, 2048 // block_n)
-    res2 = residual.reshape(-1, n) if residual is not None else y2
+    res3 = as_3d(residual) if residual is not None else y2.unsqueeze(0)
     _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
         y2,
         scale if scale is not None else y2,
-        res2,
+        res3,
         m,
         n,
-        res2.stride(0),
+        res3.shape[1],
+        res3.stride(0) if res3.shape[0] > 1 else 0,
+        res3.stride(1),
         RESIDUAL=residual is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -233,9 +238,12 @@ def epilogue_launch(y: torch.Tensor, scale: torch.Tensor | None = None, residual
     return y
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(..., K) -> (1, M, K) row-strided view (the guard ensured it exists)."""
-    return t.reshape(1, -1, t.shape[-1])
+def as_3d(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> a (B, R, K) strided view: a 3-D tensor as it is (batch and row strides may be anything,
+    e.g. the query rows of a token buffer), anything else as (1, M, K) rows (the guard ensured it exists)."""
+    if t.dim() == 3:
+        return t
+    return t.view(1, -1, t.shape[-1])
 
 
 # ------------------------------------------------------------------ the two implementations
@@ -247,7 +255,8 @@ def linear_gelu_cublas(x, weight, bias):
 
 def linear_gelu_triton(x, weight, bias):
     out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=x.dtype, device=x.device)
-    gemm_launch(_as_rows(x), weight, bias, out.view(1, -1, weight.shape[0]), gelu=True)
+    x3 = as_3d(x)
+    gemm_launch(x3, weight, bias, out.view(*x3.shape[:2], weight.shape[0]), gelu=True)
     return out
 
 
@@ -258,7 +267,8 @@ def linear_residual_cublas(x, weight, bias, scale, residual):
 def linear_residual_triton(x, weight, bias, scale, residual):
     n = weight.shape[0]
     out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
-    gemm_launch(_as_rows(x), weight, bias, out.view(1, -1, n), scale=scale, add=_as_rows(residual))
+    x3 = as_3d(x)
+    gemm_launch(x3, weight, bias, out.view(*x3.shape[:2], n), scale=scale, add=as_3d(residual))
     return out
 
 
@@ -315,11 +325,13 @@ def rows_reason(name: str, t: torch.Tensor) -> str | None:
         return f"{name} is a scalar"
     if t.stride(-1) != 1:
         return f"{name} last dim is not contiguous"
-    try:
-        t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return f"{name} rows are not evenly strided (needs a (M, K) view)"
-    if t.numel() >= 2**31:
+    if t.dim() != 3:
+        try:
+            t.view(-1, t.shape[-1])
+        except RuntimeError:
+            return f"{name} rows are not evenly strided (needs 3-D or a (M, K) view)"
+    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    if t.numel() >= 2**31 or span >= 2**31:
         return f"{name} too large for 32-bit offsets"
     return None
 

@@ -59,15 +59,24 @@ def test_linear_residual(device, impl, dtype, shape):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_no_bias_and_strided_rows(device, impl):
-    """bias=None, and x / residual as row-strided column slices of wider buffers."""
-    wide = torch.randn(3, 27, 80, device=device)
-    x = wide[..., :64]
-    x_, weight, _, scale, _ = _inputs((3, 27), 64, 48, torch.float32, device)
-    residual = torch.randn(3, 27, 60, device=device)[..., :48]
-    out = torch.ops.videomt_fast.linear_gelu(x, weight, None, impl == "triton")
+@pytest.mark.parametrize("view", ["columns", "query_rows"])
+def test_no_bias_and_strided_inputs(device, impl, view):
+    """bias=None; x / residual as strided views: column slices of wider buffers, or the query rows
+    ``buf[:, :Q]`` of a token buffer (batch stride != Q * row stride)."""
+    if view == "columns":
+        x = torch.randn(3, 27, 80, device=device)[..., :64]
+        residual = torch.randn(3, 27, 60, device=device)[..., :48]
+    else:
+        x = torch.randn(3, 27, 64, device=device)[:, :7]
+        residual = torch.randn(3, 27, 48, device=device)[:, :7]
+    _, weight, _, scale, _ = _inputs((3, 27), 64, 48, torch.float32, device)
+    with ops.use_backend("triton"):
+        assert ops.choose("linear_residual", x, weight, None, scale, residual)[0] == "triton"
+    with poisoned_empty():
+        out = torch.ops.videomt_fast.linear_gelu(x, weight, None, impl == "triton")
     assert_close(out, reference.linear_gelu_ref(x.double(), weight.double(), None))
-    out = torch.ops.videomt_fast.linear_residual(x, weight, None, scale, residual, impl == "triton")
+    with poisoned_empty():
+        out = torch.ops.videomt_fast.linear_residual(x, weight, None, scale, residual, impl == "triton")
     assert_close(out, reference.linear_residual_ref(x.double(), weight.double(), None, scale.double(), residual.double()))
 
 
@@ -105,6 +114,7 @@ def test_guard_reasons():
             "weight dtype": (x, weight.half(), bias),
             "bias must be": (x, weight, torch.randn(9)),
             "last dim is not contiguous": (torch.randn(16, 2, 5).permute(1, 2, 0), weight, bias),
+            "evenly strided": (torch.randn(2, 3, 9, 16)[:, :, :5], weight, bias),
             "weight rows": (x, torch.randn(16, 8).t(), bias),
         }.items():
             backend, _, why = ops.choose("linear_gelu", *args)
