@@ -1,0 +1,1158 @@
+"""``videomt-fast bench``: videomt_fast against transformers, side by side, in one process.
+
+Every provider runs the same inputs (several random clips, rotated between repeats, never zeros) on
+the same device, one after the other, each built fresh and freed after its rows:
+
+    hf-eager-fp32   transformers, attn_implementation="eager", float32 (the agreement reference)
+    hf-sdpa-bf16    transformers, attn_implementation="sdpa", the low-precision dtype (bf16 on CUDA)
+    hf-compile      torch.compile(transformers sdpa model), mode="max-autotune" (CUDA; opt-in on CPU)
+    fast-ref        videomt_fast, float32, every op forced to the reference backend
+    fast            videomt_fast after model.optimize() (bf16, Triton/CUDA kernels, CUDA-graph sessions)
+    peers           Mask2Former Swin-T (per frame) and EdgeTAM video (streaming): FPS only
+
+Modes: ``online`` (batch 1, one frame per call, queries carried between calls), ``offline`` (one clip
+of T frames per call) and ``end-to-end`` (uint8 frames of the video's own size in, instance maps out:
+pre-processing, the clip forward and instance post-processing all inside the timed region).
+
+transformers has no streaming API. Its online row runs transformers' own modules frame by frame,
+exactly the loop body of its clip forward, carrying the raw last-layer query rows into
+``query_updater`` as the clip forward does; the cost is transformers' forward on a one-frame clip plus
+one ``d x d`` Linear, and the outputs equal its clip forward (``--hf-online stateless`` times the bare
+one-frame forward instead, which cannot carry queries).
+
+Each run prints a table and writes ``bench/results/<arch>_<modes>_<device>_<time>.json`` atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as _dt
+import gc
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+PROVIDERS = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile", "fast-ref", "fast")
+BASELINES = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile")
+PEERS = ("mask2former-swin-t", "edgetam-video")
+MODES = ("online", "offline", "end-to-end")
+REFERENCE = "hf-eager-fp32"
+SCHEMA_VERSION = 1
+
+# The --tiny model: small enough for tests to run every provider and mode in seconds on a CPU.
+TINY_CONFIG = dict(
+    hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=8, num_labels=5
+)
+
+# Dense bf16 peak used for MFU when --peak-tflops is not given (DESIGN.md section 2), by device name.
+PEAK_TFLOPS_BY_NAME = (("H200", 790.0), ("H100", 790.0), ("A100", 312.0))
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP model (DESIGN.md section 2)
+
+
+def layer_flops(tokens: int, hidden: int, mlp_hidden: int | None = None, swiglu: bool = False) -> int:
+    """One pre-norm ViT layer on ``tokens`` tokens: QKV + output projections + MLP + attention.
+
+    With ``mlp_hidden = 4 * hidden`` this is ``24*N*d^2 + 4*N^2*d`` (multiply-add = 2 FLOPs).
+    """
+    mlp_hidden = 4 * hidden if mlp_hidden is None else mlp_hidden
+    mlp = (3 if swiglu else 2) * hidden * mlp_hidden
+    projections = 4 * hidden * hidden
+    return 2 * tokens * (projections + mlp) + 4 * tokens * tokens * hidden
+
+
+def frame_flops(config: Any, height: int, width: int, first_frame: bool = False) -> dict[str, int]:
+    """FLOPs of one frame at ``height x width``, by stage, and their ``total``.
+
+    ``first_frame`` leaves out the query updater (frame 0 uses the learned queries as they are).
+    """
+    d = config.hidden_size
+    ph, pw = config.patch_hw
+    gh, gw = height // ph, width // pw
+    patches = gh * gw
+    tokens = config.num_prefix_tokens + patches
+    queries = config.num_queries
+    mlp = config.mlp_hidden_size
+    swiglu = bool(config.use_swiglu_ffn)
+    early = config.num_hidden_layers - config.num_blocks
+    out = {
+        "patch_embed": 2 * patches * d * config.num_channels * ph * pw,
+        "early_layers": early * layer_flops(tokens, d, mlp, swiglu),
+        "query_update": 0 if first_frame else 2 * queries * d * d,
+        "query_layers": config.num_blocks * layer_flops(tokens + queries, d, mlp, swiglu),
+        "head": 2 * queries * (3 * d * d + d * (config.num_labels + 1)),
+    }
+    upscale = 0
+    h, w = gh, gw
+    for _ in range(config.num_upscale_blocks):
+        h, w = 2 * h, 2 * w
+        upscale += 2 * h * w * d * d  # transposed conv 2x2 stride 2: d*d multiply-adds per output pixel
+        upscale += 2 * h * w * d * 9  # depthwise 3x3
+    out["upscale"] = upscale
+    out["mask_einsum"] = 2 * queries * d * h * w
+    out["total"] = sum(out.values())
+    return out
+
+
+def mfu(flops_per_frame: float, fps: float | None, peak_tflops: float | None) -> float | None:
+    """Achieved FLOP/s over the peak; None when there is no peak (e.g. on a CPU)."""
+    if not peak_tflops or not fps:
+        return None
+    return flops_per_frame * fps / (peak_tflops * 1e12)
+
+
+def detect_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_TFLOPS_BY_NAME:
+        if key in name:
+            return value
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+
+
+def _size(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"size must look like HxW (e.g. 640x640), got {text!r}")
+    h, w = int(match.group(1)), int(match.group(2))
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return h, w
+
+
+def _names(choices: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if text.strip().lower() in ("none", ""):
+            return []
+        unknown = [item for item in items if item not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what} {unknown}; choose from {list(choices)}")
+        return items
+
+    return parse
+
+
+def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l"), default=None,
+                       help="published backbone shape with random weights (default vit-s)")
+    model.add_argument("--checkpoint", default=None, help="a transformers VidEoMT checkpoint folder or hub id")
+    model.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--num-labels", type=int, default=40, help="classes of the random-weight model (default 40)")
+    p.add_argument("--size", type=_size, action="append", default=None, metavar="HxW",
+                   help="model input size, repeatable (default 640x640 and 448x800 on CUDA, 224x224 on CPU)")
+    p.add_argument("--mode", choices=MODES, action="append", default=None,
+                   help="repeatable (default: all three)")
+    p.add_argument("--providers", type=_names(PROVIDERS, "providers"), default=None,
+                   help=f"comma list from {','.join(PROVIDERS)} (default: all; hf-compile only on CUDA)")
+    p.add_argument("--peers", type=_names(PEERS, "peers"), default=None,
+                   help=f"comma list from {','.join(PEERS)}, or none (default: both on CUDA, "
+                        "mask2former-swin-t on CPU)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="dtype of hf-sdpa-bf16, hf-compile and fast (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--frames", type=int, default=None, help="offline clip length (default 64 on CUDA, 4 on CPU)")
+    p.add_argument("--online-frames", type=int, default=None,
+                   help="frames per online repeat, state carried (default 16 on CUDA, 4 on CPU)")
+    p.add_argument("--e2e-frames", type=int, default=None, help="end-to-end clip length (default 8 on CUDA, 2 on CPU)")
+    p.add_argument("--e2e-size", type=_size, default=None, metavar="HxW",
+                   help="size of the decoded uint8 frames in end-to-end mode (default 720x1280 on CUDA, 180x320 on CPU)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="instance threshold (default 0.5 with --checkpoint; 0.0 with random weights, whose "
+                        "near-uniform class scores would otherwise keep nothing)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls (default 30 on CUDA, 3 on CPU)")
+    p.add_argument("--num-inputs", type=int, default=3, help="random input buffers rotated between calls")
+    p.add_argument("--agree-frames", type=int, default=8, help="frames compared with hf-eager-fp32 (default 8)")
+    p.add_argument("--hf-online", choices=("carry", "stateless"), default="carry",
+                   help="transformers' online baseline: its modules frame by frame with queries carried "
+                        "(default), or its forward on a one-frame clip")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode of hf-compile (default max-autotune on CUDA, default on CPU)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak TFLOP/s for MFU (default: 790 on H100/H200, by device name; none on CPU)")
+    p.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where the JSON goes")
+    p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    cuda = device.type == "cuda"
+    args.device = device
+    if args.arch is None and args.checkpoint is None and not args.tiny:
+        args.arch = "vit-s"
+    if args.tiny:
+        args.arch = "tiny"
+    args.sizes = args.size or ([(32, 32)] if args.tiny else [(640, 640), (448, 800)] if cuda else [(224, 224)])
+    args.modes = list(dict.fromkeys(args.mode or MODES))
+    if args.providers is None:
+        args.providers = [p for p in PROVIDERS if cuda or p != "hf-compile"]
+    if args.peers is None:
+        args.peers = [] if args.tiny else (list(PEERS) if cuda else ["mask2former-swin-t"])
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    args.frames = args.frames or (64 if cuda else 4)
+    args.online_frames = args.online_frames or (16 if cuda else 4)
+    args.e2e_frames = args.e2e_frames or (8 if cuda else 2)
+    args.e2e_size = args.e2e_size or ((720, 1280) if cuda else (180, 320))
+    if args.threshold is None:
+        args.threshold = 0.5 if args.checkpoint else 0.0
+    args.warmup = 5 if args.warmup is None and cuda else (1 if args.warmup is None else args.warmup)
+    args.repeats = args.repeats or (30 if cuda else 3)
+    args.compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
+    args.peak_tflops = args.peak_tflops if args.peak_tflops is not None else detect_peak_tflops(device)
+    for name in ("frames", "online_frames", "e2e_frames", "repeats", "num_inputs", "agree_frames"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be >= 0")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# timing and memory
+
+
+class Timer:
+    """Per-call wall times: CUDA events on a GPU (read after one sync at the end), perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self._pairs: list[tuple[Any, Any]] = []
+
+    @contextlib.contextmanager
+    def __call__(self):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._pairs.append((start, end))
+        else:
+            start = time.perf_counter()
+            yield
+            self._pairs.append((start, time.perf_counter()))
+
+    def milliseconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [s.elapsed_time(e) for s, e in self._pairs]
+        return [(e - s) * 1e3 for s, e in self._pairs]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class MemoryProbe:
+    """Peak memory of one provider: CUDA ``max_memory_allocated`` (weights + activations), or on a
+    CPU the rise of the process' peak RSS over its RSS before the provider was built (Linux: the peak
+    is reset through ``/proc/self/clear_refs``; None where that is not possible)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss_increase"
+        self._base_kb: int | None = None
+        self._reset_ok = False
+
+    def start(self) -> None:
+        """Before the provider is built: remember the baseline."""
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        else:
+            self._base_kb = _proc_status_kb("VmRSS")
+        self.reset_peak()
+
+    def reset_peak(self) -> None:
+        """Before each case: the peak restarts from what is allocated now (the weights included)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+                fh.write("5")
+            self._reset_ok = True
+        except OSError:
+            self._reset_ok = False
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = _proc_status_kb("VmHWM")
+        if not self._reset_ok or peak is None or self._base_kb is None:
+            return None
+        return max(peak - self._base_kb, 0) / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------
+# agreement
+
+
+@dataclass
+class Outputs:
+    """The first frames of a provider's outputs, on the CPU, for comparison with the reference."""
+
+    masks: torch.Tensor | None = None  # (F, Q, h, w) float32
+    classes: torch.Tensor | None = None  # (F, Q, C+1) float32
+    maps: torch.Tensor | None = None  # (F, H, W) instance ids (end-to-end)
+
+
+def _keep(masks: torch.Tensor | None, classes: torch.Tensor | None, frames: int, maps=None) -> Outputs:
+    def cut(x):
+        return None if x is None else x[:frames].detach().float().cpu().clone()
+
+    return Outputs(cut(masks), cut(classes), None if maps is None else maps[:frames].detach().cpu().clone())
+
+
+def agreement(out: Outputs, ref: Outputs) -> dict[str, Any]:
+    """Fraction of mask pixels whose sign agrees, of queries whose class argmax agrees, and max errors."""
+    result: dict[str, Any] = {"reference": REFERENCE}
+    if out.masks is not None and ref.masks is not None and out.masks.shape == ref.masks.shape:
+        result["frames_compared"] = int(out.masks.shape[0])
+        result["mask_sign"] = float(((out.masks > 0) == (ref.masks > 0)).float().mean())
+        result["mask_max_abs_err"] = float((out.masks - ref.masks).abs().max())
+        result["mask_rel_err"] = float((out.masks - ref.masks).norm() / ref.masks.norm().clamp_min(1e-30))
+    if out.classes is not None and ref.classes is not None and out.classes.shape == ref.classes.shape:
+        result["class_argmax"] = float((out.classes.argmax(-1) == ref.classes.argmax(-1)).float().mean())
+        result["class_max_abs_err"] = float((out.classes - ref.classes).abs().max())
+    if out.maps is not None and ref.maps is not None and out.maps.shape == ref.maps.shape:
+        result["instance_map"] = float((out.maps == ref.maps).float().mean())
+    for value in list(result.values()):
+        if isinstance(value, float) and not math.isfinite(value):
+            result["nonfinite"] = True
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' post-processing (its own code, loaded without torchvision when that is missing)
+
+
+def transformers_postprocessor() -> tuple[Any, str]:
+    """``(processor, how)``: transformers' ``VideomtVideoProcessor``; where torchvision is missing, its
+    module is executed without the ``BaseVideoProcessor`` import so its post-processing methods
+    (which need no torchvision) run unmodified."""
+    import transformers
+
+    try:
+        return transformers.VideomtVideoProcessor(), "transformers.VideomtVideoProcessor"
+    except Exception as exc:  # noqa: BLE001 - transformers raises ImportError subclasses and others
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:100]}"
+    import ast
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+
+    spec = importlib.util.find_spec("transformers.models.videomt.video_processing_videomt")
+    if spec is None or not spec.origin:
+        raise ImportError("this transformers has no VidEoMT video processor")
+    with open(spec.origin, encoding="utf-8") as fh:
+        tree = ast.parse(fh.read(), filename=spec.origin)
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.ImportFrom) and n.level > 0)]
+
+    class _Base:
+        pass
+
+    namespace = {
+        "__name__": "transformers_videomt_postprocessing",
+        "torch": torch,
+        "F": F,
+        "SemanticSegmentationPostProcessorOutput": SemanticSegmentationPostProcessorOutput,
+        "IMAGENET_DEFAULT_MEAN": [0.485, 0.456, 0.406],
+        "IMAGENET_DEFAULT_STD": [0.229, 0.224, 0.225],
+        "PILImageResampling": SimpleNamespace(BILINEAR=2),
+        "auto_docstring": lambda obj=None, **_: obj if obj is not None else (lambda o: o),
+        "is_torch_available": lambda: True,
+        "BaseVideoProcessor": _Base,
+    }
+    exec(compile(tree, spec.origin, "exec"), namespace)  # noqa: S102 - transformers' own installed source
+    return namespace["VideomtVideoProcessor"](), f"transformers' post-processing code loaded without torchvision ({reason})"
+
+
+def fast_processor() -> tuple[Any | None, str]:
+    try:
+        from .processing import VideomtVideoProcessor
+    except Exception as exc:  # noqa: BLE001
+        return None, f"videomt_fast.processing unavailable: {type(exc).__name__}: {exc}"
+    return VideomtVideoProcessor, "videomt_fast.processing.VideomtVideoProcessor"
+
+
+# --------------------------------------------------------------------------------------------
+# providers
+
+
+class Skip(Exception):
+    """A provider or case that cannot run here; the message goes into the row."""
+
+
+@dataclass
+class Runner:
+    """One provider, built for one size: offline clip forward and an online session."""
+
+    name: str
+    kind: str  # "videomt" or "peer"
+    dtype: torch.dtype
+    backend: str
+    offline: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    new_online: Callable[[], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] | None
+    end_to_end: Callable[[torch.Tensor], tuple[Any, torch.Tensor, torch.Tensor]] | None = None
+    notes: list[str] = field(default_factory=list)
+    input_size: tuple[int, int] | None = None  # peers with a fixed input size
+    context: Callable[[], Any] = contextlib.nullcontext
+
+
+def _hf_config(config: Any, attn: str):
+    import transformers
+
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "extra")}
+    hf_config = transformers.VideomtConfig(**values)
+    hf_config._attn_implementation = attn
+    return hf_config
+
+
+def _hf_online_step(model: Any) -> Callable:
+    """transformers' clip-forward loop body for one frame, on its own modules (queries carried)."""
+    query_start = model.num_hidden_layers - model.config.num_blocks
+    num_queries = model.config.num_queries
+
+    def step(frame: torch.Tensor, prev: torch.Tensor | None):
+        hidden = model.embeddings(frame)
+        for layer in model.layers[:query_start]:
+            hidden = layer(hidden)
+        query = model.query.weight[None].expand(frame.shape[0], -1, -1)
+        if prev is not None:
+            query = model.query_updater(prev) + query
+        hidden = torch.cat((query, hidden), dim=1)
+        for layer in model.layers[query_start:]:
+            hidden = layer(hidden)
+        masks, classes = model.predict(model.layernorm(hidden))
+        return masks, classes, hidden[:, :num_queries]
+
+    return step
+
+
+class Bench:
+    """Builds the models for a size and runs the cases."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = args.device
+        self.notes: list[str] = []
+        self._hf_master: dict[tuple[int, int], Any] = {}
+        self._hf_pp = None
+        self._fast_pp_cls = None
+
+    # ------------------------------------------------------------------ the weight source
+    def model_config(self, size: tuple[int, int]):
+        from .configuration import VideomtConfig, config_from_preset
+
+        args = self.args
+        if args.checkpoint:
+            return VideomtConfig.from_pretrained(args.checkpoint)
+        square = size[0] == size[1]
+        image = size[0] if square else 640
+        if args.tiny:
+            return VideomtConfig(**TINY_CONFIG, image_size=image if square else 32)
+        return config_from_preset(args.arch, num_labels=args.num_labels, image_size=image)
+
+    def hf_master(self, size: tuple[int, int]):
+        """transformers' fp32 model on the CPU whose weights every VidEoMT provider copies."""
+        import transformers
+
+        config = self.model_config(size)
+        key = config.image_hw
+        if key not in self._hf_master:
+            self._hf_master.clear()
+            gc.collect()
+            if self.args.checkpoint:
+                model = transformers.VideomtForUniversalSegmentation.from_pretrained(
+                    self.args.checkpoint, dtype=torch.float32
+                )
+            else:
+                torch.manual_seed(self.args.seed)
+                model = transformers.VideomtForUniversalSegmentation(_hf_config(config, "eager"))
+            self._hf_master[key] = model.eval()
+        return self._hf_master[key]
+
+    # ------------------------------------------------------------------ builders
+    def build(self, name: str, size: tuple[int, int]) -> Runner:
+        if name.startswith("hf-"):
+            return self._build_hf(name, size)
+        if name.startswith("fast"):
+            return self._build_fast(name, size)
+        if name == "mask2former-swin-t":
+            return self._build_mask2former(size)
+        if name == "edgetam-video":
+            return self._build_edgetam(size)
+        raise ValueError(name)
+
+    def _build_hf(self, name: str, size: tuple[int, int]) -> Runner:
+        master = self.hf_master(size)
+        config = master.config
+        if size != (config.image_size, config.image_size):
+            raise Skip(
+                f"transformers' VidEoMT runs only its config's square image_size "
+                f"({config.image_size}x{config.image_size}: fixed position grid), not {size[0]}x{size[1]}"
+            )
+        attn, dtype = ("eager", torch.float32) if name == "hf-eager-fp32" else ("sdpa", self.args.dtype)
+        model = copy.deepcopy(master)
+        model.set_attn_implementation(attn)
+        model = model.to(device=self.device, dtype=dtype).eval()
+        notes = []
+        step = _hf_online_step(model)
+        forward = model
+        if name == "hf-compile":
+            forward = torch.compile(model, mode=self.args.compile_mode)
+            step = torch.compile(step, mode=self.args.compile_mode)
+            notes.append(f"torch.compile(mode={self.args.compile_mode!r}) of the sdpa model; compile time is in warmup_s")
+
+        def offline(clip):
+            out = forward(pixel_values_videos=clip.to(dtype))
+            return out.masks_queries_logits, out.class_queries_logits
+
+        if self.args.hf_online == "carry":
+            def new_online():
+                state = {"prev": None}
+
+                def call(frame):
+                    masks, classes, state["prev"] = step(frame.to(dtype), state["prev"])
+                    return masks, classes
+
+                return call
+        else:
+            notes.append("online: transformers' forward on a one-frame clip per call (queries not carried)")
+
+            def new_online():
+                def call(frame):
+                    out = forward(pixel_values_videos=frame.to(dtype)[:, None])
+                    return out.masks_queries_logits, out.class_queries_logits
+
+                return call
+
+        def end_to_end(frames_uint8):
+            pp, _ = self.hf_postprocessor()
+            pre = self.preprocess(frames_uint8, size)
+            out = forward(pixel_values_videos=pre.to(dtype))
+            target = [tuple(frames_uint8.shape[1:3])] * frames_uint8.shape[0]
+            results = pp.post_process_instance_segmentation(out, target_sizes=target, threshold=self.args.threshold)
+            return results, out.masks_queries_logits, out.class_queries_logits
+
+        backend = {"hf-eager-fp32": "transformers eager", "hf-sdpa-bf16": "transformers sdpa",
+                   "hf-compile": "transformers sdpa + torch.compile"}[name]
+        return Runner(name, "videomt", dtype, backend, offline, new_online, end_to_end, notes)
+
+    def _build_fast(self, name: str, size: tuple[int, int]) -> Runner:
+        from . import from_transformers, ops
+
+        master = self.hf_master(size)
+        model = from_transformers(copy.deepcopy(master)).to(self.device)
+        notes = []
+        context: Callable[[], Any] = contextlib.nullcontext
+        if name == "fast-ref":
+            dtype = torch.float32
+            backend = "videomt_fast reference ops"
+
+            def context():
+                return ops.use_backend("reference")
+        else:
+            dtype = self.args.dtype
+            optimize = getattr(model, "optimize", None)
+            if optimize is not None:
+                model = optimize(dtype=dtype, cuda_graphs=self.device.type == "cuda")
+                backend = "videomt_fast optimize()"
+            else:
+                model = model.to(dtype)
+                backend = "videomt_fast auto dispatch"
+                notes.append("model.optimize() not available in this build: dtype cast + auto dispatch only")
+            report = ops.backend_report(self.device)
+            fast_ops = sorted(k for k, v in report.items() if v["backend"] != "reference")
+            notes.append(f"ops on fast backends: {', '.join(fast_ops) if fast_ops else 'none'}")
+        model.eval()
+
+        def offline(clip):
+            out = model(pixel_values_videos=clip)
+            return out.masks_queries_logits, out.class_queries_logits
+
+        def new_online():
+            session = model.new_session(batch_size=1)
+
+            def call(frame):
+                out = session.step(frame)
+                return out.masks_queries_logits, out.class_queries_logits
+
+            return call
+
+        def end_to_end(frames_uint8):
+            cls, _ = self.fast_processor_cls()
+            processor = cls(size={"height": size[0], "width": size[1]})
+            pre = processor(frames_uint8[None], device=self.device).pixel_values_videos
+            out = model(pixel_values_videos=pre)
+            target = [tuple(frames_uint8.shape[1:3])] * frames_uint8.shape[0]
+            results = processor.post_process_instance_segmentation(out, target_sizes=target, threshold=self.args.threshold)
+            return results, out.masks_queries_logits, out.class_queries_logits
+
+        return Runner(name, "videomt", dtype, backend, offline, new_online, end_to_end, notes, context=context)
+
+    def _peer_dtype(self) -> torch.dtype:
+        return self.args.dtype
+
+    def _build_mask2former(self, size: tuple[int, int]) -> Runner:
+        import transformers
+
+        backbone = transformers.SwinConfig(
+            image_size=size[0], embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7,
+            out_features=["stage1", "stage2", "stage3", "stage4"],
+        )
+        config = transformers.Mask2FormerConfig(backbone_config=backbone, num_labels=self.args.num_labels)
+        torch.manual_seed(self.args.seed)
+        dtype = self._peer_dtype()
+        model = transformers.Mask2FormerForUniversalSegmentation(config).to(self.device, dtype).eval()
+
+        def offline(clip):
+            out = model(pixel_values=clip.flatten(0, 1).to(dtype))
+            return out.masks_queries_logits, out.class_queries_logits
+
+        def new_online():
+            def call(frame):
+                out = model(pixel_values=frame.to(dtype))
+                return out.masks_queries_logits, out.class_queries_logits
+
+            return call
+
+        notes = ["peer: transformers Mask2Former with a Swin-T backbone (depths 2-2-6-2, 96 channels), random "
+                 f"weights, {config.num_queries} queries; image model run per frame (Video Mask2Former's "
+                 "per-frame cost); FPS only"]
+        return Runner("mask2former-swin-t", "peer", dtype, "transformers", offline, new_online, None, notes)
+
+    def _build_edgetam(self, size: tuple[int, int]) -> Runner:
+        import transformers
+
+        config = transformers.EdgeTamVideoConfig()
+        native = int(config.vision_config.image_size) if hasattr(config.vision_config, "image_size") else 1024
+        torch.manual_seed(self.args.seed)
+        dtype = self._peer_dtype()
+        model = transformers.EdgeTamVideoModel(config).to(self.device, dtype).eval()
+        device = self.device
+
+        def new_online():
+            session = transformers.EdgeTamVideoInferenceSession(
+                video_height=native, video_width=native, inference_device=device,
+                inference_state_device=device, video_storage_device=device, dtype=dtype,
+            )
+            state = {"first": True}
+
+            def call(frame):
+                frame = frame.to(dtype)
+                if state["first"]:
+                    state["first"] = False
+                    idx = session.add_new_frame(frame)
+                    obj = session.obj_id_to_idx(1)
+                    point = torch.tensor([[[[native / 2, native / 2]]]], dtype=torch.float32)
+                    session.add_point_inputs(obj, idx, {"point_coords": point,
+                                                        "point_labels": torch.ones(1, 1, 1, dtype=torch.int32)})
+                    session.obj_with_new_inputs = [1]
+                    out = model(inference_session=session, frame_idx=idx)
+                else:
+                    out = model(inference_session=session, frame=frame)
+                return out.pred_masks, out.object_score_logits
+
+            return call
+
+        notes = [f"peer: transformers EdgeTAM video, random weights, streaming with one point-prompted object; "
+                 f"runs at its fixed {native}x{native} input (frames of that size), not {size[0]}x{size[1]}; FPS only"]
+        return Runner("edgetam-video", "peer", dtype, "transformers", None, new_online, None, notes,
+                      input_size=(native, native))
+
+    # ------------------------------------------------------------------ processors
+    def hf_postprocessor(self):
+        if self._hf_pp is None:
+            self._hf_pp = transformers_postprocessor()
+        return self._hf_pp
+
+    def fast_processor_cls(self):
+        if self._fast_pp_cls is None:
+            self._fast_pp_cls = fast_processor()
+        if self._fast_pp_cls[0] is None:
+            raise Skip(self._fast_pp_cls[1])
+        return self._fast_pp_cls
+
+    def preprocess(self, frames_uint8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """transformers' pre-processing when its processor imports (torchvision), else videomt_fast's
+        (the same resize and normalization; see videomt_fast.processing)."""
+        pp, how = self.hf_postprocessor()
+        if how == "transformers.VideomtVideoProcessor":
+            batch = pp(videos=[frames_uint8], size={"height": size[0], "width": size[1]},
+                       return_tensors="pt", device=str(self.device))
+            return batch["pixel_values_videos"].to(self.device)
+        cls, _ = self.fast_processor_cls()
+        return cls(size={"height": size[0], "width": size[1]})(frames_uint8[None], device=self.device).pixel_values_videos
+
+
+# --------------------------------------------------------------------------------------------
+# running the cases
+
+
+def _inputs(args: argparse.Namespace, shape: tuple[int, ...], device: torch.device, seed: int) -> list[torch.Tensor]:
+    """``--num-inputs`` distinct random buffers (normalized-pixel scale), none of them zeros."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen).to(device) for _ in range(args.num_inputs)]
+
+
+def _uint8_inputs(args, frames: int, size: tuple[int, int], device_seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(device_seed)
+    h, w = size
+    out = []
+    for _ in range(args.num_inputs):
+        # smooth random images (a coarse noise field upsampled), so masks are not pure salt and pepper
+        coarse = torch.rand(frames, 3, max(h // 16, 1), max(w // 16, 1), generator=gen)
+        img = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        img = (img * 255).round().clamp(1, 255).to(torch.uint8)
+        out.append(img.permute(0, 2, 3, 1).contiguous())  # (T, H, W, 3), as a decoder gives them
+    return out
+
+
+def run_case(bench: Bench, runner: Runner, mode: str, size: tuple[int, int],
+             reference: Outputs | None) -> tuple[dict[str, Any], Outputs | None]:
+    args, device = bench.args, bench.device
+    run_size = runner.input_size or size
+    h, w = run_size
+    row: dict[str, Any] = {
+        "provider": runner.name, "kind": runner.kind, "mode": mode, "size": f"{size[0]}x{size[1]}",
+        "input_size": f"{h}x{w}", "batch": 1, "dtype": str(runner.dtype).replace("torch.", ""),
+        "backend": runner.backend, "notes": list(runner.notes),
+    }
+    agree_frames = args.agree_frames
+    if mode == "online":
+        if runner.new_online is None:
+            raise Skip("no online API")
+        frames = args.online_frames
+        clips = _inputs(args, (1, frames, 3, h, w), device, args.seed + 1)
+
+        def one(clip, timer=None):
+            step = runner.new_online()
+            masks, classes = [], []
+            for t in range(frames):
+                with (timer() if timer is not None else contextlib.nullcontext()):
+                    m, c = step(clip[:, t])
+                if len(masks) < agree_frames:
+                    masks.append(m)
+                    classes.append(c)
+            return torch.cat(masks), torch.cat(classes)
+
+        row.update(frames_per_call=1, latency_unit="frame", frames_per_repeat=frames)
+    elif mode == "offline":
+        if runner.offline is None:
+            raise Skip("no clip API (streaming model)")
+        frames = args.frames
+        clips = _inputs(args, (1, frames, 3, h, w), device, args.seed + 2)
+
+        def one(clip, timer=None):
+            with (timer() if timer is not None else contextlib.nullcontext()):
+                m, c = runner.offline(clip)
+            return m[:agree_frames], c[:agree_frames]
+
+        row.update(frames_per_call=frames, latency_unit="clip", frames_per_repeat=frames)
+    else:
+        if runner.end_to_end is None:
+            raise Skip("no end-to-end path (peer)")
+        frames = args.e2e_frames
+        # decoded frames live on the host, as a decoder hands them over; the copy is part of the cost
+        clips = _uint8_inputs(args, frames, args.e2e_size, args.seed + 3)
+
+        def one(clip, timer=None):
+            with (timer() if timer is not None else contextlib.nullcontext()):
+                results, m, c = runner.end_to_end(clip)
+                maps = torch.stack([r["segmentation"] for r in results])
+            return m[:agree_frames], c[:agree_frames], maps[:agree_frames]
+
+        row.update(frames_per_call=frames, latency_unit="clip", frames_per_repeat=frames,
+                   e2e_frame_size=f"{args.e2e_size[0]}x{args.e2e_size[1]}", threshold=args.threshold)
+
+    nvtx = device.type == "cuda"
+    with torch.inference_mode(), runner.context():
+        started = time.perf_counter()
+        for i in range(args.warmup):
+            one(clips[i % len(clips)])
+        _sync(device)
+        row["warmup_s"] = round(time.perf_counter() - started, 4)
+        kept = one(clips[0])  # outputs for agreement (untimed)
+        outputs = _keep(kept[0], kept[1], agree_frames, kept[2] if len(kept) > 2 else None)
+        del kept
+        timer = Timer(device)
+        for r in range(args.repeats):
+            if nvtx:
+                torch.cuda.nvtx.range_push(f"{runner.name}/{mode}/{r}")
+            one(clips[(r + 1) % len(clips)], timer)
+            if nvtx:
+                torch.cuda.nvtx.range_pop()
+        times = timer.milliseconds()
+    if mode == "online":
+        # per-frame latencies; FPS from each repeat's whole sequence
+        seq = [sum(times[i * frames:(i + 1) * frames]) for i in range(args.repeats)]
+        fps_values = [frames * 1e3 / s for s in seq]
+    else:
+        fps_values = [frames * 1e3 / t for t in times]
+    fps = percentile(fps_values, 50)
+    row.update(
+        repeats=args.repeats, warmup=args.warmup,
+        fps=fps,
+        latency_ms_p50=percentile(times, 50), latency_ms_p90=percentile(times, 90),
+        latency_ms_min=min(times),
+        frame_ms_p50=1e3 / fps,
+    )
+    if runner.kind == "videomt":
+        flops = frame_flops(bench.model_config(size), h, w)["total"]
+        row["gflop_per_frame"] = flops / 1e9
+        row["achieved_tflops"] = flops * fps / 1e12
+        row["mfu"] = mfu(flops, fps, args.peak_tflops)
+        if reference is not None and runner.name != REFERENCE:
+            row["agreement"] = agreement(outputs, reference)
+        elif runner.name == REFERENCE:
+            row["agreement"] = {"reference": "itself"}
+    return row, outputs if runner.name == REFERENCE else None
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    bench.load_start = _load()
+    rows: list[dict[str, Any]] = []
+    for size in args.sizes:
+        references: dict[str, Outputs] = {}
+        names = list(args.providers)
+        if REFERENCE in names:  # the reference runs first so every other row can be compared with it
+            names.remove(REFERENCE)
+            names.insert(0, REFERENCE)
+        if any(n.startswith(("hf-", "fast")) for n in names):
+            bench.hf_master(size)  # the shared CPU weight source exists before any provider's memory is probed
+        for name in names + list(args.peers):
+            memory = MemoryProbe(bench.device)
+            memory.start()
+            runner = None
+            try:
+                runner = bench.build(name, size)
+            except Skip as exc:
+                for mode in args.modes:
+                    rows.append(_skipped(name, mode, size, str(exc)))
+                continue
+            except Exception as exc:  # noqa: BLE001 - a provider that cannot be built is a row, not a crash
+                for mode in args.modes:
+                    rows.append(_skipped(name, mode, size, f"build failed: {type(exc).__name__}: {exc}", "error"))
+                continue
+            for mode in args.modes:
+                print(f"  {name:20s} {mode:10s} {size[0]}x{size[1]} ...", file=sys.stderr, flush=True)
+                memory.reset_peak()
+                try:
+                    row, ref = run_case(bench, runner, mode, size, references.get(mode))
+                    row["status"] = "ok"
+                    row["peak_mem_mb"] = memory.peak_mb()
+                    row["peak_mem_kind"] = memory.kind
+                    if ref is not None:
+                        references[mode] = ref
+                except Skip as exc:
+                    row = _skipped(name, mode, size, str(exc))
+                except Exception as exc:  # noqa: BLE001
+                    row = _skipped(name, mode, size, f"{type(exc).__name__}: {exc}", "error")
+                rows.append(row)
+            del runner
+            gc.collect()
+            if bench.device.type == "cuda":
+                torch.cuda.empty_cache()
+    _add_speedups(rows)
+    return _report(args, bench, rows)
+
+
+def _skipped(name: str, mode: str, size: tuple[int, int], why: str, status: str = "skipped") -> dict[str, Any]:
+    return {"provider": name, "kind": "peer" if name in PEERS else "videomt", "mode": mode,
+            "size": f"{size[0]}x{size[1]}", "status": status, "reason": why}
+
+
+def _add_speedups(rows: list[dict[str, Any]]) -> None:
+    """``speedup[b]`` = this row's FPS over baseline ``b``'s FPS in the same mode and size."""
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        row["speedup"] = {}
+        for base in rows:
+            if (base.get("status") == "ok" and base["provider"] in BASELINES and base["mode"] == row["mode"]
+                    and base["size"] == row["size"] and base["input_size"] == row["input_size"]):
+                row["speedup"][base["provider"]] = row["fps"] / base["fps"]
+
+
+# --------------------------------------------------------------------------------------------
+# environment and report
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=False)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    from . import __version__
+
+    env: dict[str, Any] = {
+        "device_type": device.type,
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "videomt_fast": __version__,
+        "git_commit": _git_commit(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(
+            device_name=torch.cuda.get_device_name(device),
+            compute_capability=f"{props.major}.{props.minor}",
+            gpu_memory_gb=round(props.total_memory / 2**30, 1),
+            cuda_runtime=torch.version.cuda,
+            driver=_nvidia_driver(),
+        )
+    else:
+        env.update(device_name=f"CPU: {env['cpu']} ({os.cpu_count()} cores visible)", driver=None)
+    return env
+
+
+def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    config = bench.model_config(args.sizes[0])
+    config_dict = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id", "extra")}
+    flop_model = {
+        f"{h}x{w}": {k: v / 1e9 for k, v in frame_flops(bench.model_config((h, w)), h, w).items()}
+        for h, w in args.sizes
+    }
+    notes = list(bench.notes)
+    notes.append(
+        "online: batch 1, one frame per call, queries carried; fps = frames / time of each repeat's sequence "
+        "(median); latency percentiles are per frame"
+    )
+    notes.append("offline and end-to-end: one clip per call; fps = clip frames / clip time (median); latency per clip")
+    if "hf-eager-fp32" in args.providers or "hf-sdpa-bf16" in args.providers:
+        notes.append(
+            "transformers online = " + (
+                "its own modules frame by frame, the loop body of its clip forward, raw last-layer query rows "
+                "carried into query_updater (cost: its one-frame forward + one d x d Linear)"
+                if args.hf_online == "carry" else
+                "its forward on a one-frame clip per call (queries not carried, so frames after the first differ)"
+            )
+        )
+    if "end-to-end" in args.modes:
+        notes.append(
+            f"end-to-end: uint8 {args.e2e_size[0]}x{args.e2e_size[1]} frames on the host in, "
+            f"instance maps at that size out (threshold {args.threshold}); pre-processing, forward and "
+            "post_process_instance_segmentation timed together"
+        )
+        if bench._hf_pp is not None:
+            notes.append(f"transformers end-to-end: post-processing by {bench._hf_pp[1]}")
+            if bench._hf_pp[1] != "transformers.VideomtVideoProcessor":
+                notes.append("transformers end-to-end: pre-processing by videomt_fast's processor (transformers' "
+                             "needs torchvision; ours gives the same resized uint8 values)")
+    if args.peak_tflops is None:
+        notes.append("mfu is null: no peak FLOP/s for this device (pass --peak-tflops)")
+    notes.append("agreement: against hf-eager-fp32 on the same input, first agree_frames frames: mask_sign = fraction "
+                 "of mask-logit pixels of equal sign, class_argmax = fraction of queries with the same argmax class")
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": "videomt_fast.benchmark",
+        "argv": list(getattr(args, "argv", [])),
+        "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "environment": {**environment(bench.device), "load_avg_1_5_15_start": getattr(bench, "load_start", None),
+                        "load_avg_1_5_15_end": _load()},
+        "arch": args.arch,
+        "checkpoint": args.checkpoint,
+        "weights": "checkpoint" if args.checkpoint else f"random (seed {args.seed}), shared by all VidEoMT providers",
+        "config": config_dict,
+        "dtype": str(args.dtype).replace("torch.", ""),
+        "modes": args.modes,
+        "sizes": [f"{h}x{w}" for h, w in args.sizes],
+        "settings": {
+            "frames": args.frames, "online_frames": args.online_frames, "e2e_frames": args.e2e_frames,
+            "e2e_size": f"{args.e2e_size[0]}x{args.e2e_size[1]}", "warmup": args.warmup, "repeats": args.repeats,
+            "num_inputs": args.num_inputs, "agree_frames": args.agree_frames, "hf_online": args.hf_online,
+            "compile_mode": args.compile_mode, "threshold": args.threshold,
+            "timer": "cuda events" if bench.device.type == "cuda" else "time.perf_counter",
+        },
+        "peak_tflops": args.peak_tflops,
+        "flop_model_gflop_per_frame": flop_model,
+        "notes": notes,
+        "rows": rows,
+    }
+
+
+def result_path(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    env = report["environment"]
+    device = env["device_name"] if env["device_type"] == "cuda" else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40] or "device"
+    arch = args.arch or os.path.basename(os.path.normpath(str(args.checkpoint))) or "checkpoint"
+    modes = "+".join(m.replace("end-to-end", "e2e") for m in args.modes)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return os.path.join(args.out_dir, f"{arch}_{modes}_{slug}_{stamp}.json")
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write ``data`` as JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, allow_nan=True, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(value: Any, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        width = re.match(r"\d*", spec).group(0)
+        return format("-", f">{width}") if width else "-"
+    return format(value, spec)
+
+
+def format_table(report: dict[str, Any]) -> str:
+    head = (f"{'provider':20s} {'mode':10s} {'size':9s} {'dtype':8s} {'FPS':>9s} {'p50 ms':>9s} {'p90 ms':>9s} "
+            f"{'x eager':>8s} {'x sdpa':>7s} {'x comp':>7s} {'MFU':>6s} {'mem MB':>8s} {'mask=':>7s} {'cls=':>6s}")
+    lines = [f"device: {report['environment']['device_name']}   arch: {report['arch'] or report['checkpoint']}",
+             head, "-" * len(head)]
+    for row in report["rows"]:
+        if row.get("status") != "ok":
+            lines.append(f"{row['provider']:20s} {row['mode']:10s} {row['size']:9s} {row['status']}: {row['reason']}")
+            continue
+        sp = row.get("speedup", {})
+        agree = row.get("agreement") or {}
+        label = row["provider"] + (" (peer)" if row["kind"] == "peer" else "")
+        lines.append(
+            f"{label:20s} {row['mode']:10s} {row['size']:9s} {row['dtype']:8s} {_fmt(row['fps'], '9.2f')} "
+            f"{_fmt(row['latency_ms_p50'], '9.2f')} {_fmt(row['latency_ms_p90'], '9.2f')} "
+            f"{_fmt(sp.get('hf-eager-fp32'), '8.2f')} {_fmt(sp.get('hf-sdpa-bf16'), '7.2f')} "
+            f"{_fmt(sp.get('hf-compile'), '7.2f')} {_fmt(row.get('mfu'), '6.1%')} "
+            f"{_fmt(row.get('peak_mem_mb'), '8.0f')} {_fmt(agree.get('mask_sign'), '7.4f')} "
+            f"{_fmt(agree.get('class_argmax'), '6.3f')}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    torch.manual_seed(args.seed)
+    report = run(args)
+    print(format_table(report))
+    if not args.no_save:
+        path = result_path(args, report)
+        write_json_atomic(path, report)
+        print(f"wrote {path}")
+    failed = [r for r in report["rows"] if r.get("status") == "error" and r["kind"] == "videomt"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
