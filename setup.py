@@ -19,31 +19,48 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _cuda_extension():
+    """``(ext_modules, cmdclass)``. The csrc sources are always copied into the built package
+    (``videomt_fast/csrc``) so an installed package can build the extension just in time
+    (videomt_fast/_ext.py); the extension itself is built here only with a CUDA torch and nvcc."""
+    from setuptools.command.build_py import build_py
+
+    class build_py_with_csrc(build_py):
+        def run(self):
+            super().run()
+            target = os.path.join(self.build_lib, "videomt_fast", "csrc")
+            os.makedirs(target, exist_ok=True)
+            for path in glob.glob(os.path.join(HERE, "csrc", "*")):
+                if os.path.splitext(path)[1] in (".cu", ".cuh", ".h", ".cpp"):
+                    shutil.copy2(path, target)
+
+    cmdclass = {"build_py": build_py_with_csrc}
     if os.environ.get("VIDEOMT_FAST_SKIP_CUDA_BUILD", "0") == "1":
         print("videomt_fast: skipping the CUDA extension (VIDEOMT_FAST_SKIP_CUDA_BUILD=1)", file=sys.stderr)
-        return [], {}
+        return [], cmdclass
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except Exception as exc:  # torch missing in the build environment
         print(f"videomt_fast: skipping the CUDA extension (torch not importable: {exc})", file=sys.stderr)
-        return [], {}
+        return [], cmdclass
     nvcc = shutil.which("nvcc") or (CUDA_HOME and os.path.join(CUDA_HOME, "bin", "nvcc"))
     if torch.version.cuda is None or not nvcc or not os.path.exists(nvcc):
         why = "torch is a CPU build" if torch.version.cuda is None else "nvcc not found"
         print(f"videomt_fast: skipping the CUDA extension ({why}); the package runs on its PyTorch path", file=sys.stderr)
-        return [], {}
+        return [], cmdclass
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
-        return [], {}
+        return [], cmdclass
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("VIDEOMT_FAST_CUDA_ARCHS", "8.0;9.0"))
     ext = CUDAExtension(
         name="videomt_fast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        # no --use_fast_math: the kernels reproduce ATen's bilinear and sigmoid bits (expf, IEEE division)
+        extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": ["-O3", "-lineinfo"]},
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=True)
+    return [ext], cmdclass
 
 
 ext_modules, cmdclass = _cuda_extension()

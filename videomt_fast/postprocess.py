@@ -220,6 +220,15 @@ def panoptic_selection(class_logits: torch.Tensor, threshold: float) -> tuple[to
     return scores, labels, keep
 
 
+def fuse_tensor(label_ids_to_fuse, device) -> torch.Tensor | None:
+    """``label_ids_to_fuse`` as an int64 tensor on ``device`` (None when empty); tensors pass through."""
+    if isinstance(label_ids_to_fuse, torch.Tensor):
+        return label_ids_to_fuse.to(device=device, dtype=torch.long) if label_ids_to_fuse.numel() else None
+    if not label_ids_to_fuse:
+        return None
+    return torch.tensor(sorted(int(i) for i in label_ids_to_fuse), dtype=torch.long, device=device)
+
+
 def panoptic_segment_ids(
     keep: torch.Tensor,
     labels: torch.Tensor,
@@ -249,11 +258,12 @@ def panoptic_segment_ids(
         & (ratio.double() > overlap_mask_area_threshold)
     )
     position = torch.arange(num_queries, device=device)
-    if label_ids_to_fuse:
-        fuse_ids = torch.tensor(sorted(int(i) for i in label_ids_to_fuse), dtype=labels.dtype, device=device)
+    fuse_ids = fuse_tensor(label_ids_to_fuse, device)
+    if fuse_ids is not None:
         fused = valid & torch.isin(labels, fuse_ids)
         first = torch.full((num_labels + 1,), num_queries, dtype=torch.long, device=device)
-        first.scatter_reduce_(0, labels[fused], position[fused], reduce="amin")
+        sentinel = torch.full_like(position, num_queries)
+        first.scatter_reduce_(0, labels.clamp(0, num_labels), torch.where(fused, position, sentinel), reduce="amin")
         owner = torch.where(fused, first[labels.clamp(0, num_labels)], position)
         new = valid & (owner == position)
     else:
@@ -283,6 +293,7 @@ def panoptic_segmentation_ref(
     num_labels = class_logits.shape[-1] - 1
     device = mask_logits.device
     scores, labels, keep = panoptic_selection(class_logits, threshold)
+    fuse_ids = fuse_tensor(label_ids_to_fuse, device)  # one copy to the device, not one per frame
     new = torch.zeros(num_frames, num_queries, dtype=torch.bool, device=device)
     segmentations = []
     for f, size in enumerate(target_sizes):
@@ -320,7 +331,7 @@ def panoptic_segmentation_ref(
         )
         id_of_query, new[f] = panoptic_segment_ids(
             keep[f], labels[f], assigned_area, original_area, final_area,
-            overlap_mask_area_threshold, label_ids_to_fuse, num_labels,
+            overlap_mask_area_threshold, fuse_ids, num_labels,
         )
         segmentations.append(torch.where(inside, id_of_query[winner], -1))
     return segmentations, new, labels, scores
