@@ -1,0 +1,147 @@
+"""CUDA post-processing kernels vs the references and transformers (GPU only; skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_oracle
+from test_postprocess import assert_segments_equal, random_outputs
+from videomt_fast import _ext, ops
+from videomt_fast import postprocess as pp
+from videomt_fast.processing import VideomtVideoProcessor
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def ext():
+    module = _ext.load()
+    assert module is not None, f"the CUDA extension failed to build or import: {_ext.error()}"
+    import videomt_fast.cuda_ops  # noqa: F401  registers the implementations
+
+    return module
+
+
+def _cuda(out):
+    out.class_queries_logits = out.class_queries_logits.cuda()
+    out.masks_queries_logits = out.masks_queries_logits.cuda()
+    return out
+
+
+def _cpu(results):
+    return [{"segmentation": r["segmentation"].cpu(), "segments_info": r["segments_info"]} for r in results]
+
+
+SIZES = [[(97, 131), (12, 9), (161, 75)], [(480, 854)], [(33, 200), (200, 33), (1, 5)]]
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
+def test_instance_kernels_match(ext, sizes):
+    out = _cuda(random_outputs(len(sizes), 45, 7, 40, 48, seed=1))
+    proc = VideomtVideoProcessor()
+    assert ops.explain("instance_segmentation", out.class_queries_logits, out.masks_queries_logits, sizes, 0.4).startswith(
+        "instance_segmentation: cuda"
+    )
+    with ops.use_backend("cuda"):
+        got = proc.post_process_instance_segmentation(out, sizes, threshold=0.4)
+    with ops.use_backend("reference"):
+        ref = proc.post_process_instance_segmentation(out, sizes, threshold=0.4)
+    assert sum(len(r["segments_info"]) for r in ref) >= len(sizes)
+    assert_segments_equal(_cpu(ref), _cpu(got))
+    oracle = hf_oracle.load().processor.post_process_instance_segmentation(out, sizes, threshold=0.4)
+    assert_segments_equal(_cpu(oracle), _cpu(got))
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
+@pytest.mark.parametrize("fuse", [None, {0, 1, 2}])
+def test_panoptic_kernels_match(ext, sizes, fuse):
+    out = _cuda(random_outputs(len(sizes), 41, 7, 40, 48, seed=2, layout="cells"))
+    proc = VideomtVideoProcessor()
+    kw = dict(threshold=0.5, label_ids_to_fuse=fuse)
+    with ops.use_backend("cuda"):
+        got = proc.post_process_panoptic_segmentation(out, sizes, **kw)
+    oracle = hf_oracle.load().processor.post_process_panoptic_segmentation(out, sizes, **kw)
+    assert sum(len(r["segments_info"]) for r in oracle) >= len(sizes)
+    assert_segments_equal(_cpu(oracle), _cpu(got))
+
+
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
+@pytest.mark.parametrize("with_scores", [False, True])
+def test_semantic_kernels_match(ext, sizes, with_scores):
+    out = _cuda(random_outputs(len(sizes), 23, 19, 40, 48, seed=3))
+    proc = VideomtVideoProcessor()
+    with ops.use_backend("cuda"):
+        got = proc.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
+    oracle = hf_oracle.load().processor.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
+    for e, o in zip(oracle, got):
+        if with_scores:
+            assert torch.equal(o.segmentation, e.segmentation)
+            torch.testing.assert_close(o.segmentation_scores, e.segmentation_scores, rtol=0, atol=0)
+        else:
+            assert torch.equal(o, e)
+
+
+def test_raw_kernels_overwrite_poisoned_outputs(ext):
+    """Every output element is written: poisoned buffers come back equal to the reference."""
+    torch.manual_seed(0)
+    Q, h, w, H, W = 37, 20, 24, 77, 91
+    masks = (torch.randn(Q, h, w, device="cuda") * 4).contiguous()
+    stream = torch.cuda.current_stream().cuda_stream
+    up = torch.nn.functional.interpolate(masks[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    cand = torch.rand(Q, device="cuda") < 0.6
+    tiles = (H + ext.STATS_ROWS - 1) // ext.STATS_ROWS
+    cnt = torch.full((Q, tiles), -7, dtype=torch.int32, device="cuda")
+    sm = torch.full((Q, tiles), float("nan"), device="cuda")
+    ext.instance_stats(masks, cand.to(torch.uint8), H, W, cnt, sm, stream)
+    pos = (up > 0).flatten(1)
+    torch.testing.assert_close(cnt.sum(1).long(), torch.where(cand, pos.sum(1), 0))
+    torch.testing.assert_close(sm.sum(1), torch.where(cand, (up.sigmoid().flatten(1) * pos).sum(1), 0.0), rtol=1e-5, atol=1e-3)
+    keep = cand & (torch.rand(Q, device="cuda") < 0.7)
+    ids = (torch.cumsum(keep, 0) - 1).to(torch.int32)
+    kept = torch.argsort((~keep).to(torch.uint8), stable=True).to(torch.int32)
+    out = torch.full((H, W), 99999, dtype=torch.long, device="cuda")
+    ext.instance_paint(masks, kept, keep.sum().to(torch.int32).reshape(1), ids, out, stream)
+    hits = (up > 0) & keep[:, None, None]
+    rank = torch.arange(1, Q + 1, device="cuda")[:, None, None]
+    last = torch.where(hits, rank, 0).amax(0)
+    expected = torch.where(last > 0, ids.long()[(last - 1).clamp(min=0)], -1)
+    assert torch.equal(out, expected)
+    sem_out = torch.full((H, W), -5, dtype=torch.long, device="cuda")
+    scores = torch.full((Q, H, W), float("nan"), device="cuda")
+    ext.semantic_argmax(masks, sem_out, scores, stream)
+    assert torch.equal(scores, up) and torch.equal(sem_out, up.argmax(0))
+    code = torch.full((H, W), 12345, dtype=torch.int32, device="cuda")
+    areas = torch.zeros(3, Q, dtype=torch.int32, device="cuda")
+    probs = torch.rand(Q, device="cuda")
+    ext.panoptic_assign(masks, kept, keep.sum().to(torch.int32).reshape(1), probs, 0.5, code, areas[0], areas[1], areas[2], stream)
+    prob_up = up.sigmoid()
+    weighted = torch.where(keep[:, None, None], probs[:, None, None] * prob_up, -1.0)
+    win = weighted.argmax(0)
+    win_prob = prob_up.gather(0, win[None])[0]
+    assert torch.equal(code.long(), torch.where(win_prob >= 0.5, win, -1))
+    assert torch.equal(areas[0].long(), torch.where(keep, (prob_up >= 0.5).flatten(1).sum(1), 0))
+    assert torch.equal(areas[1].long(), torch.bincount(win.flatten(), minlength=Q))
+
+
+@pytest.mark.parametrize("task", ["instance", "panoptic", "semantic"])
+def test_memory_1080p_200_queries(ext, task):
+    """Extra device memory for one 1080p frame with 200 queries stays under 64 MB (output included)."""
+    out = _cuda(random_outputs(1, 200, 80, 160, 160, seed=4, layout="cells"))
+    proc = VideomtVideoProcessor()
+    sizes = [(1080, 1920)]
+    call = {
+        "instance": lambda: proc.post_process_instance_segmentation(out, sizes, threshold=0.3),
+        "panoptic": lambda: proc.post_process_panoptic_segmentation(out, sizes, threshold=0.5),
+        "semantic": lambda: proc.post_process_semantic_segmentation(out, sizes),
+    }[task]
+    with ops.use_backend("cuda"):
+        call()  # warm up (extension, cuBLAS handles)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = call()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    assert result  # keep the result alive through the measurement
+    assert peak <= 64 * 2**20, f"{task}: {peak / 2**20:.1f} MB extra"
