@@ -171,9 +171,8 @@ def test_preprocess_matches_transformers_pil_backend(case):
     mine = ours(images=images, return_tensors=None)
     assert len(mine["pixel_values"]) == len(theirs["pixel_values"])
     assert [o.tolist() for o in mine["patch_offsets"]] == [list(map(int, o)) for o in theirs["patch_offsets"]]
-    std = kwargs.get("image_std", 0.224)
-    std = min(std) if isinstance(std, (list, tuple)) else std
-    level = 1.0 / (255 * (std if not isinstance(std, float) or std != 0.224 else 0.224))
+    std = kwargs.get("image_std", 0.224)  # one uint8 level after normalisation, smallest std
+    level = 1.0 / (255 * std)
     total = differing = 0
     for a, b in zip(mine["pixel_values"], theirs["pixel_values"]):
         b = torch.as_tensor(np.asarray(b))
@@ -182,7 +181,8 @@ def test_preprocess_matches_transformers_pil_backend(case):
         assert diff.max().item() <= level * 1.0001 + 1e-5, diff.max().item()
         total += diff.numel()
         differing += int((diff > 1e-4).sum())
-    assert differing / total < 0.25, differing / total  # most pixels agree exactly; the rest by one level
+    # noise images, the worst case for resampling: 0.07% to 7% of values differ here, each by one level
+    assert differing / total < 0.10, differing / total
 
 
 def test_preprocess_identical_when_no_resize_is_needed():
@@ -204,6 +204,10 @@ def test_preprocess_input_forms_agree():
     chw = torch.from_numpy(img).permute(2, 0, 1)
     for form in (torch.from_numpy(img), chw, [chw], chw[None], [img]):
         assert torch.equal(proc(images=form, return_tensors="pt")["pixel_values"], ref)
+    # grayscale with do_convert_rgb: the channel is repeated
+    gray = chw[:1]
+    rgb = proc(images=gray, do_convert_rgb=True, return_tensors="pt")["pixel_values"]
+    assert torch.equal(rgb, proc(images=gray.expand(3, -1, -1), return_tensors="pt")["pixel_values"])
     # float input in [0, 255] is resized without rounding: close to, not equal to, the uint8 path
     flt = proc(images=chw.float(), return_tensors="pt")["pixel_values"]
     assert (flt - ref).abs().max().item() < 0.02

@@ -243,7 +243,7 @@ def _to_rgb(image: torch.Tensor, index: int) -> torch.Tensor:
             return image[:3] * image[3:] + (1 - image[3:])
         if image.dtype != torch.uint8:
             raise ValueError(f"images[{index}]: RGBA conversion takes uint8 or float images, got {image.dtype}")
-        rgba = image.float() / 255
+        rgba = image.float().mul_(1.0 / 255)  # torchvision's uint8 -> float conversion
         rgb = rgba[:3] * rgba[3:] + (1 - rgba[3:])
         return rgb.mul(255.999).to(torch.uint8)  # torchvision's float -> uint8 conversion (truncating)
     return image
