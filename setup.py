@@ -79,7 +79,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "video": ["av", "pycocotools", "tqdm"],
-        "test": ["pytest", "transformers>=5.3", "scipy", "av", "pycocotools", "tqdm"],
+        "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm"],
         "ray": ["ray"],
     },
     ext_modules=ext_modules,
