@@ -7,12 +7,15 @@ Change one import::
 
 from . import ops
 from .configuration import PRESETS, EomtConfig, VideomtConfig, config_from_preset
+from .eomt_processing import EomtImageProcessor
 from .modeling import (
     EomtForUniversalSegmentation,
     EomtForUniversalSegmentationOutput,
     VideomtForUniversalSegmentation,
     VideomtForUniversalSegmentationOutput,
 )
+from .processing import VideomtVideoProcessor
+from .session import VideomtSession
 
 __version__ = "0.1.0"
 
@@ -55,6 +58,9 @@ __all__ = [
     "VideomtForUniversalSegmentationOutput",
     "EomtForUniversalSegmentation",
     "EomtForUniversalSegmentationOutput",
+    "VideomtVideoProcessor",
+    "EomtImageProcessor",
+    "VideomtSession",
     "PRESETS",
     "config_from_preset",
     "backend_report",
