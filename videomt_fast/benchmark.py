@@ -218,14 +218,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.peers is None:
         args.peers = [] if args.tiny else (list(PEERS) if cuda else ["mask2former-swin-t"])
     args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    args.frames = args.frames or (64 if cuda else 4)
-    args.online_frames = args.online_frames or (16 if cuda else 4)
-    args.e2e_frames = args.e2e_frames or (8 if cuda else 2)
-    args.e2e_size = args.e2e_size or ((720, 1280) if cuda else (180, 320))
-    if args.threshold is None:
-        args.threshold = 0.5 if args.checkpoint else 0.0
-    args.warmup = 5 if args.warmup is None and cuda else (1 if args.warmup is None else args.warmup)
-    args.repeats = args.repeats or (30 if cuda else 3)
+    defaults = dict(frames=(64, 4), online_frames=(16, 4), e2e_frames=(8, 2), e2e_size=((720, 1280), (180, 320)),
+                    warmup=(5, 1), repeats=(30, 3), threshold=(0.5 if args.checkpoint else 0.0,) * 2)
+    for name, (on_cuda, on_cpu) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, on_cuda if cuda else on_cpu)
     args.compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
     args.peak_tflops = args.peak_tflops if args.peak_tflops is not None else detect_peak_tflops(device)
     for name in ("frames", "online_frames", "e2e_frames", "repeats", "num_inputs", "agree_frames"):

@@ -80,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.arch = "vit-s"
     args.size = args.size or ((32, 32) if args.tiny else (640, 640) if cuda else (224, 224))
     args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    args.frames = args.frames or (100 if cuda else 6)
+    args.frames = args.frames if args.frames is not None else (100 if cuda else 6)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     args.target_size = args.target_size or ((720, 1280) if cuda else ((48, 64) if args.tiny else (180, 320)))
     if args.threshold is None:

@@ -1,0 +1,211 @@
+"""The benchmark and the profiler: FLOP model, arguments, tiny CPU runs end to end, atomic results."""
+
+import glob
+import json
+import math
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from videomt_fast import benchmark, config_from_preset, profiler  # noqa: E402
+from videomt_fast.configuration import VideomtConfig  # noqa: E402
+
+TINY_RUN = ["--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--num-inputs", "2",
+            "--frames", "3", "--online-frames", "3", "--e2e-frames", "2", "--agree-frames", "3"]
+
+
+# ------------------------------------------------------------------ FLOP model
+
+
+def test_layer_flops_is_design_formula():
+    for n, d in [(1605, 1024), (201, 384), (1805, 768), (7, 64)]:
+        assert benchmark.layer_flops(n, d) == 24 * n * d * d + 4 * n * n * d
+
+
+def test_frame_flops_by_hand_vit_s_224():
+    c = config_from_preset("vit-s", num_labels=40, image_size=224)
+    f = benchmark.frame_flops(c, 224, 224)
+    d, p, n, q = 384, 14 * 14, 1 + 4 + 14 * 14, 200
+    assert f["patch_embed"] == 2 * p * d * 3 * 16 * 16
+    assert f["early_layers"] == 8 * (24 * n * d**2 + 4 * n**2 * d)
+    assert f["query_layers"] == 4 * (24 * (n + q) * d**2 + 4 * (n + q) ** 2 * d)
+    assert f["query_update"] == 2 * q * d * d
+    assert f["head"] == 2 * q * (3 * d * d + d * 41)
+    # two upscale blocks: 28x28 then 56x56 output pixels, transposed conv d*d + depthwise 9*d per pixel
+    assert f["upscale"] == 2 * (28 * 28 + 56 * 56) * (d * d + 9 * d)
+    assert f["mask_einsum"] == 2 * q * d * 56 * 56
+    assert f["total"] == sum(v for k, v in f.items() if k != "total")
+    assert benchmark.frame_flops(c, 224, 224, first_frame=True)["total"] == f["total"] - 2 * q * d * d
+
+
+@pytest.mark.parametrize("arch,design_tflop", [("vit-s", 0.13), ("vit-b", 0.41), ("vit-l", 1.28)])
+def test_frame_flops_matches_design_table(arch, design_tflop):
+    total = benchmark.frame_flops(config_from_preset(arch, num_labels=40), 640, 640)["total"] / 1e12
+    assert abs(total - design_tflop) / design_tflop < 0.07, total
+
+
+def test_frame_flops_non_square_and_swiglu():
+    c = config_from_preset("vit-b", num_labels=40)
+    f = benchmark.frame_flops(c, 448, 800)
+    n = 5 + 28 * 50
+    assert f["early_layers"] == 8 * benchmark.layer_flops(n, 768)
+    s = VideomtConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_blocks=1,
+                      use_swiglu_ffn=True, image_size=32)
+    m = s.mlp_hidden_size
+    assert benchmark.layer_flops(10, 64, m, swiglu=True) == 2 * 10 * (4 * 64 * 64 + 3 * 64 * m) + 4 * 100 * 64
+
+
+def test_mfu():
+    assert benchmark.mfu(1e12, 100.0, 1000.0) == pytest.approx(0.1)
+    assert benchmark.mfu(1e12, 100.0, None) is None
+    assert benchmark.mfu(1e12, None, 790.0) is None
+    assert benchmark.detect_peak_tflops(torch.device("cpu")) is None
+
+
+def test_percentile_and_agreement():
+    assert benchmark.percentile([4.0, 1.0, 3.0, 2.0], 50) == 2.5
+    assert benchmark.percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
+    ref = benchmark.Outputs(masks=torch.tensor([[[[1.0, -1.0], [2.0, -2.0]]]]), classes=torch.tensor([[[0.1, 0.9], [0.8, 0.2]]]))
+    out = benchmark.Outputs(masks=torch.tensor([[[[1.0, 1.0], [2.0, -2.0]]]]), classes=torch.tensor([[[0.1, 0.9], [0.1, 0.2]]]))
+    a = benchmark.agreement(out, ref)
+    assert a["mask_sign"] == 0.75 and a["class_argmax"] == 0.5
+    assert a["mask_max_abs_err"] == 2.0 and a["class_max_abs_err"] == pytest.approx(0.7)
+    assert benchmark.agreement(ref, ref)["mask_sign"] == 1.0
+
+
+# ------------------------------------------------------------------ arguments
+
+
+def test_parse_defaults_on_cpu():
+    args = benchmark.parse_args(["--device", "cpu"])
+    assert args.arch == "vit-s" and args.sizes == [(224, 224)] and args.modes == list(benchmark.MODES)
+    assert "hf-compile" not in args.providers and set(args.providers) == set(benchmark.PROVIDERS) - {"hf-compile"}
+    assert args.peers == ["mask2former-swin-t"]
+    assert args.dtype == torch.float32 and args.peak_tflops is None and args.threshold == 0.0
+    assert args.compile_mode == "default"
+
+
+def test_parse_explicit():
+    args = benchmark.parse_args(["--device", "cpu", "--arch", "vit-l", "--size", "640x640", "--size", "448X800",
+                                 "--mode", "online", "--providers", "hf-compile,fast", "--peers", "none",
+                                 "--peak-tflops", "790", "--dtype", "bfloat16", "--frames", "5"])
+    assert args.sizes == [(640, 640), (448, 800)] and args.modes == ["online"]
+    assert args.providers == ["hf-compile", "fast"] and args.peers == []
+    assert args.peak_tflops == 790.0 and args.dtype == torch.bfloat16 and args.frames == 5
+
+
+@pytest.mark.parametrize("bad", [
+    ["--size", "640"], ["--size", "0x640"], ["--providers", "hf-eager-fp32,nope"], ["--mode", "batch"],
+    ["--arch", "vit-s", "--checkpoint", "x"], ["--repeats", "0"], ["--peers", "sam"],
+])
+def test_parse_rejects(bad, capsys):
+    with pytest.raises(SystemExit) as exc:
+        benchmark.parse_args(["--device", "cpu"] + bad)
+    assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------ tiny CPU runs
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    rc = benchmark.main(TINY_RUN + ["--size", "32x32", "--size", "32x48", "--out-dir", str(out),
+                                    "--providers", "hf-eager-fp32,hf-sdpa-bf16,fast-ref,fast", "--peers", "none"])
+    assert rc == 0
+    files = os.listdir(out)
+    assert len(files) == 1 and files[0].startswith("tiny_online+offline+e2e_cpu_") and files[0].endswith(".json"), files
+    with open(out / files[0], encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def _rows(report, provider, size="32x32"):
+    return {r["mode"]: r for r in report["rows"] if r["provider"] == provider and r["size"] == size}
+
+
+def test_tiny_report_keys(tiny_report):
+    for key in ("environment", "config", "dtype", "modes", "sizes", "settings", "rows", "flop_model_gflop_per_frame",
+                "notes", "created_utc", "peak_tflops"):
+        assert key in tiny_report, key
+    env = tiny_report["environment"]
+    for key in ("device_name", "driver", "torch", "triton", "transformers", "cpu"):
+        assert key in env, key
+    assert env["device_type"] == "cpu" and env["device_name"].startswith("CPU")
+    assert tiny_report["config"]["hidden_size"] == benchmark.TINY_CONFIG["hidden_size"]
+    assert tiny_report["peak_tflops"] is None
+
+
+def test_tiny_rows_and_agreement(tiny_report):
+    for provider in ("hf-eager-fp32", "hf-sdpa-bf16", "fast-ref", "fast"):
+        rows = _rows(tiny_report, provider)
+        assert set(rows) == set(benchmark.MODES), (provider, rows)
+        for mode, row in rows.items():
+            assert row["status"] == "ok", row
+            assert row["fps"] > 0 and math.isfinite(row["fps"])
+            assert 0 < row["latency_ms_p50"] <= row["latency_ms_p90"]
+            assert row["mfu"] is None and row["gflop_per_frame"] > 0
+            assert row["speedup"]["hf-eager-fp32"] == pytest.approx(row["fps"] / _rows(tiny_report, "hf-eager-fp32")[mode]["fps"])
+            assert row["peak_mem_kind"] == "cpu_peak_rss_increase"
+    for mode, row in _rows(tiny_report, "fast-ref").items():
+        agree = row["agreement"]
+        assert agree["reference"] == "hf-eager-fp32"
+        assert agree["mask_sign"] == 1.0 and agree["class_argmax"] == 1.0, (mode, agree)
+        assert agree["mask_max_abs_err"] < 1e-4 and agree["frames_compared"] == (2 if mode == "end-to-end" else 3)
+        if mode == "end-to-end":
+            assert agree["instance_map"] == 1.0
+    assert _rows(tiny_report, "hf-eager-fp32")["online"]["frames_per_call"] == 1
+    assert _rows(tiny_report, "fast")["offline"]["frames_per_call"] == 3
+
+
+def test_tiny_non_square_size_skips_transformers(tiny_report):
+    hf = _rows(tiny_report, "hf-eager-fp32", "32x48")
+    assert all(r["status"] == "skipped" and "square" in r["reason"] for r in hf.values())
+    fast = _rows(tiny_report, "fast-ref", "32x48")
+    assert all(r["status"] == "ok" and "agreement" not in r and r["speedup"] == {} for r in fast.values())
+
+
+def test_stateless_transformers_online_does_not_carry_queries(tmp_path):
+    """With --hf-online stateless the reference forgets the queries each frame, so the session that carries
+    them (fast-ref) disagrees after frame 0; with the default (carry) they agree exactly (tiny_report)."""
+    rc = benchmark.main(TINY_RUN + ["--mode", "online", "--providers", "hf-eager-fp32,fast-ref", "--hf-online",
+                                    "stateless", "--out-dir", str(tmp_path), "--peers", "none"])
+    assert rc == 0
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    with open(path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    assert report["settings"]["hf_online"] == "stateless"
+    agree = _rows(report, "fast-ref")["online"]["agreement"]
+    assert agree["mask_max_abs_err"] > 1e-3 and agree["mask_sign"] < 1.0
+
+
+def test_write_json_atomic_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "r.json"
+    benchmark.write_json_atomic(str(path), {"a": 1})
+    circular = {}
+    circular["self"] = circular
+    with pytest.raises(ValueError):
+        benchmark.write_json_atomic(str(path), circular)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_profiler_tiny(tmp_path, capsys):
+    trace, out = tmp_path / "trace.json", tmp_path / "profile.json"
+    rc = profiler.main(["--tiny", "--device", "cpu", "--frames", "2", "--warmup", "0", "--trace-frames", "1",
+                        "--trace", str(trace), "--json", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert list(report["stages"]) == list(profiler.STAGES)
+    for stage in report["stages"].values():
+        assert stage["median_ms"] > 0
+    assert sum(s["percent"] for s in report["stages"].values()) == pytest.approx(100.0)
+    assert report["session_step_ms_median"] > 0
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert set(profiler.STAGES) <= names, sorted(n for n in names if n)[:40]
+    assert sorted(os.listdir(tmp_path)) == ["profile.json", "trace.json"]
+    printed = capsys.readouterr().out
+    assert "early_layers" in printed and "%" in printed
