@@ -115,3 +115,36 @@ def test_compiles_through_ops_call():
     targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes if n.op == "call_function"}
     assert any("videomt_fast.residual_layer_norm" in t for t in targets), targets
     assert any("videomt_fast.layer_norm" in t for t in targets), targets
+
+
+def test_bench_kernels_cli(monkeypatch, tmp_path, capsys):
+    """The benchmark parses its arguments, lists its cases, refuses to time without a GPU, and its whole
+    measuring loop runs (here on CPU kernels in the interpreter, at toy sizes, with a one-shot timer)."""
+    import json
+
+    import triton.testing
+
+    from bench import bench_kernels as bench
+
+    args = bench.parse_args(["--ops", "attention,layer_norm", "--models", "s,B", "--seq", "1605,1805"])
+    assert args.ops == ["attention", "layer_norm"] and args.models == ["S", "B"] and args.seq == [1605, 1805]
+    assert [c["queries"] for c in bench.cases(args)][:2] == [0, 200]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--ops", "softmax"])
+    assert bench.main(["--list", "--models", "L"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == len(bench.OPS) * 2
+    if not torch.cuda.is_available():
+        assert bench.main(["--ops", "layer_norm"]) == 2
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "MODELS", {"T": (32, 2)})
+    monkeypatch.setattr(bench, "environment", lambda: {"device": "cpu (interpreter)"})
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: (fn(), [1.0, 0.9, 1.1])[1])
+    args = bench.parse_args(["--models", "T", "--seq", "26,221", "--dtype", "fp32"])
+    with ops.use_backend("triton"):
+        result = bench.run(args)
+    path = bench.write(result, str(tmp_path / "out.json"))
+    rows = json.load(open(path))["rows"]
+    assert {r["op"] for r in rows} == set(bench.OPS)
+    for row in rows:
+        assert row["rel_err"] < 1e-5, row
