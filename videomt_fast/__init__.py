@@ -5,7 +5,7 @@ Change one import::
     from videomt_fast import VideomtForUniversalSegmentation  # was: from transformers import ...
 """
 
-from . import ops
+from . import ops, postprocess  # postprocess declares the post-processing ops
 from .configuration import PRESETS, EomtConfig, VideomtConfig, config_from_preset
 from .eomt_processing import EomtImageProcessor
 from .modeling import (
@@ -16,6 +16,7 @@ from .modeling import (
 )
 from .processing import VideomtVideoProcessor
 from .session import VideomtSession
+from .tracks import VideoInstance, VideoInstanceAccumulator
 
 __version__ = "0.1.0"
 
@@ -61,6 +62,8 @@ __all__ = [
     "VideomtVideoProcessor",
     "EomtImageProcessor",
     "VideomtSession",
+    "VideoInstance",
+    "VideoInstanceAccumulator",
     "PRESETS",
     "config_from_preset",
     "backend_report",
