@@ -115,11 +115,15 @@ def _providers(case: dict, dtype: torch.dtype) -> tuple[dict[str, Callable], Cal
         if queries:
             bits = reference.pack_mask_bits(torch.rand(batch, queries, patches, device=dev) > 0.7)
         provs = {"triton": lambda: attention.attention(qkv, heads, bits, queries, seq - patches)}
-        if bits is None:
+        if bits is None and dtype != torch.float32:
+
             def flash():
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     return reference.attention_ref(qkv, heads)
+
             provs["sdpa_flash"] = flash
+        elif bits is None:  # flash takes no fp32: SDPA picks its own backend
+            provs["sdpa"] = lambda: reference.attention_ref(qkv, heads)
         else:
             provs["sdpa_masked"] = lambda: reference.attention_ref(qkv, heads, bits, queries, seq - patches)
         truth = lambda: reference.attention_ref(qkv.double(), heads, bits, queries, seq - patches)  # noqa: E731
@@ -243,7 +247,7 @@ def run(args: argparse.Namespace) -> dict:
             if "flop" in case:
                 row["tflops"] = case["flop"] / (ms * 1e-3) / 1e12
             rows.append(row)
-        base = next((timings[k] for k in ("torch", "sdpa_flash", "sdpa_masked") if k in timings), None)
+        base = next((timings[k] for k in ("torch", "sdpa_flash", "sdpa", "sdpa_masked") if k in timings), None)
         for row in rows[-len(provs) :]:
             row["speedup_vs_torch"] = base / row["ms"] if base else None
             print(

@@ -44,7 +44,7 @@ def _check(qkv, heads, bits=None, queries=0, prefix=0, what=""):
 @pytest.mark.parametrize("dtype", list(LOWP), ids=list(LOWP))
 @pytest.mark.parametrize(
     "batch,grid,heads,head_dim",
-    [(1, (3, 5), 2, 32), (3, (3, 5), 1, 64), (1, (5, 3), 4, 16), (3, (2, 7), 2, 48), (1, (4, 5), 1, 128)],
+    [(1, (3, 5), 2, 32), (3, (3, 5), 1, 64), (1, (5, 3), 4, 16), (3, (2, 7), 2, 48), (1, (3, 5), 1, 96), (1, (4, 5), 1, 128)],
 )
 def test_unmasked(device, dtype, batch, grid, heads, head_dim):
     seq = PREFIX + grid[0] * grid[1]

@@ -126,3 +126,19 @@ def test_guard_reasons():
         }.items():
             backend, _, why = ops.choose("linear_residual", *args)
             assert backend == "reference" and needle in why, (needle, why)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("dim", [384, 768, 1024])
+def test_real_vit_shapes_on_gpu(impl, dtype, dim):
+    """fc1 / fc2 of ViT-S/B/L on 1805 tokens: full tiles, many K steps."""
+    x, weight, bias, _, _ = _inputs((1, 1805), dim, 4 * dim, DTYPES[dtype], "cuda")
+    out = torch.ops.videomt_fast.linear_gelu(x, weight, bias, impl == "triton")
+    truth = reference.linear_gelu_ref(x.double(), weight.double(), bias.double())
+    assert_close(out, truth, reference.linear_gelu_ref(x, weight, bias), what="fc1")
+    h, weight2, bias2, scale, residual = _inputs((1, 1805), 4 * dim, dim, DTYPES[dtype], "cuda")
+    out = torch.ops.videomt_fast.linear_residual(h, weight2, bias2, scale, residual, impl == "triton")
+    truth = reference.linear_residual_ref(*(t.double() for t in (h, weight2, bias2, scale, residual)))
+    assert_close(out, truth, reference.linear_residual_ref(h, weight2, bias2, scale, residual), what="fc2")
