@@ -297,27 +297,8 @@ def _logits(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return cls, masks
 
 
-def _target_sizes(target_sizes: Any, count: int, what: str = "images") -> list[tuple[int, int]]:
-    if target_sizes is None:
-        raise ValueError(f"target_sizes is required: one (height, width) per image ({count} {what})")
-    if isinstance(target_sizes, torch.Tensor):
-        if target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
-            raise ValueError(f"target_sizes as a tensor must have shape (images, 2), got {tuple(target_sizes.shape)}")
-        target_sizes = target_sizes.tolist()
-    sizes = []
-    for i, size in enumerate(target_sizes):
-        if isinstance(size, torch.Tensor):
-            size = size.tolist()
-        try:
-            h, w = (int(v) for v in size)
-        except (TypeError, ValueError):
-            raise ValueError(f"target_sizes[{i}] must be a (height, width) pair, got {size!r}") from None
-        if h <= 0 or w <= 0:
-            raise ValueError(f"target_sizes[{i}] must be positive, got {(h, w)}")
-        sizes.append((h, w))
-    if len(sizes) != count:
-        raise ValueError(f"len(target_sizes) must be {count} (one per image in the outputs), got {len(sizes)}")
-    return sizes
+def _target_sizes(target_sizes: Any, count: int) -> list[tuple[int, int]]:
+    return _pp.normalize_target_sizes(target_sizes, count, what="image")
 
 
 def _patch_offsets(patch_offsets: Any, num_windows: int, num_images: int) -> list[tuple[int, int, int]] | None:

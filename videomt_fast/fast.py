@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput, check_frames
+from .modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput
+from .session import check_step_frames
 
 
 @dataclass
@@ -37,6 +38,10 @@ def optimize(model, dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: boo
         model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
     if check_finite is not None:
         model.check_finite = bool(check_finite)
+    if model.device.type == "cuda":
+        from . import ops
+
+        ops.preload_backends()  # import the kernels now, outside any traced or captured region
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs)
     return model.eval()
 
@@ -117,22 +122,10 @@ class GraphedSession:
 
     @torch.no_grad()
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
-        model = self.model
-        check_frames(frames, "frames", 4, model.config, "(batch_size, channels, height, width)", model.check_finite)
-        if frames.shape[0] != self.batch_size:
-            raise ValueError(
-                f"frames has batch size {frames.shape[0]}; this session was started with batch_size={self.batch_size}"
-            )
-        size = (int(frames.shape[-2]), int(frames.shape[-1]))
-        if self.frame_size is None or (self.frame_index == 0 and size != self.frame_size):
+        # a reset session may change frame size: the static buffers and graphs are then rebuilt
+        size = check_step_frames(self.model, frames, self.batch_size, self.frame_size if self.frame_index else None)
+        if size != self.frame_size:
             self._allocate(size)
-        elif size != self.frame_size:
-            raise ValueError(
-                f"frames are {size[0]}x{size[1]}; this session's video is {self.frame_size[0]}x{self.frame_size[1]} "
-                "(call reset() to start a new video)"
-            )
-        if frames.device != model.device:
-            raise ValueError(f"frames are on {frames.device}; the model is on {model.device}")
         first = self.frame_index == 0
         self._static["frames"].copy_(frames)
         if self.use_graphs:

@@ -233,6 +233,19 @@ def backend_report(device: str | torch.device = "cpu") -> dict[str, dict[str, An
     return report
 
 
+def preload_backends() -> dict[str, str]:
+    """Import every enabled fast-backend module now (returns their import errors).
+
+    Backends load lazily on first use; call this before ``torch.compile(..., fullgraph=True)`` so that
+    the first traced call does not have to import anything.
+    """
+    disabled = _disabled()
+    for backend in BACKENDS:
+        if backend not in disabled:
+            _load_backend(backend)
+    return load_errors()
+
+
 def load_errors() -> dict[str, str]:
     """Import errors of the fast-backend modules tried so far (module -> error)."""
     return {module: err for module, err in _loaded_modules.items() if err is not None}

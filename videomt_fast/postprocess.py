@@ -73,13 +73,13 @@ def _blocks(needed: torch.Tensor, block: int) -> list[tuple[int, int]]:
 # --------------------------------------------------------------------------------------------
 
 
-def normalize_target_sizes(target_sizes, num_frames: int) -> list[tuple[int, int]]:
-    """``target_sizes`` as a list of ``(height, width)`` python ints, one per frame, validated."""
+def normalize_target_sizes(target_sizes, num_frames: int, what: str = "frame") -> list[tuple[int, int]]:
+    """``target_sizes`` as a list of ``(height, width)`` python ints, one per ``what``, validated."""
     if target_sizes is None:
-        raise ValueError(f"target_sizes is required: one (height, width) per frame ({num_frames} frames)")
+        raise ValueError(f"target_sizes is required: one (height, width) per {what} ({num_frames} {what}s)")
     if isinstance(target_sizes, torch.Tensor):
         if target_sizes.ndim != 2 or target_sizes.shape[1] != 2:
-            raise ValueError(f"target_sizes as a tensor must have shape (frames, 2), got {tuple(target_sizes.shape)}")
+            raise ValueError(f"target_sizes as a tensor must have shape ({what}s, 2), got {tuple(target_sizes.shape)}")
         target_sizes = target_sizes.tolist()
     sizes = []
     for i, size in enumerate(target_sizes):
@@ -94,7 +94,7 @@ def normalize_target_sizes(target_sizes, num_frames: int) -> list[tuple[int, int
         sizes.append((h, w))
     if len(sizes) != num_frames:
         raise ValueError(
-            f"len(target_sizes) must equal the number of frames in the outputs ({num_frames}), got {len(sizes)}"
+            f"len(target_sizes) must equal the number of {what}s in the outputs ({num_frames}), got {len(sizes)}"
         )
     return sizes
 

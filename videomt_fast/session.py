@@ -7,6 +7,31 @@ import torch
 from .modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput, check_frames
 
 
+def check_step_frames(
+    model: VideomtForUniversalSegmentation,
+    frames: torch.Tensor,
+    batch_size: int,
+    frame_size: tuple[int, int] | None,
+) -> tuple[int, int]:
+    """Validate the next frame of a session; return its ``(height, width)``.
+
+    ``frame_size`` is the session's video size (None before its first frame): a frame of another
+    size is an error until the session is reset.
+    """
+    check_frames(frames, "frames", 4, model.config, "(batch_size, channels, height, width)", model.check_finite)
+    if frames.shape[0] != batch_size:
+        raise ValueError(f"frames has batch size {frames.shape[0]}; this session was started with batch_size={batch_size}")
+    size = (int(frames.shape[-2]), int(frames.shape[-1]))
+    if frame_size is not None and size != frame_size:
+        raise ValueError(
+            f"frames are {size[0]}x{size[1]}; this session's video is {frame_size[0]}x{frame_size[1]} "
+            "(call reset() to start a new video)"
+        )
+    if frames.device != model.device:
+        raise ValueError(f"frames are on {frames.device}; the model is on {model.device}")
+    return size
+
+
 class VideomtSession:
     """One video stream (or ``batch_size`` streams in lockstep) through a VidEoMT model.
 
@@ -40,17 +65,7 @@ class VideomtSession:
     @torch.no_grad()
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
         model = self.model
-        check_frames(frames, "frames", 4, model.config, "(batch_size, channels, height, width)", model.check_finite)
-        if frames.shape[0] != self.batch_size:
-            raise ValueError(
-                f"frames has batch size {frames.shape[0]}; this session was started with batch_size={self.batch_size}"
-            )
-        size = (int(frames.shape[-2]), int(frames.shape[-1]))
-        if self.frame_size is not None and size != self.frame_size:
-            raise ValueError(
-                f"frames are {size[0]}x{size[1]}; this session's video is {self.frame_size[0]}x{self.frame_size[1]} "
-                "(call reset() to start a new video)"
-            )
+        size = check_step_frames(model, frames, self.batch_size, self.frame_size)
         hidden = model.encode_frames(frames)
         masks, classes, sequence, queries = model.query_step(hidden, self._queries, model.grid_for(*size))
         self._queries = queries
