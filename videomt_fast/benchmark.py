@@ -194,6 +194,10 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
                    help="peak TFLOP/s for MFU (default: 790 on H100/H200, by device name; none on CPU)")
     p.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where the JSON goes")
     p.add_argument("--no-save", action="store_true", help="print the table only")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="build every provider first and alternate them repeat by repeat, so a noisy machine "
+                        "slows all alike (default on CPU; off on CUDA, where each provider's peak memory is "
+                        "measured alone)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
@@ -213,6 +217,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.arch = "tiny"
     args.sizes = args.size or ([(32, 32)] if args.tiny else [(640, 640), (448, 800)] if cuda else [(224, 224)])
     args.modes = list(dict.fromkeys(args.mode or MODES))
+    if args.interleave is None:
+        args.interleave = not cuda
     if args.providers is None:
         args.providers = [p for p in PROVIDERS if cuda or p != "hf-compile"]
     if args.peers is None:
@@ -551,7 +557,8 @@ class Bench:
         notes = []
         step = _hf_online_step(model)
         forward = model
-        if name == "hf-compile":
+        compiled = name == "hf-compile"
+        if compiled:
             forward = torch.compile(model, mode=self.args.compile_mode)
             step = torch.compile(step, mode=self.args.compile_mode)
             notes.append(f"torch.compile(mode={self.args.compile_mode!r}) of the sdpa model; compile time is in warmup_s")
@@ -565,7 +572,9 @@ class Bench:
                 state = {"prev": None}
 
                 def call(frame):
-                    masks, classes, state["prev"] = step(frame.to(dtype), state["prev"])
+                    masks, classes, prev = step(frame.to(dtype), state["prev"])
+                    # a compiled step may replay CUDA graphs that reuse their output buffers: keep a copy
+                    state["prev"] = prev.clone() if compiled else prev
                     return masks, classes
 
                 return call
@@ -614,6 +623,7 @@ class Bench:
                 model = model.to(dtype)
                 backend = "videomt_fast auto dispatch"
                 notes.append("model.optimize() not available in this build: dtype cast + auto dispatch only")
+            notes.append(f"online session: {type(model.new_session(batch_size=1)).__name__}")
             report = ops.backend_report(self.device)
             fast_ops = sorted(k for k, v in report.items() if v["backend"] != "reference")
             notes.append(f"ops on fast backends: {', '.join(fast_ops) if fast_ops else 'none'}")
@@ -730,10 +740,15 @@ class Bench:
         """transformers' pre-processing when its processor imports (torchvision), else videomt_fast's
         (the same resize and normalization; see videomt_fast.processing)."""
         pp, how = self.hf_postprocessor()
-        if how == "transformers.VideomtVideoProcessor":
-            batch = pp(videos=[frames_uint8], size={"height": size[0], "width": size[1]},
-                       return_tensors="pt", device=str(self.device))
-            return batch["pixel_values_videos"].to(self.device)
+        if how == "transformers.VideomtVideoProcessor" and not getattr(self, "_hf_pre_failed", False):
+            try:
+                batch = pp(videos=[frames_uint8], size={"height": size[0], "width": size[1]},
+                           return_tensors="pt", device=str(self.device))
+                return batch["pixel_values_videos"].to(self.device)
+            except Exception as exc:  # noqa: BLE001 - fall back to ours, and say so in the notes
+                self._hf_pre_failed = True
+                self.notes.append(f"transformers' pre-processing failed ({type(exc).__name__}: {exc}); "
+                                  "its end-to-end rows use videomt_fast's pre-processing")
         cls, _ = self.fast_processor_cls()
         return cls(size={"height": size[0], "width": size[1]})(frames_uint8[None], device=self.device).pixel_values_videos
 
@@ -761,105 +776,126 @@ def _uint8_inputs(args, frames: int, size: tuple[int, int], device_seed: int) ->
     return out
 
 
-def run_case(bench: Bench, runner: Runner, mode: str, size: tuple[int, int],
-             reference: Outputs | None) -> tuple[dict[str, Any], Outputs | None]:
-    args, device = bench.args, bench.device
-    run_size = runner.input_size or size
-    h, w = run_size
-    row: dict[str, Any] = {
-        "provider": runner.name, "kind": runner.kind, "mode": mode, "size": f"{size[0]}x{size[1]}",
-        "input_size": f"{h}x{w}", "batch": 1, "dtype": str(runner.dtype).replace("torch.", ""),
-        "backend": runner.backend, "notes": list(runner.notes),
-    }
-    agree_frames = args.agree_frames
-    if mode == "online":
-        if runner.new_online is None:
-            raise Skip("no online API")
-        frames = args.online_frames
-        clips = _inputs(args, (1, frames, 3, h, w), device, args.seed + 1)
+class Case:
+    """One (provider, mode, size) measurement, in steps so that cases can run one after another or
+    interleaved repeat by repeat: :meth:`warm` (warm-up + the untimed agreement call), :meth:`repeat`
+    (one timed repeat), :meth:`finish` (the row)."""
 
-        def one(clip, timer=None):
-            step = runner.new_online()
-            masks, classes = [], []
-            for t in range(frames):
+    def __init__(self, bench: Bench, runner: Runner, mode: str, size: tuple[int, int]):
+        args, device = bench.args, bench.device
+        self.bench, self.runner, self.mode, self.size = bench, runner, mode, size
+        self.input_hw = runner.input_size or size
+        h, w = self.input_hw
+        self.row: dict[str, Any] = {
+            "provider": runner.name, "kind": runner.kind, "mode": mode, "size": f"{size[0]}x{size[1]}",
+            "input_size": f"{h}x{w}", "batch": 1, "dtype": str(runner.dtype).replace("torch.", ""),
+            "backend": runner.backend, "notes": list(runner.notes),
+        }
+        agree_frames = args.agree_frames
+        if mode == "online":
+            if runner.new_online is None:
+                raise Skip("no online API")
+            frames = args.online_frames
+            self.clips = _inputs(args, (1, frames, 3, h, w), device, args.seed + 1)
+
+            def one(clip, timer=None):
+                step = runner.new_online()
+                masks, classes = [], []
+                for t in range(frames):
+                    with (timer() if timer is not None else contextlib.nullcontext()):
+                        m, c = step(clip[:, t])
+                    if len(masks) < agree_frames:  # copies (untimed): compiled or graphed steps reuse buffers
+                        masks.append(m.clone())
+                        classes.append(c.clone())
+                return torch.cat(masks), torch.cat(classes)
+
+            self.row.update(frames_per_call=1, latency_unit="frame", frames_per_repeat=frames)
+        elif mode == "offline":
+            if runner.offline is None:
+                raise Skip("no clip API (streaming model)")
+            frames = args.frames
+            self.clips = _inputs(args, (1, frames, 3, h, w), device, args.seed + 2)
+
+            def one(clip, timer=None):
                 with (timer() if timer is not None else contextlib.nullcontext()):
-                    m, c = step(clip[:, t])
-                if len(masks) < agree_frames:
-                    masks.append(m)
-                    classes.append(c)
-            return torch.cat(masks), torch.cat(classes)
+                    m, c = runner.offline(clip)
+                return m[:agree_frames], c[:agree_frames]
 
-        row.update(frames_per_call=1, latency_unit="frame", frames_per_repeat=frames)
-    elif mode == "offline":
-        if runner.offline is None:
-            raise Skip("no clip API (streaming model)")
-        frames = args.frames
-        clips = _inputs(args, (1, frames, 3, h, w), device, args.seed + 2)
+            self.row.update(frames_per_call=frames, latency_unit="clip", frames_per_repeat=frames)
+        else:
+            if runner.end_to_end is None:
+                raise Skip("no end-to-end path (peer)")
+            frames = args.e2e_frames
+            # decoded frames live on the host, as a decoder hands them over; the copy is part of the cost
+            self.clips = _uint8_inputs(args, frames, args.e2e_size, args.seed + 3)
 
-        def one(clip, timer=None):
-            with (timer() if timer is not None else contextlib.nullcontext()):
-                m, c = runner.offline(clip)
-            return m[:agree_frames], c[:agree_frames]
+            def one(clip, timer=None):
+                with (timer() if timer is not None else contextlib.nullcontext()):
+                    results, m, c = runner.end_to_end(clip)
+                    maps = torch.stack([r["segmentation"] for r in results])
+                return m[:agree_frames], c[:agree_frames], maps[:agree_frames]
 
-        row.update(frames_per_call=frames, latency_unit="clip", frames_per_repeat=frames)
-    else:
-        if runner.end_to_end is None:
-            raise Skip("no end-to-end path (peer)")
-        frames = args.e2e_frames
-        # decoded frames live on the host, as a decoder hands them over; the copy is part of the cost
-        clips = _uint8_inputs(args, frames, args.e2e_size, args.seed + 3)
+            self.row.update(frames_per_call=frames, latency_unit="clip", frames_per_repeat=frames,
+                            e2e_frame_size=f"{args.e2e_size[0]}x{args.e2e_size[1]}", threshold=args.threshold)
+        self.frames = frames
+        self.one = one
+        self.timer = Timer(device)
+        self.outputs: Outputs | None = None
 
-        def one(clip, timer=None):
-            with (timer() if timer is not None else contextlib.nullcontext()):
-                results, m, c = runner.end_to_end(clip)
-                maps = torch.stack([r["segmentation"] for r in results])
-            return m[:agree_frames], c[:agree_frames], maps[:agree_frames]
+    def _context(self):
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(self.runner.context())
+        return stack
 
-        row.update(frames_per_call=frames, latency_unit="clip", frames_per_repeat=frames,
-                   e2e_frame_size=f"{args.e2e_size[0]}x{args.e2e_size[1]}", threshold=args.threshold)
+    def warm(self) -> None:
+        args, device = self.bench.args, self.bench.device
+        with self._context():
+            started = time.perf_counter()
+            for i in range(args.warmup):
+                self.one(self.clips[i % len(self.clips)])
+            _sync(device)
+            self.row["warmup_s"] = round(time.perf_counter() - started, 4)
+            kept = self.one(self.clips[0])  # outputs for agreement (untimed)
+            self.outputs = _keep(kept[0], kept[1], args.agree_frames, kept[2] if len(kept) > 2 else None)
 
-    nvtx = device.type == "cuda"
-    with torch.inference_mode(), runner.context():
-        started = time.perf_counter()
-        for i in range(args.warmup):
-            one(clips[i % len(clips)])
-        _sync(device)
-        row["warmup_s"] = round(time.perf_counter() - started, 4)
-        kept = one(clips[0])  # outputs for agreement (untimed)
-        outputs = _keep(kept[0], kept[1], agree_frames, kept[2] if len(kept) > 2 else None)
-        del kept
-        timer = Timer(device)
-        for r in range(args.repeats):
+    def repeat(self, r: int) -> None:
+        nvtx = self.bench.device.type == "cuda"
+        with self._context():
             if nvtx:
-                torch.cuda.nvtx.range_push(f"{runner.name}/{mode}/{r}")
-            one(clips[(r + 1) % len(clips)], timer)
+                torch.cuda.nvtx.range_push(f"{self.runner.name}/{self.mode}/{r}")
+            self.one(self.clips[(r + 1) % len(self.clips)], self.timer)
             if nvtx:
                 torch.cuda.nvtx.range_pop()
-        times = timer.milliseconds()
-    if mode == "online":
-        # per-frame latencies; FPS from each repeat's whole sequence
-        seq = [sum(times[i * frames:(i + 1) * frames]) for i in range(args.repeats)]
-        fps_values = [frames * 1e3 / s for s in seq]
-    else:
-        fps_values = [frames * 1e3 / t for t in times]
-    fps = percentile(fps_values, 50)
-    row.update(
-        repeats=args.repeats, warmup=args.warmup,
-        fps=fps,
-        latency_ms_p50=percentile(times, 50), latency_ms_p90=percentile(times, 90),
-        latency_ms_min=min(times),
-        frame_ms_p50=1e3 / fps,
-    )
-    if runner.kind == "videomt":
-        flops = frame_flops(bench.model_config(size), h, w)["total"]
-        row["gflop_per_frame"] = flops / 1e9
-        row["achieved_tflops"] = flops * fps / 1e12
-        row["mfu"] = mfu(flops, fps, args.peak_tflops)
-        if reference is not None and runner.name != REFERENCE:
-            row["agreement"] = agreement(outputs, reference)
-        elif runner.name == REFERENCE:
-            row["agreement"] = {"reference": "itself"}
-    return row, outputs if runner.name == REFERENCE else None
+
+    def finish(self, reference: Outputs | None) -> dict[str, Any]:
+        args, row, frames = self.bench.args, self.row, self.frames
+        times = self.timer.milliseconds()
+        repeats = len(times) // (frames if self.mode == "online" else 1)
+        if self.mode == "online":
+            # per-frame latencies; FPS from each repeat's whole sequence
+            seq = [sum(times[i * frames:(i + 1) * frames]) for i in range(repeats)]
+            fps_values = [frames * 1e3 / t for t in seq]
+        else:
+            fps_values = [frames * 1e3 / t for t in times]
+        fps = percentile(fps_values, 50)
+        row.update(
+            repeats=repeats, warmup=args.warmup, fps=fps,
+            latency_ms_p50=percentile(times, 50), latency_ms_p90=percentile(times, 90), latency_ms_min=min(times),
+            frame_ms_p50=1e3 / fps,
+        )
+        if self.runner.kind == "videomt":
+            h, w = self.input_hw
+            flops = frame_flops(self.bench.model_config(self.size), h, w)["total"]
+            row["gflop_per_frame"] = flops / 1e9
+            row["achieved_tflops"] = flops * fps / 1e12
+            row["mfu"] = mfu(flops, fps, args.peak_tflops)
+            if self.runner.name == REFERENCE:
+                row["agreement"] = {"reference": "itself"}
+            elif reference is not None:
+                row["agreement"] = agreement(self.outputs, reference)
+        row["status"] = "ok"
+        return row
 
 
 def _load() -> list[float] | None:
@@ -876,48 +912,104 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     bench.load_start = _load()
     rows: list[dict[str, Any]] = []
     for size in args.sizes:
-        references: dict[str, Outputs] = {}
         names = list(args.providers)
-        if REFERENCE in names:  # the reference runs first so every other row can be compared with it
+        if REFERENCE in names:  # the reference goes first so every other row can be compared with it
             names.remove(REFERENCE)
             names.insert(0, REFERENCE)
         if any(n.startswith(("hf-", "fast")) for n in names):
             bench.hf_master(size)  # the shared CPU weight source exists before any provider's memory is probed
-        for name in names + list(args.peers):
-            memory = MemoryProbe(bench.device)
-            memory.start()
-            runner = None
-            try:
-                runner = bench.build(name, size)
-            except Skip as exc:
-                for mode in args.modes:
-                    rows.append(_skipped(name, mode, size, str(exc)))
-                continue
-            except Exception as exc:  # noqa: BLE001 - a provider that cannot be built is a row, not a crash
-                for mode in args.modes:
-                    rows.append(_skipped(name, mode, size, f"build failed: {type(exc).__name__}: {exc}", "error"))
-                continue
-            for mode in args.modes:
-                print(f"  {name:20s} {mode:10s} {size[0]}x{size[1]} ...", file=sys.stderr, flush=True)
-                memory.reset_peak()
-                try:
-                    row, ref = run_case(bench, runner, mode, size, references.get(mode))
-                    row["status"] = "ok"
-                    row["peak_mem_mb"] = memory.peak_mb()
-                    row["peak_mem_kind"] = memory.kind
-                    if ref is not None:
-                        references[mode] = ref
-                except Skip as exc:
-                    row = _skipped(name, mode, size, str(exc))
-                except Exception as exc:  # noqa: BLE001
-                    row = _skipped(name, mode, size, f"{type(exc).__name__}: {exc}", "error")
-                rows.append(row)
-            del runner
-            gc.collect()
-            if bench.device.type == "cuda":
-                torch.cuda.empty_cache()
+        names += list(args.peers)
+        if args.interleave:
+            rows += _run_interleaved(bench, names, size)
+        else:
+            rows += _run_sequential(bench, names, size)
     _add_speedups(rows)
     return _report(args, bench, rows)
+
+
+def _build_or_rows(bench: Bench, name: str, size: tuple[int, int]) -> tuple[Runner | None, list[dict[str, Any]]]:
+    try:
+        return bench.build(name, size), []
+    except Skip as exc:
+        return None, [_skipped(name, mode, size, str(exc)) for mode in bench.args.modes]
+    except Exception as exc:  # noqa: BLE001 - a provider that cannot be built is a row, not a crash
+        why = f"build failed: {type(exc).__name__}: {exc}"
+        return None, [_skipped(name, mode, size, why, "error") for mode in bench.args.modes]
+
+
+def _case_error(name: str, mode: str, size: tuple[int, int], exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, Skip):
+        return _skipped(name, mode, size, str(exc))
+    return _skipped(name, mode, size, f"{type(exc).__name__}: {exc}", "error")
+
+
+def _run_sequential(bench: Bench, names: list[str], size: tuple[int, int]) -> list[dict[str, Any]]:
+    """One provider at a time, built fresh and freed after its cases; peak memory per case."""
+    rows: list[dict[str, Any]] = []
+    references: dict[str, Outputs] = {}
+    for name in names:
+        memory = MemoryProbe(bench.device)
+        memory.start()
+        runner, skipped = _build_or_rows(bench, name, size)
+        rows += skipped
+        if runner is None:
+            continue
+        for mode in bench.args.modes:
+            print(f"  {name:20s} {mode:10s} {size[0]}x{size[1]} ...", file=sys.stderr, flush=True)
+            memory.reset_peak()
+            try:
+                case = Case(bench, runner, mode, size)
+                case.warm()
+                for r in range(bench.args.repeats):
+                    case.repeat(r)
+                row = case.finish(references.get(mode))
+                row["peak_mem_mb"], row["peak_mem_kind"] = memory.peak_mb(), memory.kind
+                if name == REFERENCE:
+                    references[mode] = case.outputs
+            except Exception as exc:  # noqa: BLE001 - a failing case is a row, not a crash
+                row = _case_error(name, mode, size, exc)
+            rows.append(row)
+            case = None
+        del runner
+        gc.collect()
+        if bench.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _run_interleaved(bench: Bench, names: list[str], size: tuple[int, int]) -> list[dict[str, Any]]:
+    """Every provider built at once, then repeat r of every case before repeat r+1 of any: on a shared
+    or throttling machine, slow spells hit all providers alike. Peak memory is not measured here."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    cases: list[Case] = []
+    for name in names:
+        runner, skipped = _build_or_rows(bench, name, size)
+        for row in skipped:
+            rows[(name, row["mode"])] = row
+        if runner is None:
+            continue
+        for mode in bench.args.modes:
+            print(f"  {name:20s} {mode:10s} {size[0]}x{size[1]} warm-up ...", file=sys.stderr, flush=True)
+            try:
+                case = Case(bench, runner, mode, size)
+                case.warm()
+                cases.append(case)
+            except Exception as exc:  # noqa: BLE001
+                rows[(name, mode)] = _case_error(name, mode, size, exc)
+    for r in range(bench.args.repeats):
+        print(f"  repeat {r + 1}/{bench.args.repeats} of {len(cases)} cases ...", file=sys.stderr, flush=True)
+        for case in list(cases):
+            try:
+                case.repeat(r)
+            except Exception as exc:  # noqa: BLE001
+                rows[(case.runner.name, case.mode)] = _case_error(case.runner.name, case.mode, size, exc)
+                cases.remove(case)
+    references = {c.mode: c.outputs for c in cases if c.runner.name == REFERENCE}
+    for case in cases:
+        row = case.finish(references.get(case.mode))
+        row["peak_mem_mb"], row["peak_mem_kind"] = None, "not measured (interleaved run)"
+        rows[(case.runner.name, case.mode)] = row
+    return [rows[(n, m)] for n in names for m in bench.args.modes if (n, m) in rows]
 
 
 def _skipped(name: str, mode: str, size: tuple[int, int], why: str, status: str = "skipped") -> dict[str, Any]:
@@ -1022,6 +1114,9 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
         "online: batch 1, one frame per call, queries carried; fps = frames / time of each repeat's sequence "
         "(median); latency percentiles are per frame"
     )
+    if args.interleave:
+        notes.append("interleaved: all providers built first, repeat r of every case before repeat r+1 of any "
+                     "(a shared machine's slow spells hit all alike); peak memory not measured")
     notes.append("offline and end-to-end: one clip per call; fps = clip frames / clip time (median); latency per clip")
     if "hf-eager-fp32" in args.providers or "hf-sdpa-bf16" in args.providers:
         notes.append(
@@ -1043,6 +1138,9 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
             if bench._hf_pp[1] != "transformers.VideomtVideoProcessor":
                 notes.append("transformers end-to-end: pre-processing by videomt_fast's processor (transformers' "
                              "needs torchvision; ours gives the same resized uint8 values)")
+    if not args.checkpoint:
+        notes.append("random weights: class logits are nearly tied, so class_argmax agreement of low-precision "
+                     "rows understates what a trained checkpoint gives")
     if args.peak_tflops is None:
         notes.append("mfu is null: no peak FLOP/s for this device (pass --peak-tflops)")
     notes.append("agreement: against hf-eager-fp32 on the same input, first agree_frames frames: mask_sign = fraction "
@@ -1067,6 +1165,7 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
             "num_inputs": args.num_inputs, "agree_frames": args.agree_frames, "hf_online": args.hf_online,
             "compile_mode": args.compile_mode, "threshold": args.threshold,
             "timer": "cuda events" if bench.device.type == "cuda" else "time.perf_counter",
+            "interleaved": args.interleave,
         },
         "peak_tflops": args.peak_tflops,
         "flop_model_gflop_per_frame": flop_model,
