@@ -78,3 +78,17 @@ def test_package_never_imports_transformers_or_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_kernels_folder_is_inert_under_the_top_level_name():
+    """From a source checkout the kernels/ folder is also importable as ``kernels`` (another PyPI
+    package's name, which transformers probes for): it must register nothing under that name."""
+    import os
+
+    code = (
+        "import sys, kernels\n"
+        "print(kernels.__all__, [k for k in sys.modules if k.startswith('kernels.')])\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
+    assert out.stdout.strip() == "[] []", out.stdout + out.stderr
