@@ -82,6 +82,7 @@ class SegmentSettings:
     mask_threshold: float = 0.5
     overlap_threshold: float = 0.8
     fuse_labels: list[int] = field(default_factory=list)
+    top_k: int = 10  # instance: video-level (query, class) pairs kept
     overlay: bool = False
     overwrite: bool = False
 
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="score threshold (default 0.5 instance, 0.8 panoptic)")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="panoptic mask threshold")
     p.add_argument("--overlap-threshold", type=float, default=0.8, help="panoptic overlap mask area threshold")
+    p.add_argument("--top-k", type=int, default=10, help="instance: video-level tracks kept (default 10)")
     p.add_argument("--fuse-labels", default="", help="panoptic: comma list of label ids to fuse (stuff)")
     p.add_argument("--overlay", action="store_true", help="also write overlay.mp4")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
@@ -129,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
-    for name in ("chunk_size", "decode_workers", "prefetch_chunks", "png_threads"):
+    for name in ("chunk_size", "decode_workers", "prefetch_chunks", "png_threads", "top_k"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("size", "short_side"):
@@ -143,7 +145,7 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
         decode_workers=args.decode_workers, decode_threads=args.decode_threads, prefetch_chunks=args.prefetch_chunks,
         png_threads=args.png_threads, png_level=max(0, min(9, args.png_level)), threshold=args.threshold,
         mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold, fuse_labels=fuse,
-        overlay=args.overlay, overwrite=args.overwrite,
+        overlay=args.overlay, overwrite=args.overwrite, top_k=args.top_k,
     )
 
 
@@ -355,8 +357,11 @@ class VideoOutput:
     def _write_png(self, name: str, image: np.ndarray) -> None:
         video_io.write_png(os.path.join(self.tmp, self.sub, name + ".png"), image, self.settings.png_level)
 
-    def add(self, start: int, ids: np.ndarray, extra: list | None, rgb: np.ndarray | None) -> None:
-        """``ids`` ``(t, H, W)`` int: instance track ids / semantic classes / panoptic ids (0 = none)."""
+    def add(self, start: int, count: int, ids: np.ndarray | None, extra: list | None, rgb: np.ndarray | None) -> None:
+        """``ids`` ``(t, H, W)`` int: semantic classes / panoptic ids (0 = none); None for instance (painted at the end)."""
+        if ids is None:
+            self.frames += count
+            return
         names = _frame_names(self.job.source, start, ids.shape[0])
         if len(names) != ids.shape[0]:
             raise RuntimeError(f"{self.job.source.path}: more frames decoded than listed")
@@ -387,22 +392,54 @@ class VideoOutput:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(data, fh)
 
-    def finish(self, tracks: Any, stats: dict) -> None:
+    def _instances(self, tracker, video: dict, categories: list) -> None:
+        """instances.json (YouTube-VIS results + track ids) and the per-frame track-id PNGs."""
+        from .tracks import rle_decode
+
+        instances = tracker.finalize()
+        entries = tracker.to_youtube_vis(self.job.name)
+        for inst, entry in zip(instances, entries):
+            entry["id"] = inst.track_id + 1  # the query index: stable through the video; 0 = background
+            entry["label_id"] = inst.label_id
+        self._json("instances.json", {"video": video, "categories": categories, "annotations": entries})
+        # paint: lowest score first, so the best instance wins where masks overlap
+        shown = sorted((i for i in instances if i.score >= self.settings.task_threshold()), key=lambda i: i.score)
+        wide = max((i.track_id + 1 for i in shown), default=0) > 255
+        h, w = self.geometry.height, self.geometry.width
+        names = _frame_names(self.job.source, 0, self.frames)
+        colour_source = None
         if self.overlay is not None:
-            self.overlay.close()
-            self.overlay = None
+            colour_source = (f for c in video_io.iter_chunks(self.job.source, 8, video_io.resolve_decoder(self.settings.decoder)) for f in c)
+        for start in range(0, self.frames, 16):
+            maps = []
+            for t in range(start, min(start + 16, self.frames)):
+                ids = np.zeros((h, w), dtype=np.uint16 if wide else np.uint8)
+                for inst in shown:
+                    ids[rle_decode(inst.rles[t])] = inst.track_id + 1
+                maps.append(ids)
+                self.max_id = max(self.max_id, int(ids.max()))
+                if colour_source is not None:
+                    self.overlay.write(video_io.blend(next(colour_source), ids, self.colours))
+            list(self.pool.map(self._write_png, names[start : start + len(maps)], maps))
+
+    def finish(self, tracker: Any, stats: dict) -> None:
         video = {"name": self.job.name, "file": self.job.source.path, "height": self.geometry.height,
                  "width": self.geometry.width, "length": self.frames,
                  "frame_names": _frame_names(self.job.source, 0, self.frames)}
         categories = [{"id": int(k), "name": v} for k, v in sorted(self.labels.items())]
+        if self.settings.task == "instance" and tracker is None:
+            raise RuntimeError("instance task without a track accumulator")
         if self.settings.task == "instance":
-            self._json("instances.json", {"video": video, "categories": categories, "annotations": tracks})
+            self._instances(tracker, video, categories)
         elif self.settings.task == "panoptic":
             self._json("panoptic.json", {"video": video, "categories": categories, "annotations": self.panoptic_frames})
         marker = {**stats, "name": self.job.name, "source": self.job.source.path, "task": self.settings.task,
                   "frames": self.frames, "height": self.geometry.height, "width": self.geometry.width,
                   "model_input": list(self.geometry.padded), "model": self.settings.model,
                   "max_id": self.max_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        if self.overlay is not None:
+            self.overlay.close()
+            self.overlay = None
         self._json(DONE_MARKER, marker)  # last file: the folder is complete
         if os.path.lexists(self.job.out_dir):  # an incomplete folder from elsewhere, or --overwrite
             shutil.rmtree(self.job.out_dir) if os.path.isdir(self.job.out_dir) else os.remove(self.job.out_dir)
@@ -476,19 +513,18 @@ class Writer(threading.Thread):
                     _, _, info, geometry = message
                     self.outputs[job.name] = VideoOutput(job, self.settings, info, geometry, self.labels, self.pool)
                 elif kind == "chunk":
-                    _, _, start, ids, extra, rgb = message
-                    self.outputs[job.name].add(start, ids, extra, rgb)
-                    self.kill_hook.frames_written(ids.shape[0])
+                    _, _, start, count, ids, extra, rgb = message
+                    self.outputs[job.name].add(start, count, ids, extra, rgb)
+                    self.kill_hook.frames_written(count)
                 elif kind == "end":
-                    _, _, tracks_fn, stats = message
+                    _, _, tracker, stats = message
                     output = self.outputs.pop(job.name, None)
                     if job.name in self.failed:
                         if output is not None:
                             output.abort()
                         self.on_event("result", _result(job, "failed", stats.get("frames", 0), stats.get("seconds", 0.0), self.failed.pop(job.name)))
                         continue
-                    tracks = tracks_fn() if tracks_fn is not None else None
-                    output.finish(tracks, stats)
+                    output.finish(tracker, stats)
                     self.on_event("result", _result(job, "done", output.frames, stats.get("seconds", 0.0)))
                 elif kind == "abort":
                     _, _, error, frames = message
@@ -501,7 +537,7 @@ class Writer(threading.Thread):
                 output = self.outputs.pop(job.name, None)
                 if output is not None:
                     output.abort()
-                error = f"writing outputs failed: {type(exc).__name__}: {exc}"
+                error = f"{job.source.path}: writing outputs failed: {type(exc).__name__}: {exc}"
                 if kind in ("end", "abort"):
                     self.failed.pop(job.name, None)
                     self.on_event("result", _result(job, "failed", 0, 0.0, error))
@@ -537,7 +573,11 @@ class _Engine:
         self.processor = self.processor_cls(size={"height": geometry.resize[0], "width": geometry.resize[1]})
         self.prev_queries = None
         self.session = self.model.new_session(1) if self.settings.engine == "session" else None
-        self.tracker = _make_tracker(self, info) if self.settings.task == "instance" else None
+        self.tracker = None
+        if self.settings.task == "instance":
+            from .tracks import VideoInstanceAccumulator
+
+            self.tracker = VideoInstanceAccumulator(top_k=self.settings.top_k)
         return geometry
 
     def preprocess(self, chunk: np.ndarray):
@@ -577,8 +617,8 @@ class _Engine:
             masks = torch.cat(masks)[:, :, :vh, :vw].float()
         return classes, masks
 
-    def postprocess(self, start: int, classes, masks) -> tuple[np.ndarray, list | None]:
-        """Maps ``(t, H, W)`` int32 on the host (0 = none) and per-frame extras."""
+    def postprocess(self, start: int, classes, masks) -> tuple[np.ndarray | None, list | None]:
+        """Maps ``(t, H, W)`` int32 on the host (0 = none) and per-frame extras (None for instance)."""
         torch = self.torch
         outputs = {"class_queries_logits": classes, "masks_queries_logits": masks}
         sizes = [(self.geometry.height, self.geometry.width)] * classes.shape[0]
@@ -594,18 +634,9 @@ class _Engine:
                 )
                 ids = torch.stack([r["segmentation"] for r in results]).to(torch.int32) + 1
                 return ids.cpu().numpy(), [r["segments_info"] for r in results]
-            return self.tracker.update(start, classes, masks, sizes), None
-
-
-# ---------------------------------------------------------------------------------- instance tracks
-
-# (filled in by _make_tracker; see videomt_fast.tracks)
-
-
-def _make_tracker(engine: "_Engine", info: video_io.VideoInfo):
-    from . import tracks
-
-    return tracks.make_segment_tracker(engine, info)
+            # instance: masks are kept as run lengths; id maps are painted once the video's tracks are known
+            self.tracker.update(outputs, sizes)
+            return None, None
 
 
 # ---------------------------------------------------------------------------------- one device
@@ -642,15 +673,14 @@ def segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
                         )
                     classes, masks = engine.forward(engine.preprocess(chunk))
                     ids, extra = engine.postprocess(frames, classes, masks)
-                    writer.submit("chunk", job, frames, ids, extra, chunk if settings.overlay else None)
+                    overlay_frames = chunk if settings.overlay and ids is not None else None
+                    writer.submit("chunk", job, frames, t, ids, extra, overlay_frames)
                     frames += t
                     on_event("frames", t)
                 if frames == 0 and job.name not in writer.failed:
                     raise VideoReadError(f"{job.source.path}: no frames decoded (empty video)")
-                tracker = engine.tracker
-                finish_tracks = (lambda tr=tracker: tr.finish()) if tracker is not None else None
                 seconds = time.perf_counter() - began
-                writer.submit("end", job, finish_tracks, {"seconds": round(seconds, 3), "frames": frames,
+                writer.submit("end", job, engine.tracker, {"seconds": round(seconds, 3), "frames": frames,
                                                           "fps": round(frames / max(seconds, 1e-9), 3),
                                                           "device": str(device)})
             except Exception as exc:
@@ -686,85 +716,113 @@ def resolve_devices(spec: str) -> list[str]:
     return devices
 
 
-def _device_worker(device: str, settings: SegmentSettings, jobs: list[Job], tasks, events) -> None:
-    """One process per device: pull job indices from the shared queue until a None arrives."""
-    def pull() -> Iterator[Job]:
-        while True:
-            index = tasks.get()
-            if index is None:
-                return
-            events.put(("taken", (device, index)))
-            yield jobs[index]
+_EVENT_PREFIX = "@@videomt-segment "
 
-    try:
-        if device.startswith("cuda"):
-            import torch
 
-            torch.cuda.set_device(device)
-        segment_videos(pull(), settings, device, lambda kind, payload: events.put((kind, payload)))
-    except BaseException as exc:
-        events.put(("crash", (device, f"{type(exc).__name__}: {exc}")))
-    finally:
-        events.put(("exit", device))
+def _job_to_dict(job: Job) -> dict:
+    return {"source": asdict(job.source), "out_dir": job.out_dir}
+
+
+def _job_from_dict(data: dict) -> Job:
+    return Job(VideoSource(**data["source"]), data["out_dir"])
+
+
+def worker_main(argv: list[str]) -> int:
+    """A device worker process: ``PLAN_JSON DEVICE``. Claims jobs from the plan's claim folder (one
+    ``O_EXCL`` file per job, so several workers share one list) and reports events on stdout."""
+    plan_path, device = argv
+    with open(plan_path, encoding="utf-8") as fh:
+        plan = json.load(fh)
+    settings = SegmentSettings(**plan["settings"])
+    jobs = [_job_from_dict(j) for j in plan["jobs"]]
+    claims = plan["claims"]
+    lock = threading.Lock()
+
+    def emit(kind: str, payload: Any) -> None:
+        line = _EVENT_PREFIX + json.dumps({"kind": kind, "payload": payload})
+        with lock:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def claimed() -> Iterator[Job]:
+        for index, job in enumerate(jobs):
+            try:
+                os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue
+            emit("taken", index)
+            yield job
+
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.set_device(device)
+    segment_videos(claimed(), settings, device, emit)
+    return 0
 
 
 def _run_multi(jobs: list[Job], settings: SegmentSettings, devices: list[str], on_event) -> None:
-    import multiprocessing as mp
+    """One worker process per device over one shared list (claim files under OUT)."""
+    import subprocess
 
-    ctx = mp.get_context("spawn")
-    tasks, events = ctx.Queue(), ctx.Queue()
-    for i in range(len(jobs)):
-        tasks.put(i)
-    for _ in devices:
-        tasks.put(None)
-    procs = {d: ctx.Process(target=_device_worker, args=(d, settings, jobs, tasks, events), daemon=True) for d in devices}
-    for p in procs.values():
-        p.start()
+    run_id = uuid.uuid4().hex[:12]
+    plan_path = os.path.join(settings.out, f".segment-run-{run_id}.json")
+    claims = os.path.join(settings.out, f".segment-run-{run_id}.claims")
+    os.makedirs(claims)
+    with open(plan_path, "w", encoding="utf-8") as fh:
+        json.dump({"settings": asdict(settings), "jobs": [_job_to_dict(j) for j in jobs], "claims": claims}, fh)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
+    code = "import sys; from videomt_fast.segment import worker_main; sys.exit(worker_main(sys.argv[1:]))"
     taken: dict[str, set[int]] = {d: set() for d in devices}
     index_of = {job.name: i for i, job in enumerate(jobs)}
-    exited: set[str] = set()
-    while len(exited) < len(devices):
-        try:
-            kind, payload = events.get(timeout=1.0)
-        except queue.Empty:
-            for d, p in procs.items():
-                if d not in exited and not p.is_alive():  # died without saying so (killed, segfault)
-                    exited.add(d)
-                    _fail_taken(jobs, taken[d], f"worker on {d} died (exit code {p.exitcode})", on_event)
-            continue
-        if kind == "taken":
-            d, index = payload
-            taken[d].add(index)
-        elif kind == "result":
-            for d in devices:
-                taken[d].discard(index_of.get(payload["name"], -1))
-            on_event(kind, payload)
-        elif kind == "crash":
-            d, error = payload
-            print(f"videomt-fast segment: worker on {d} failed: {error}", file=sys.stderr)
-        elif kind == "exit":
-            exited.add(payload)
-            _fail_taken(jobs, taken[payload], f"worker on {payload} stopped before finishing it", on_event)
-        else:
-            on_event(kind, payload)
-    for p in procs.values():
-        p.join(timeout=10)
-    # jobs no worker took (every worker crashed early)
-    done_names = set()
-    while True:
-        try:
-            index = tasks.get_nowait()
-        except Exception:
-            break
-        if index is not None and jobs[index].name not in done_names:
-            done_names.add(jobs[index].name)
-            on_event("result", _result(jobs[index], "failed", error="no worker left to run it"))
+    lock = threading.Lock()
 
+    def pump(device: str, proc) -> None:
+        for line in proc.stdout:
+            if not line.startswith(_EVENT_PREFIX):
+                sys.stderr.write(line)
+                continue
+            event = json.loads(line[len(_EVENT_PREFIX):])
+            kind, payload = event["kind"], event["payload"]
+            with lock:
+                if kind == "taken":
+                    taken[device].add(payload)
+                    continue
+                if kind == "result":
+                    taken[device].discard(index_of.get(payload["name"], -1))
+            on_event(kind, payload)
 
-def _fail_taken(jobs: list[Job], indices: set[int], error: str, on_event) -> None:
-    for index in sorted(indices):
-        on_event("result", _result(jobs[index], "failed", error=error))
-    indices.clear()
+    procs, pumps = {}, []
+    try:
+        for i, device in enumerate(devices):
+            # two workers may name one device (e.g. cpu,cpu): keep their keys apart
+            key = device if device not in procs else f"{device}#{i}"
+            taken.setdefault(key, set())
+            procs[key] = subprocess.Popen([sys.executable, "-c", code, plan_path, device], stdout=subprocess.PIPE,
+                                          text=True, env=env, bufsize=1)
+            thread = threading.Thread(target=pump, args=(key, procs[key]), daemon=True)
+            thread.start()
+            pumps.append(thread)
+        for key, proc in procs.items():
+            proc.wait()
+        for thread in pumps:
+            thread.join()
+        for key, proc in procs.items():
+            if taken[key]:
+                why = f"worker on {key.split('#')[0]} exited with status {proc.returncode} before finishing it"
+                for index in sorted(taken[key]):
+                    on_event("result", _result(jobs[index], "failed", error=f"{jobs[index].source.path}: {why}"))
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        shutil.rmtree(claims, ignore_errors=True)
+        try:
+            os.remove(plan_path)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------------------- Ray

@@ -393,7 +393,7 @@ def palette(n: int, seed: int = 7) -> np.ndarray:
 
 def blend(frame: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Tint ``frame`` (H, W, 3) uint8 by ``ids`` (H, W, 0 = none) with ``colours[ids % len]``."""
-    ids = np.asarray(ids)
+    ids = np.asarray(ids).astype(np.int64)
     tint = colours[ids % len(colours)]
     mask = (ids > 0)[..., None]
     mixed = (frame.astype(np.float32) * (1 - alpha) + tint.astype(np.float32) * alpha).astype(np.uint8)
