@@ -342,3 +342,42 @@ def test_ray_local_cluster(workspace, tmp_path):
         assert (distributed / "shapes" / "done.json").read_text() == marker
     finally:
         ray.shutdown()
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_instance_ids_above_255_use_16_bit_pngs(tmp_path):
+    torch.manual_seed(5)
+    model = VideomtForUniversalSegmentation(VideomtConfig(**{**TINY, "num_queries": 300, "num_labels": 2}))
+    model.save_pretrained(str(tmp_path / "model"))
+    video = tmp_path / "v.mp4"
+    video_io.write_test_video(str(video), 3, 32, 32, seed=4)
+    out = tmp_path / "out"
+    rc = seg.main([str(video), "--model", str(tmp_path / "model"), "--task", "instance", "--out", str(out),
+                   "--top-k", "600", "--threshold", "0", "--no-progress"])
+    assert rc == 0
+    anns = json.loads((out / "v" / "instances.json").read_text())["annotations"]
+    assert len(anns) == 600
+    _, ids = _pngs(out / "v" / "instance_ids")
+    assert ids.dtype == np.uint16 and ids.max() > 255
+    # every painted id is a track whose mask covers that pixel in that frame
+    from pycocotools import mask as mask_utils
+
+    by_id = {}
+    for ann in anns:
+        by_id.setdefault(ann["id"], ann)
+    for t in range(3):
+        for track in np.unique(ids[t]):
+            if track == 0:
+                continue
+            rle = by_id[int(track)]["segmentations"][t]
+            mask = mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+            assert mask[ids[t] == track].all()
+
+
+def test_unloadable_model_fails_every_video_by_name(workspace, tmp_path, capsys):
+    rc = seg.main([str(workspace / "videos" / "shapes.mp4"), "--model", str(tmp_path / "no-model"), "--task", "semantic",
+                   "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 1
+    text = capsys.readouterr().out
+    assert "FAILED shapes" in text and "no-model" in text
+    assert not any(not e.startswith(".") for e in os.listdir(tmp_path / "out"))

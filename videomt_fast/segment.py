@@ -645,7 +645,13 @@ class _Engine:
 def segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
                    on_event: Callable[[str, Any], None]) -> None:
     """Segment ``jobs`` on ``device``; reports ``("frames", n)`` and ``("result", dict)`` through ``on_event``."""
-    engine = _Engine(settings, device)
+    try:
+        engine = _Engine(settings, device)
+    except Exception as exc:  # no model, no videos: report each one with the reason
+        error = f"cannot load the model {settings.model!r} on {device}: {type(exc).__name__}: {exc}"
+        for job in jobs:
+            on_event("result", _result(job, "failed", error=error))
+        return
     writer = Writer(settings, engine.labels, on_event)
     writer.start()
     try:
@@ -929,7 +935,8 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
                 if payload["status"] in counts:
                     counts[payload["status"]] += 1
                 if payload["status"] == "failed" and bar is not None:
-                    bar.write(f"failed: {payload['error'].splitlines()[0] if payload['error'] else payload['name']}")
+                    bar.write(f"failed: {payload['error'].splitlines()[0] if payload['error'] else payload['name']}",
+                              file=sys.stderr)
                 if bar is not None:
                     bar.set_postfix(videos=counts["done"], failed=counts["failed"], refresh=False)
 
