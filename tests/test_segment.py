@@ -381,3 +381,21 @@ def test_unloadable_model_fails_every_video_by_name(workspace, tmp_path, capsys)
     text = capsys.readouterr().out
     assert "FAILED shapes" in text and "no-model" in text
     assert not any(not e.startswith(".") for e in os.listdir(tmp_path / "out"))
+
+
+def test_decode_error_mid_video_discards_partial_output(workspace, tmp_path, monkeypatch, capsys):
+    real = video_io.iter_chunks
+
+    def flaky(source, chunk, *args, **kwargs):
+        for i, frames in enumerate(real(source, chunk, *args, **kwargs)):
+            if i == 1 and source.path.endswith("shapes.mp4"):
+                raise video_io.VideoReadError(f"{source.path}: decoding failed (simulated)")
+            yield frames
+
+    monkeypatch.setattr(seg.video_io, "iter_chunks", flaky)
+    out = tmp_path / "out"
+    assert _run(workspace, out, workspace / "videos", task="panoptic") == 1
+    text = capsys.readouterr().out
+    assert "FAILED shapes" in text and "simulated" in text and "1 done" in text
+    assert os.listdir(out) == ["nested__odd"]  # the failed video's temporary folder is gone
+    assert len(os.listdir(out / "nested__odd" / "panoptic")) == 7

@@ -911,16 +911,16 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
         else:
             todo.append(job)
 
-    total = 0
-    for job in todo:  # frame counts for the bar's ETA (containers that do not say make it open-ended)
+    def count(job: Job) -> int | None:
         try:
-            n = video_io.probe(job.source).num_frames
+            return video_io.probe(job.source).num_frames
         except Exception:
-            n = 0
-        if n is None:
-            total = None
-            break
-        total += n
+            return 0  # unreadable: reported when its turn comes
+
+    # frame counts for the bar's ETA (a container that does not say makes it open-ended)
+    with ThreadPoolExecutor(8) as pool:
+        counts_per_video = list(pool.map(count, todo))
+    total = None if any(n is None for n in counts_per_video) else sum(counts_per_video)
     bar = _progress_bar(total, progress and bool(todo))
     counts = {"done": 0, "failed": 0}
     lock = threading.Lock()
