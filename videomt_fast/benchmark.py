@@ -1138,6 +1138,10 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
             if bench._hf_pp[1] != "transformers.VideomtVideoProcessor":
                 notes.append("transformers end-to-end: pre-processing by videomt_fast's processor (transformers' "
                              "needs torchvision; ours gives the same resized uint8 values)")
+    load = getattr(bench, "load_start", None)
+    if bench.device.type == "cpu" and load and load[0] > (os.cpu_count() or 1) * 0.75:
+        notes.append(f"the machine was busy (1-min load {load[0]} on {os.cpu_count()} cores at the start): CPU "
+                     "timings are noisy; --threads 1 and --interleave make ratios steadier")
     if not args.checkpoint:
         notes.append("random weights: class logits are nearly tied, so class_argmax agreement of low-precision "
                      "rows understates what a trained checkpoint gives")

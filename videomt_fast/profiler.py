@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace-frames", type=int, default=3, help="frames in the trace (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON here")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 
 
@@ -207,6 +208,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from . import ops
 
     device = args.device
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, notes = build_model(args)
     processor = None
     if not args.no_postprocess:
