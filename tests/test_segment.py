@@ -399,3 +399,11 @@ def test_decode_error_mid_video_discards_partial_output(workspace, tmp_path, mon
     assert "FAILED shapes" in text and "simulated" in text and "1 done" in text
     assert os.listdir(out) == ["nested__odd"]  # the failed video's temporary folder is gone
     assert len(os.listdir(out / "nested__odd" / "panoptic")) == 7
+
+
+def test_session_engine_matches_reference(workspace, tmp_path):
+    out = tmp_path / "out"
+    video = workspace / "videos" / "nested" / "odd.mp4"
+    assert _run(workspace, out, video, extra=["--engine", "session", "--decoder", "pyav"]) == 0
+    _, expected = _reference(workspace, video_io.VideoSource(str(video), "video"), "semantic")
+    np.testing.assert_array_equal(_pngs(out / "odd" / "semantic")[1], expected)
