@@ -212,3 +212,18 @@ def test_profiler_tiny(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["profile.json", "trace.json"]
     printed = capsys.readouterr().out
     assert "early_layers" in printed and "%" in printed
+
+
+def test_profiler_stages_compute_what_a_session_step_computes():
+    """The profiler splits a frame into stages itself; its split must stay the model's own step."""
+    args = profiler.parse_args(["--tiny", "--device", "cpu", "--no-postprocess"])
+    model, _ = profiler.build_model(args)
+    frame_fn = profiler._frame_fn(model, None, args)
+    frames = [torch.randn(1, 3, 32, 32) for _ in range(3)]
+    session = model.new_session(batch_size=1)
+    prev = None
+    with torch.inference_mode():
+        for frame in frames:
+            prev = frame_fn(frame, prev, None)
+            session.step(frame)
+            assert (prev - session.propagated_queries).abs().max().item() < 1e-5
