@@ -79,6 +79,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "video": ["av", "pycocotools", "tqdm"],
+        "segment": ["av", "pycocotools", "tqdm"],
         "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm"],
         "ray": ["ray"],
     },
