@@ -281,19 +281,7 @@ def _logits(outputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
             "outputs must carry class_queries_logits (batch, queries, classes + 1) and masks_queries_logits "
             f"(batch, queries, height, width) tensors; got {type(outputs).__name__}"
         )
-    if cls.ndim != 3:
-        raise ValueError(f"outputs.class_queries_logits must have shape (batch, queries, classes + 1), got {tuple(cls.shape)}")
-    if masks.ndim != 4:
-        raise ValueError(f"outputs.masks_queries_logits must have shape (batch, queries, height, width), got {tuple(masks.shape)}")
-    if cls.shape[:2] != masks.shape[:2]:
-        raise ValueError(
-            "outputs.class_queries_logits and outputs.masks_queries_logits must agree on (batch, queries), got "
-            f"{tuple(cls.shape[:2])} and {tuple(masks.shape[:2])}"
-        )
-    if cls.shape[2] < 2:
-        raise ValueError(f"outputs.class_queries_logits needs at least one class plus the no-object class, got {cls.shape[2]}")
-    if cls.device != masks.device:
-        raise ValueError(f"outputs: class and mask logits must be on one device, got {cls.device} and {masks.device}")
+    _pp.check_logits(cls, masks)
     return cls, masks
 
 
