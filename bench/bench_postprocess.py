@@ -23,7 +23,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 RESOLUTIONS = {"480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
 
@@ -65,12 +64,11 @@ def main() -> int:
         print("bench_postprocess: CUDA is not available; nothing to measure.")
         return 0
 
-    import hf_oracle
-    from videomt_fast import _ext, ops
+    from videomt_fast import _ext, hf_source, ops
     from videomt_fast.processing import VideomtVideoProcessor
 
     ours = VideomtVideoProcessor()
-    hf = hf_oracle.load().processor
+    hf, _ = hf_source.videomt_video_processor()
     ext_ok = _ext.load() is not None
     inputs = [_logits(args.frames, args.queries, args.classes, seed) for seed in range(3)]
     rows = []

@@ -107,6 +107,30 @@ def test_parse_rejects(bad, capsys):
     assert exc.value.code == 2
 
 
+def test_parse_eomt():
+    args = benchmark.parse_args(["--device", "cpu", "--model", "eomt"])
+    assert args.model == "eomt" and args.num_labels == 133 and args.sizes == [(224, 224)]
+    assert args.peers == ["mask2former-swin-t"] and args.frames == 2 and args.masked_attention == "model"
+    assert benchmark.parse_args(["--device", "cpu"]).num_labels == 40
+    for bad in (["--masked-attention", "on"], ["--model", "eomt", "--peers", "edgetam-video"],
+                ["--model", "eomt", "--masked-attention", "sometimes"]):
+        with pytest.raises(SystemExit) as exc:
+            benchmark.parse_args(["--device", "cpu"] + bad)
+        assert exc.value.code == 2, bad
+
+
+def test_frame_flops_masked_blocks_add_one_head_pass_each():
+    from videomt_fast.configuration import EomtConfig
+
+    config = config_from_preset("vit-s", EomtConfig, image_size=640)
+    plain = benchmark.frame_flops(config, 640, 640, first_frame=True)
+    masked = benchmark.frame_flops(config, 640, 640, first_frame=True, masked_blocks=3)
+    assert plain["query_update"] == 0 and plain["masked_attention_heads"] == 0
+    head_pass = plain["head"] + plain["upscale"] + plain["mask_einsum"]
+    assert masked["masked_attention_heads"] == 3 * head_pass
+    assert masked["total"] - plain["total"] == 3 * head_pass
+
+
 # ------------------------------------------------------------------ tiny CPU runs
 
 
@@ -182,6 +206,34 @@ def test_stateless_transformers_online_does_not_carry_queries(tmp_path):
         assert row["peak_mem_mb"] is None or row["peak_mem_mb"] >= 0
     agree = _rows(report, "fast-ref")["online"]["agreement"]
     assert agree["mask_max_abs_err"] > 1e-3 and agree["mask_sign"] < 1.0
+
+
+@pytest.mark.parametrize("masked", ["on", "off"])
+def test_eomt_tiny_rows_agree_with_transformers(tmp_path, masked):
+    """EoMT rows: images per call, masked attention as asked, the reference path equal to transformers'
+    (logits and panoptic maps), the FLOP model counting the extra mask predictions."""
+    rc = benchmark.main(TINY_RUN + ["--model", "eomt", "--masked-attention", masked, "--out-dir", str(tmp_path),
+                                    "--providers", "hf-eager-fp32,fast-ref,fast", "--peers", "none"])
+    assert rc == 0
+    (path,) = glob.glob(str(tmp_path / "*.json"))
+    assert os.path.basename(path).startswith("eomt-tiny_online+offline+e2e_cpu_")
+    with open(path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    assert report["model"] == "eomt" and report["config"]["model_type"] == "eomt"
+    blocks = benchmark.TINY_CONFIG["num_blocks"]
+    assert any(f"Masked attention in {blocks if masked == 'on' else 0} of {blocks}" in n for n in report["notes"])
+    heads = report["flop_model_gflop_per_frame"]["32x32"]["masked_attention_heads"]
+    assert (heads > 0) == (masked == "on")
+    for provider in ("hf-eager-fp32", "fast-ref", "fast"):
+        rows = _rows(report, provider)
+        assert set(rows) == set(benchmark.MODES)
+        assert all(r["status"] == "ok" and r["kind"] == "eomt" and r["fps"] > 0 for r in rows.values()), rows
+    assert _rows(report, "fast")["offline"]["frames_per_call"] == 3
+    for mode, row in _rows(report, "fast-ref").items():
+        agree = row["agreement"]
+        assert agree["mask_sign"] == 1.0 and agree["class_argmax"] == 1.0 and agree["mask_max_abs_err"] < 1e-4, (mode, agree)
+        if mode == "end-to-end":
+            assert agree["panoptic_map"] == 1.0 and "instance_map" not in agree
 
 
 def test_write_json_atomic_leaves_no_temp_files(tmp_path):

@@ -1,18 +1,14 @@
 """EomtImageProcessor vs transformers' EoMT image processors.
 
 Oracles: transformers' default ``EomtImageProcessor`` module (``image_processing_eomt.py``) imports
-torchvision at the top, which this project cannot install; its split / pad / merge / un-pad and all
-post-processing code is plain torch, so we execute that file's own code with the torchvision import and
-the backend base class stubbed out (``_torch_oracle``). The resize needs a real backend: transformers'
+torchvision at the top, which may be missing; its split / pad / merge / un-pad and all post-processing
+code is plain torch, so ``videomt_fast.hf_source`` runs that file's own code without torchvision
+(``_torch_oracle``). The resize needs a real backend: transformers'
 ``EomtImageProcessorPil`` (Pillow) is the pre-processing oracle when Pillow is installed.
 """
 
 from __future__ import annotations
 
-import ast
-import importlib
-import importlib.util
-import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,49 +23,13 @@ _CACHE: dict = {}
 
 
 def _torch_oracle():
-    """transformers' ``EomtImageProcessor`` class, its source executed unmodified minus the torchvision import."""
-    if "torch" in _CACHE:
-        return _CACHE["torch"]
-    spec = importlib.util.find_spec("transformers")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "eomt", "image_processing_eomt.py")
-    with open(path, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=path)
-    namespace: dict = {"__name__": "eomt_oracle"}
-    body = []
-    for node in tree.body:
-        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").startswith("torchvision")):
-            if node.level > 0:  # resolve "from ...x import y" against transformers.models.eomt
-                parts = ["transformers", "models", "eomt"][: 3 - (node.level - 1)]
-                module = ".".join(parts + ([node.module] if node.module else []))
-                for alias in node.names:
-                    try:
-                        namespace[alias.asname or alias.name] = getattr(importlib.import_module(module), alias.name)
-                    except Exception:
-                        namespace[alias.asname or alias.name] = None
-            continue
-        body.append(node)
-    tree.body = body
+    """transformers' ``EomtImageProcessor`` class (its source run without torchvision where it is missing)."""
+    if "torch" not in _CACHE:
+        from videomt_fast import hf_source
 
-    class _Backend:  # the post-processing, split, pad and merge code uses nothing of the backend
-        def __init__(self, **kwargs):
-            for k, v in kwargs.items():
-                setattr(self, k, v)
-
-    namespace.update(
-        TorchvisionBackend=_Backend,
-        tvF=None,
-        auto_docstring=lambda obj=None, **_: obj if obj is not None else (lambda o: o),
-        PILImageResampling=SimpleNamespace(BILINEAR=2, NEAREST=0),
-        IMAGENET_DEFAULT_MEAN=[0.485, 0.456, 0.406],
-        IMAGENET_DEFAULT_STD=[0.229, 0.224, 0.225],
-    )
-    for name in ("ImagesKwargs",):
-        if namespace.get(name) is None:
-            namespace[name] = dict
-    exec(compile(tree, path, "exec"), namespace)
-    oracle = SimpleNamespace(cls=namespace["EomtImageProcessor"], module=namespace)
-    _CACHE["torch"] = oracle
-    return oracle
+        cls, how = hf_source.eomt_image_processor_class()
+        _CACHE["torch"] = SimpleNamespace(cls=cls, how=how)
+    return _CACHE["torch"]
 
 
 def _hf_post(size):

@@ -14,6 +14,12 @@ Modes: ``online`` (batch 1, one frame per call, queries carried between calls), 
 of T frames per call) and ``end-to-end`` (uint8 frames of the video's own size in, instance maps out:
 pre-processing, the clip forward and instance post-processing all inside the timed region).
 
+``--model eomt`` benchmarks EoMT, VidEoMT's image parent, the same way: ``online`` is one image per call
+(batch 1), ``offline`` a batch of ``--frames`` images per call, ``end-to-end`` uint8 images in (resized to
+the model's size and padded, as transformers' EoMT processor does for panoptic models), panoptic maps
+out. Masked attention follows the model (a fresh EoMT keeps it on, trained checkpoints usually have
+it annealed off); ``--masked-attention on|off`` sets it for every provider.
+
 transformers has no streaming API. Its online row runs transformers' own modules frame by frame,
 exactly the loop body of its clip forward, carrying the raw last-layer query rows into
 ``query_updater`` as the clip forward does; the cost is transformers' forward on a one-frame clip plus
@@ -75,10 +81,12 @@ def layer_flops(tokens: int, hidden: int, mlp_hidden: int | None = None, swiglu:
     return 2 * tokens * (projections + mlp) + 4 * tokens * tokens * hidden
 
 
-def frame_flops(config: Any, height: int, width: int, first_frame: bool = False) -> dict[str, int]:
+def frame_flops(config: Any, height: int, width: int, first_frame: bool = False, masked_blocks: int = 0) -> dict[str, int]:
     """FLOPs of one frame at ``height x width``, by stage, and their ``total``.
 
-    ``first_frame`` leaves out the query updater (frame 0 uses the learned queries as they are).
+    ``first_frame`` leaves out the query updater (frame 0 uses the learned queries as they are; EoMT
+    has none). ``masked_blocks``: query layers preceded by a mask prediction (EoMT's masked attention
+    runs the head, upscale and mask product once more before each of them).
     """
     d = config.hidden_size
     ph, pw = config.patch_hw
@@ -104,6 +112,7 @@ def frame_flops(config: Any, height: int, width: int, first_frame: bool = False)
         upscale += 2 * h * w * d * 9  # depthwise 3x3
     out["upscale"] = upscale
     out["mask_einsum"] = 2 * queries * d * h * w
+    out["masked_attention_heads"] = masked_blocks * (out["head"] + upscale + out["mask_einsum"])
     out["total"] = sum(out.values())
     return out
 
@@ -159,7 +168,12 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
                        help="published backbone shape with random weights (default vit-s)")
     model.add_argument("--checkpoint", default=None, help="a transformers VidEoMT checkpoint folder or hub id")
     model.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--num-labels", type=int, default=40, help="classes of the random-weight model (default 40)")
+    p.add_argument("--model", choices=("videomt", "eomt"), default="videomt",
+                   help="VidEoMT (video, default) or EoMT (images: online = one image per call, offline = a batch)")
+    p.add_argument("--masked-attention", choices=("model", "on", "off"), default="model",
+                   help="EoMT: keep the model's attn_mask_probs (default), or set them all to 1 (on) or 0 (off)")
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classes of the random-weight model (default 40 for VidEoMT, 133 for EoMT)")
     p.add_argument("--size", type=_size, action="append", default=None, metavar="HxW",
                    help="model input size, repeatable (default 640x640 and 448x800 on CUDA, 224x224 on CPU)")
     p.add_argument("--mode", choices=MODES, action="append", default=None,
@@ -215,16 +229,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.arch = "vit-s"
     if args.tiny:
         args.arch = "tiny"
-    args.sizes = args.size or ([(32, 32)] if args.tiny else [(640, 640), (448, 800)] if cuda else [(224, 224)])
+    eomt = args.model == "eomt"
+    if args.num_labels is None:
+        args.num_labels = 133 if eomt else 40
+    if args.masked_attention != "model" and not eomt:
+        parser.error("--masked-attention applies to --model eomt only")
+    default_sizes = [(640, 640)] if eomt else [(640, 640), (448, 800)]
+    args.sizes = args.size or ([(32, 32)] if args.tiny else default_sizes if cuda else [(224, 224)])
     args.modes = list(dict.fromkeys(args.mode or MODES))
     if args.interleave is None:
         args.interleave = not cuda
     if args.providers is None:
         args.providers = [p for p in PROVIDERS if cuda or p != "hf-compile"]
     if args.peers is None:
-        args.peers = [] if args.tiny else (list(PEERS) if cuda else ["mask2former-swin-t"])
+        video_peers = [p for p in PEERS if not eomt or p == "mask2former-swin-t"]  # EdgeTAM is a video model
+        args.peers = [] if args.tiny else (video_peers if cuda else ["mask2former-swin-t"])
+    elif eomt and "edgetam-video" in args.peers:
+        parser.error("--peers edgetam-video is a video model; with --model eomt use mask2former-swin-t")
     args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    defaults = dict(frames=(64, 4), online_frames=(16, 4), e2e_frames=(8, 2), e2e_size=((720, 1280), (180, 320)),
+    defaults = dict(frames=(16, 2) if eomt else (64, 4), online_frames=(16, 4), e2e_frames=(8, 2), e2e_size=((720, 1280), (180, 320)),
                     warmup=(5, 1), repeats=(30, 3), threshold=(0.5 if args.checkpoint else 0.0,) * 2)
     for name, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, name) is None:
@@ -359,8 +382,9 @@ def _keep(masks: torch.Tensor | None, classes: torch.Tensor | None, frames: int,
     return Outputs(cut(masks), cut(classes), None if maps is None else maps[:frames].detach().cpu().clone())
 
 
-def agreement(out: Outputs, ref: Outputs) -> dict[str, Any]:
-    """Fraction of mask pixels whose sign agrees, of queries whose class argmax agrees, and max errors."""
+def agreement(out: Outputs, ref: Outputs, map_key: str = "instance_map") -> dict[str, Any]:
+    """Fraction of mask pixels whose sign agrees, of queries whose class argmax agrees, and max errors;
+    ``map_key``: the fraction of equal pixels of the end-to-end segmentation maps (when both have them)."""
     result: dict[str, Any] = {"reference": REFERENCE}
     if out.masks is not None and ref.masks is not None and out.masks.shape == ref.masks.shape:
         result["frames_compared"] = int(out.masks.shape[0])
@@ -371,7 +395,7 @@ def agreement(out: Outputs, ref: Outputs) -> dict[str, Any]:
         result["class_argmax"] = float((out.classes.argmax(-1) == ref.classes.argmax(-1)).float().mean())
         result["class_max_abs_err"] = float((out.classes - ref.classes).abs().max())
     if out.maps is not None and ref.maps is not None and out.maps.shape == ref.maps.shape:
-        result["instance_map"] = float((out.maps == ref.maps).float().mean())
+        result[map_key] = float((out.maps == ref.maps).float().mean())
     for value in list(result.values()):
         if isinstance(value, float) and not math.isfinite(value):
             result["nonfinite"] = True
@@ -383,46 +407,10 @@ def agreement(out: Outputs, ref: Outputs) -> dict[str, Any]:
 
 
 def transformers_postprocessor() -> tuple[Any, str]:
-    """``(processor, how)``: transformers' ``VideomtVideoProcessor``; where torchvision is missing, its
-    module is executed without the ``BaseVideoProcessor`` import so its post-processing methods
-    (which need no torchvision) run unmodified."""
-    import transformers
+    """``(processor, how)``: transformers' ``VideomtVideoProcessor`` (see :mod:`videomt_fast.hf_source`)."""
+    from .hf_source import videomt_video_processor
 
-    try:
-        return transformers.VideomtVideoProcessor(), "transformers.VideomtVideoProcessor"
-    except Exception as exc:  # noqa: BLE001 - transformers raises ImportError subclasses and others
-        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:100]}"
-    import ast
-    import importlib.util
-    from types import SimpleNamespace
-
-    import torch.nn.functional as F
-    from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
-
-    spec = importlib.util.find_spec("transformers.models.videomt.video_processing_videomt")
-    if spec is None or not spec.origin:
-        raise ImportError("this transformers has no VidEoMT video processor")
-    with open(spec.origin, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=spec.origin)
-    tree.body = [n for n in tree.body if not (isinstance(n, ast.ImportFrom) and n.level > 0)]
-
-    class _Base:
-        pass
-
-    namespace = {
-        "__name__": "transformers_videomt_postprocessing",
-        "torch": torch,
-        "F": F,
-        "SemanticSegmentationPostProcessorOutput": SemanticSegmentationPostProcessorOutput,
-        "IMAGENET_DEFAULT_MEAN": [0.485, 0.456, 0.406],
-        "IMAGENET_DEFAULT_STD": [0.229, 0.224, 0.225],
-        "PILImageResampling": SimpleNamespace(BILINEAR=2),
-        "auto_docstring": lambda obj=None, **_: obj if obj is not None else (lambda o: o),
-        "is_torch_available": lambda: True,
-        "BaseVideoProcessor": _Base,
-    }
-    exec(compile(tree, spec.origin, "exec"), namespace)  # noqa: S102 - transformers' own installed source
-    return namespace["VideomtVideoProcessor"](), f"transformers' post-processing code loaded without torchvision ({reason})"
+    return videomt_video_processor()
 
 
 def fast_processor() -> tuple[Any | None, str]:
@@ -446,7 +434,7 @@ class Runner:
     """One provider, built for one size: offline clip forward and an online session."""
 
     name: str
-    kind: str  # "videomt" or "peer"
+    kind: str  # the benchmarked model ("videomt" or "eomt") or "peer"
     dtype: torch.dtype
     backend: str
     offline: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
@@ -461,7 +449,8 @@ def _hf_config(config: Any, attn: str):
     import transformers
 
     values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "extra")}
-    hf_config = transformers.VideomtConfig(**values)
+    cls = transformers.EomtConfig if config.model_type == "eomt" else transformers.VideomtConfig
+    hf_config = cls(**values)
     hf_config._attn_implementation = attn
     return hf_config
 
@@ -493,6 +482,7 @@ class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.device = args.device
+        self.eomt = args.model == "eomt"
         self.notes: list[str] = []
         self._hf_master: dict[tuple[int, int], Any] = {}
         self._hf_pp = None
@@ -500,16 +490,27 @@ class Bench:
 
     # ------------------------------------------------------------------ the weight source
     def model_config(self, size: tuple[int, int]):
-        from .configuration import VideomtConfig, config_from_preset
+        from .configuration import EomtConfig, VideomtConfig, config_from_preset
 
         args = self.args
+        cls = EomtConfig if self.eomt else VideomtConfig
         if args.checkpoint:
-            return VideomtConfig.from_pretrained(args.checkpoint)
+            return cls.from_pretrained(args.checkpoint)
         square = size[0] == size[1]
         image = size[0] if square else 640
         if args.tiny:
-            return VideomtConfig(**TINY_CONFIG, image_size=image if square else 32)
-        return config_from_preset(args.arch, num_labels=args.num_labels, image_size=image)
+            return cls(**TINY_CONFIG, image_size=image if square else 32)
+        return config_from_preset(args.arch, cls, num_labels=args.num_labels, image_size=image)
+
+    def masked_blocks(self, size: tuple[int, int]) -> int:
+        """Query layers that run masked attention (EoMT with ``attn_mask_probs`` on)."""
+        if not self.eomt:
+            return 0
+        return int((self.hf_master(size).attn_mask_probs > 0).sum())
+
+    def flops(self, size: tuple[int, int], height: int, width: int) -> dict[str, int]:
+        config = self.model_config(size)
+        return frame_flops(config, height, width, first_frame=self.eomt, masked_blocks=self.masked_blocks(size))
 
     def hf_master(self, size: tuple[int, int]):
         """transformers' fp32 model on the CPU whose weights every VidEoMT provider copies."""
@@ -520,13 +521,15 @@ class Bench:
         if key not in self._hf_master:
             self._hf_master.clear()
             gc.collect()
+            cls = (transformers.EomtForUniversalSegmentation if self.eomt
+                   else transformers.VideomtForUniversalSegmentation)
             if self.args.checkpoint:
-                model = transformers.VideomtForUniversalSegmentation.from_pretrained(
-                    self.args.checkpoint, dtype=torch.float32
-                )
+                model = cls.from_pretrained(self.args.checkpoint, dtype=torch.float32)
             else:
                 torch.manual_seed(self.args.seed)
-                model = transformers.VideomtForUniversalSegmentation(_hf_config(config, "eager"))
+                model = cls(_hf_config(config, "eager"))
+            if self.eomt and self.args.masked_attention != "model":
+                model.attn_mask_probs.fill_(1.0 if self.args.masked_attention == "on" else 0.0)
             self._hf_master[key] = model.eval()
         return self._hf_master[key]
 
@@ -555,13 +558,19 @@ class Bench:
         model.set_attn_implementation(attn)
         model = model.to(device=self.device, dtype=dtype).eval()
         notes = []
-        step = _hf_online_step(model)
         forward = model
         compiled = name == "hf-compile"
         if compiled:
             forward = torch.compile(model, mode=self.args.compile_mode)
-            step = torch.compile(step, mode=self.args.compile_mode)
             notes.append(f"torch.compile(mode={self.args.compile_mode!r}) of the sdpa model; compile time is in warmup_s")
+        backend = {"hf-eager-fp32": "transformers eager", "hf-sdpa-bf16": "transformers sdpa",
+                   "hf-compile": "transformers sdpa + torch.compile"}[name]
+        if self.eomt:
+            return self._eomt_runner(name, dtype, backend, notes, size, lambda images: forward(pixel_values=images),
+                                     self.eomt_hf_postprocessor)
+        step = _hf_online_step(model)
+        if compiled:
+            step = torch.compile(step, mode=self.args.compile_mode)
 
         def offline(clip):
             out = forward(pixel_values_videos=clip.to(dtype))
@@ -596,9 +605,35 @@ class Bench:
             results = pp.post_process_instance_segmentation(out, target_sizes=target, threshold=self.args.threshold)
             return results, out.masks_queries_logits, out.class_queries_logits
 
-        backend = {"hf-eager-fp32": "transformers eager", "hf-sdpa-bf16": "transformers sdpa",
-                   "hf-compile": "transformers sdpa + torch.compile"}[name]
-        return Runner(name, "videomt", dtype, backend, offline, new_online, end_to_end, notes)
+        return Runner(name, self.args.model, dtype, backend, offline, new_online, end_to_end, notes)
+
+    def _eomt_runner(self, name: str, dtype: torch.dtype, backend: str, notes: list[str], size: tuple[int, int],
+                     forward: Callable, postprocessor: Callable[[], Any], context: Callable[[], Any] = contextlib.nullcontext) -> Runner:
+        """EoMT: online = one image per call, offline = the clip's frames as one batch of images,
+        end-to-end = uint8 images -> processor (resize, pad) -> forward -> panoptic maps."""
+
+        def offline(clip):
+            out = forward(clip[0].to(dtype))
+            return out.masks_queries_logits, out.class_queries_logits
+
+        def new_online():
+            def call(image):
+                out = forward(image.to(dtype))
+                return out.masks_queries_logits, out.class_queries_logits
+
+            return call
+
+        def end_to_end(images_uint8):
+            pre = self.eomt_preprocess(images_uint8, size)
+            out = forward(pre.to(dtype))
+            target = [tuple(images_uint8.shape[1:3])] * images_uint8.shape[0]
+            results = postprocessor().post_process_panoptic_segmentation(
+                out, target_sizes=target, threshold=self.args.threshold,
+                size={"shortest_edge": size[0], "longest_edge": size[0]},
+            )
+            return results, out.masks_queries_logits, out.class_queries_logits
+
+        return Runner(name, "eomt", dtype, backend, offline, new_online, end_to_end, notes, context=context)
 
     def _build_fast(self, name: str, size: tuple[int, int]) -> Runner:
         from . import from_transformers, ops
@@ -623,11 +658,16 @@ class Bench:
                 model = model.to(dtype)
                 backend = "videomt_fast auto dispatch"
                 notes.append("model.optimize() not available in this build: dtype cast + auto dispatch only")
-            notes.append(f"online session: {type(model.new_session(batch_size=1)).__name__}")
+            if not self.eomt:
+                notes.append(f"online session: {type(model.new_session(batch_size=1)).__name__}")
             report = ops.backend_report(self.device)
             fast_ops = sorted(k for k, v in report.items() if v["backend"] != "reference")
             notes.append(f"ops on fast backends: {', '.join(fast_ops) if fast_ops else 'none'}")
         model.eval()
+        if self.eomt:
+            processor = self.eomt_fast_processor(size)
+            return self._eomt_runner(name, dtype, backend, notes, size, lambda images: model(pixel_values=images),
+                                     lambda: processor, context)
 
         def offline(clip):
             out = model(pixel_values_videos=clip)
@@ -651,7 +691,7 @@ class Bench:
             results = processor.post_process_instance_segmentation(out, target_sizes=target, threshold=self.args.threshold)
             return results, out.masks_queries_logits, out.class_queries_logits
 
-        return Runner(name, "videomt", dtype, backend, offline, new_online, end_to_end, notes, context=context)
+        return Runner(name, self.args.model, dtype, backend, offline, new_online, end_to_end, notes, context=context)
 
     def _peer_dtype(self) -> torch.dtype:
         return self.args.dtype
@@ -724,6 +764,37 @@ class Bench:
                       input_size=(native, native))
 
     # ------------------------------------------------------------------ processors
+    def eomt_fast_processor(self, size: tuple[int, int]):
+        from .eomt_processing import EomtImageProcessor
+
+        return EomtImageProcessor(size={"shortest_edge": size[0], "longest_edge": size[0]}, do_pad=True)
+
+    def eomt_hf_postprocessor(self):
+        """transformers' EoMT image processor (its post-processing; see :mod:`videomt_fast.hf_source`)."""
+        if self._hf_pp is None:
+            from .hf_source import eomt_image_processor_class
+
+            cls, how = eomt_image_processor_class()
+            self._hf_pp = (cls(do_pad=True), how)
+        return self._hf_pp[0]
+
+    def eomt_preprocess(self, images_uint8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """transformers' EoMT pre-processing when its torchvision class runs here, else videomt_fast's
+        (the same resize, pad and normalization; see videomt_fast.eomt_processing)."""
+        self.eomt_hf_postprocessor()
+        if self._hf_pp[1] == "transformers.EomtImageProcessor" and not getattr(self, "_hf_pre_failed", False):
+            try:
+                batch = self._hf_pp[0](images=list(images_uint8.permute(0, 3, 1, 2)), return_tensors="pt",
+                                       size={"shortest_edge": size[0], "longest_edge": size[0]}, do_pad=True,
+                                       device=str(self.device))
+                return batch["pixel_values"].to(self.device)
+            except Exception as exc:  # noqa: BLE001 - fall back to ours, and say so in the notes
+                self._hf_pre_failed = True
+                self.notes.append(f"transformers' pre-processing failed ({type(exc).__name__}: {exc}); "
+                                  "its end-to-end rows use videomt_fast's pre-processing")
+        processor = self.eomt_fast_processor(size)
+        return processor(images_uint8, return_tensors="pt", device=self.device)["pixel_values"]
+
     def hf_postprocessor(self):
         if self._hf_pp is None:
             self._hf_pp = transformers_postprocessor()
@@ -884,16 +955,17 @@ class Case:
             latency_ms_p50=percentile(times, 50), latency_ms_p90=percentile(times, 90), latency_ms_min=min(times),
             frame_ms_p50=1e3 / fps,
         )
-        if self.runner.kind == "videomt":
+        if self.runner.kind != "peer":
             h, w = self.input_hw
-            flops = frame_flops(self.bench.model_config(self.size), h, w)["total"]
+            flops = self.bench.flops(self.size, h, w)["total"]
             row["gflop_per_frame"] = flops / 1e9
             row["achieved_tflops"] = flops * fps / 1e12
             row["mfu"] = mfu(flops, fps, args.peak_tflops)
             if self.runner.name == REFERENCE:
                 row["agreement"] = {"reference": "itself"}
             elif reference is not None:
-                row["agreement"] = agreement(self.outputs, reference)
+                map_key = "panoptic_map" if self.bench.eomt else "instance_map"
+                row["agreement"] = agreement(self.outputs, reference, map_key)
         row["status"] = "ok"
         return row
 
@@ -923,6 +995,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rows += _run_interleaved(bench, names, size)
         else:
             rows += _run_sequential(bench, names, size)
+    for row in rows:
+        if row["kind"] == "model":  # rows of providers that never built
+            row["kind"] = args.model
     _add_speedups(rows)
     return _report(args, bench, rows)
 
@@ -1013,7 +1088,7 @@ def _run_interleaved(bench: Bench, names: list[str], size: tuple[int, int]) -> l
 
 
 def _skipped(name: str, mode: str, size: tuple[int, int], why: str, status: str = "skipped") -> dict[str, Any]:
-    return {"provider": name, "kind": "peer" if name in PEERS else "videomt", "mode": mode,
+    return {"provider": name, "kind": "peer" if name in PEERS else "model", "mode": mode,
             "size": f"{size[0]}x{size[1]}", "status": status, "reason": why}
 
 
@@ -1106,19 +1181,26 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
     config = bench.model_config(args.sizes[0])
     config_dict = {k: v for k, v in config.to_dict().items() if k not in ("id2label", "label2id", "extra")}
     flop_model = {
-        f"{h}x{w}": {k: v / 1e9 for k, v in frame_flops(bench.model_config((h, w)), h, w).items()}
-        for h, w in args.sizes
+        f"{h}x{w}": {k: v / 1e9 for k, v in bench.flops((h, w), h, w).items()} for h, w in args.sizes
     }
     notes = list(bench.notes)
-    notes.append(
-        "online: batch 1, one frame per call, queries carried; fps = frames / time of each repeat's sequence "
-        "(median); latency percentiles are per frame"
-    )
+    if bench.eomt:
+        masked = bench.masked_blocks(args.sizes[0])
+        notes.append(
+            "EoMT: online = batch 1, one image per call; offline = the frames as one batch of images; fps = images/s. "
+            f"Masked attention in {masked} of {config.num_blocks} query layers "
+            f"({'as the model has it' if args.masked_attention == 'model' else '--masked-attention ' + args.masked_attention})"
+        )
+    else:
+        notes.append(
+            "online: batch 1, one frame per call, queries carried; fps = frames / time of each repeat's sequence "
+            "(median); latency percentiles are per frame"
+        )
     if args.interleave:
         notes.append("interleaved: all providers built first, repeat r of every case before repeat r+1 of any "
                      "(a shared machine's slow spells hit all alike); peak memory not measured")
     notes.append("offline and end-to-end: one clip per call; fps = clip frames / clip time (median); latency per clip")
-    if "hf-eager-fp32" in args.providers or "hf-sdpa-bf16" in args.providers:
+    if not bench.eomt and ("hf-eager-fp32" in args.providers or "hf-sdpa-bf16" in args.providers):
         notes.append(
             "transformers online = " + (
                 "its own modules frame by frame, the loop body of its clip forward, raw last-layer query rows "
@@ -1128,14 +1210,15 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
             )
         )
     if "end-to-end" in args.modes:
+        what, task = ("images", "panoptic") if bench.eomt else ("frames", "instance")
         notes.append(
-            f"end-to-end: uint8 {args.e2e_size[0]}x{args.e2e_size[1]} frames on the host in, "
-            f"instance maps at that size out (threshold {args.threshold}); pre-processing, forward and "
-            "post_process_instance_segmentation timed together"
+            f"end-to-end: uint8 {args.e2e_size[0]}x{args.e2e_size[1]} {what} on the host in, "
+            f"{task} maps at that size out (threshold {args.threshold}); pre-processing, forward and "
+            f"post_process_{task}_segmentation timed together"
         )
         if bench._hf_pp is not None:
             notes.append(f"transformers end-to-end: post-processing by {bench._hf_pp[1]}")
-            if bench._hf_pp[1] != "transformers.VideomtVideoProcessor":
+            if not bench._hf_pp[1].startswith("transformers.") or getattr(bench, "_hf_pre_failed", False):
                 notes.append("transformers end-to-end: pre-processing by videomt_fast's processor (transformers' "
                              "needs torchvision; ours gives the same resized uint8 values)")
     load = getattr(bench, "load_start", None)
@@ -1156,9 +1239,10 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "environment": {**environment(bench.device), "load_avg_1_5_15_start": getattr(bench, "load_start", None),
                         "load_avg_1_5_15_end": _load()},
+        "model": args.model,
         "arch": args.arch,
         "checkpoint": args.checkpoint,
-        "weights": "checkpoint" if args.checkpoint else f"random (seed {args.seed}), shared by all VidEoMT providers",
+        "weights": "checkpoint" if args.checkpoint else f"random (seed {args.seed}), shared by all {args.model} providers",
         "config": config_dict,
         "dtype": str(args.dtype).replace("torch.", ""),
         "modes": args.modes,
@@ -1183,6 +1267,8 @@ def result_path(args: argparse.Namespace, report: dict[str, Any]) -> str:
     device = env["device_name"] if env["device_type"] == "cuda" else "cpu"
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")[:40] or "device"
     arch = args.arch or os.path.basename(os.path.normpath(str(args.checkpoint))) or "checkpoint"
+    if args.model == "eomt" and not arch.startswith("eomt"):
+        arch = f"eomt-{arch}"
     modes = "+".join(m.replace("end-to-end", "e2e") for m in args.modes)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     return os.path.join(args.out_dir, f"{arch}_{modes}_{slug}_{stamp}.json")
@@ -1219,7 +1305,8 @@ def _fmt(value: Any, spec: str) -> str:
 def format_table(report: dict[str, Any]) -> str:
     head = (f"{'provider':20s} {'mode':10s} {'size':9s} {'dtype':8s} {'FPS':>9s} {'p50 ms':>9s} {'p90 ms':>9s} "
             f"{'x eager':>8s} {'x sdpa':>7s} {'x comp':>7s} {'MFU':>6s} {'mem MB':>8s} {'mask=':>7s} {'cls=':>6s}")
-    lines = [f"device: {report['environment']['device_name']}   arch: {report['arch'] or report['checkpoint']}",
+    lines = [f"device: {report['environment']['device_name']}   model: {report.get('model', 'videomt')}   "
+             f"arch: {report['arch'] or report['checkpoint']}",
              head, "-" * len(head)]
     for row in report["rows"]:
         if row.get("status") != "ok":
@@ -1250,7 +1337,7 @@ def main(argv: list[str] | None = None) -> int:
         path = result_path(args, report)
         write_json_atomic(path, report)
         print(f"wrote {path}")
-    failed = [r for r in report["rows"] if r.get("status") == "error" and r["kind"] == "videomt"]
+    failed = [r for r in report["rows"] if r.get("status") == "error" and r["kind"] != "peer"]
     return 1 if failed else 0
 
 
