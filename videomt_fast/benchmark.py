@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import gc
 import json
 import math
@@ -161,19 +162,48 @@ def _names(choices: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
     return parse
 
 
-def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments the benchmark and the profiler share: which model, where, in which dtype."""
     model = p.add_mutually_exclusive_group()
     model.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l"), default=None,
                        help="published backbone shape with random weights (default vit-s)")
     model.add_argument("--checkpoint", default=None, help="a transformers VidEoMT checkpoint folder or hub id")
     model.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--num-labels", type=int, default=None,
+                   help="classes of the random-weight model (default 40 for VidEoMT, 133 for EoMT)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
+                   help="low-precision dtype of the fast path (default bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+
+
+def resolve_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, eomt: bool = False) -> bool:
+    """Fill in the defaults of :func:`add_model_arguments` (device, arch, labels, dtype); True on CUDA."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    args.device = device
+    cuda = device.type == "cuda"
+    if args.tiny:
+        args.arch = "tiny"
+    elif args.arch is None and args.checkpoint is None:
+        args.arch = "vit-s"
+    if args.num_labels is None:
+        args.num_labels = 133 if eomt else 40
+    args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    return cuda
+
+
+def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    add_model_arguments(p)
     p.add_argument("--model", choices=("videomt", "eomt"), default="videomt",
                    help="VidEoMT (video, default) or EoMT (images: online = one image per call, offline = a batch)")
     p.add_argument("--masked-attention", choices=("model", "on", "off"), default="model",
                    help="EoMT: keep the model's attn_mask_probs (default), or set them all to 1 (on) or 0 (off)")
-    p.add_argument("--num-labels", type=int, default=None,
-                   help="classes of the random-weight model (default 40 for VidEoMT, 133 for EoMT)")
     p.add_argument("--size", type=_size, action="append", default=None, metavar="HxW",
                    help="model input size, repeatable (default 640x640 and 448x800 on CUDA, 224x224 on CPU)")
     p.add_argument("--mode", choices=MODES, action="append", default=None,
@@ -183,9 +213,6 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
     p.add_argument("--peers", type=_names(PEERS, "peers"), default=None,
                    help=f"comma list from {','.join(PEERS)}, or none (default: both on CUDA, "
                         "mask2former-swin-t on CPU)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="dtype of hf-sdpa-bf16, hf-compile and fast (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--frames", type=int, default=None, help="offline clip length (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--online-frames", type=int, default=None,
                    help="frames per online repeat, state carried (default 16 on CUDA, 4 on CPU)")
@@ -212,26 +239,15 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
                    help="build every provider first and alternate them repeat by repeat, so a noisy machine "
                         "slows all alike (default on CPU; off on CUDA, where each provider's peak memory is "
                         "measured alone)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
-    cuda = device.type == "cuda"
-    args.device = device
-    if args.arch is None and args.checkpoint is None and not args.tiny:
-        args.arch = "vit-s"
-    if args.tiny:
-        args.arch = "tiny"
     eomt = args.model == "eomt"
-    if args.num_labels is None:
-        args.num_labels = 133 if eomt else 40
+    cuda = resolve_model_arguments(parser, args, eomt)
+    device = args.device
     if args.masked_attention != "model" and not eomt:
         parser.error("--masked-attention applies to --model eomt only")
     default_sizes = [(640, 640)] if eomt else [(640, 640), (448, 800)]
@@ -246,9 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.peers = [] if args.tiny else (video_peers if cuda else ["mask2former-swin-t"])
     elif eomt and "edgetam-video" in args.peers:
         parser.error("--peers edgetam-video is a video model; with --model eomt use mask2former-swin-t")
-    args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
-    defaults = dict(frames=(16, 2) if eomt else (64, 4), online_frames=(16, 4), e2e_frames=(8, 2), e2e_size=((720, 1280), (180, 320)),
-                    warmup=(5, 1), repeats=(30, 3), threshold=(0.5 if args.checkpoint else 0.0,) * 2)
+    defaults = dict(frames=(16, 2) if eomt else (64, 4), online_frames=(16, 4), e2e_frames=(8, 2),
+                    e2e_size=((720, 1280), (180, 320)), warmup=(5, 1), repeats=(30, 3), threshold=(0.5 if args.checkpoint else 0.0,) * 2)
     for name, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
@@ -645,19 +660,11 @@ class Bench:
         if name == "fast-ref":
             dtype = torch.float32
             backend = "videomt_fast reference ops"
-
-            def context():
-                return ops.use_backend("reference")
+            context = functools.partial(ops.use_backend, "reference")
         else:
             dtype = self.args.dtype
-            optimize = getattr(model, "optimize", None)
-            if optimize is not None:
-                model = optimize(dtype=dtype, cuda_graphs=self.device.type == "cuda")
-                backend = "videomt_fast optimize()"
-            else:
-                model = model.to(dtype)
-                backend = "videomt_fast auto dispatch"
-                notes.append("model.optimize() not available in this build: dtype cast + auto dispatch only")
+            model = model.optimize(dtype=dtype, cuda_graphs=self.device.type == "cuda")
+            backend = "videomt_fast optimize()"
             if not self.eomt:
                 notes.append(f"online session: {type(model.new_session(batch_size=1)).__name__}")
             report = ops.backend_report(self.device)

@@ -24,13 +24,15 @@ from typing import Any, Callable
 import torch
 
 from .benchmark import (
-    TINY_CONFIG,
+    Bench,
     Timer,
+    add_model_arguments,
     _size,
     environment,
     fast_processor,
     frame_flops,
     percentile,
+    resolve_model_arguments,
     write_json_atomic,
 )
 
@@ -39,19 +41,11 @@ STAGES = ("patch_embed", "early_layers", "query_layers", "head_upscale", "postpr
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="videomt-fast profile", description=__doc__.split("\n\n")[0])
-    model = p.add_mutually_exclusive_group()
-    model.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l"), default=None,
-                       help="published backbone shape with random weights (default vit-s)")
-    model.add_argument("--checkpoint", default=None, help="a VidEoMT checkpoint folder or hub id")
-    model.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--num-labels", type=int, default=40)
+    add_model_arguments(p)
     p.add_argument("--size", type=_size, default=None, metavar="HxW",
                    help="model input size (default 640x640 on CUDA, 224x224 on CPU)")
     p.add_argument("--provider", choices=("fast", "fast-ref"), default="fast",
                    help="fast: model.optimize() (default); fast-ref: float32, reference ops")
-    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="dtype of the fast provider (default bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default=None)
     p.add_argument("--frames", type=int, default=None, help="timed frames (default 100 on CUDA, 6 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed frames first (default 10 on CUDA, 1 on CPU)")
     p.add_argument("--target-size", type=_size, default=None, metavar="HxW",
@@ -62,25 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trace", default=None, metavar="PATH", help="write a torch.profiler Chrome trace here")
     p.add_argument("--trace-frames", type=int, default=3, help="frames in the trace (default 3)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the table as JSON here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but torch sees no CUDA device")
-    cuda = device.type == "cuda"
-    args.device = device
-    if args.tiny:
-        args.arch = "tiny"
-    elif args.arch is None and args.checkpoint is None:
-        args.arch = "vit-s"
+    cuda = resolve_model_arguments(parser, args)
     args.size = args.size or ((32, 32) if args.tiny else (640, 640) if cuda else (224, 224))
-    args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     args.frames = args.frames if args.frames is not None else (100 if cuda else 6)
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     args.target_size = args.target_size or ((720, 1280) if cuda else ((48, 64) if args.tiny else (180, 320)))
@@ -92,32 +75,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace):
-    """The videomt_fast model to profile (random weights through transformers, as the benchmark builds them)."""
-    import transformers
-
+    """The videomt_fast model to profile: the benchmark's weights (random through transformers, or the checkpoint)."""
     from . import from_transformers
-    from .configuration import VideomtConfig, config_from_preset
 
-    if args.checkpoint:
-        hf = transformers.VideomtForUniversalSegmentation.from_pretrained(args.checkpoint, dtype=torch.float32)
-    else:
-        h, w = args.size
-        image = h if h == w else (32 if args.tiny else 640)
-        config = (VideomtConfig(**TINY_CONFIG, image_size=image) if args.tiny
-                  else config_from_preset(args.arch, num_labels=args.num_labels, image_size=image))
-        values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "extra")}
-        torch.manual_seed(args.seed)
-        hf = transformers.VideomtForUniversalSegmentation(transformers.VideomtConfig(**values))
-    model = from_transformers(hf.eval()).to(args.device)
-    notes = []
+    source = Bench(argparse.Namespace(**{**vars(args), "model": "videomt", "masked_attention": "model"}))
+    model = from_transformers(source.hf_master(args.size)).to(args.device)
     if args.provider == "fast":
-        optimize = getattr(model, "optimize", None)
-        if optimize is not None:
-            model = optimize(dtype=args.dtype, cuda_graphs=args.device.type == "cuda")
-        else:
-            model = model.to(args.dtype)
-            notes.append("model.optimize() not available in this build: dtype cast + auto dispatch only")
-    return model.eval(), notes
+        model = model.optimize(dtype=args.dtype, cuda_graphs=args.device.type == "cuda")
+    return model.eval(), []
 
 
 class StageClock:
