@@ -100,8 +100,9 @@ def check_frames(
             f"{name} has frames of {height}x{width}; height and width must be positive multiples of the "
             f"patch size {ph}x{pw} (e.g. {max(ph, height // ph * ph)}x{max(pw, width // pw * pw)})"
         )
-    if check_finite:
-        # one reduction and one sync; the exact count only when something is wrong
+    if check_finite and not torch.compiler.is_compiling():
+        # one reduction and one sync; the exact count only when something is wrong. A compiled graph
+        # cannot branch on data without a graph break, so under torch.compile the scan is left out.
         total = value.sum(dtype=torch.float32)
         if not bool(torch.isfinite(total)):
             nan = int(torch.isnan(value).sum())
@@ -315,6 +316,9 @@ class _Segmenter(nn.Module):
         self.class_predictor = nn.Linear(config.hidden_size, config.num_labels + 1)
         self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
         self.check_finite = True  # set False to skip the NaN/inf scan of inputs (one reduction + sync)
+        self.register_load_state_dict_post_hook(self._refresh_mask_probs)
+        if self.attn_mask_probs.device.type != "meta":
+            self._refresh_mask_probs()
         self.eval()
 
     # ------------------------------------------------------------------ structure
@@ -404,6 +408,7 @@ class _Segmenter(nn.Module):
         """
         from .fast import optimize
 
+        self._refresh_mask_probs()
         return optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
                         clone_outputs=clone_outputs)
 
@@ -412,13 +417,25 @@ class _Segmenter(nn.Module):
         return ops.backend_report(self.device)
 
     def _mask_probs(self) -> list[float]:
-        """``attn_mask_probs`` as floats, read once per change of the buffer (no per-call sync)."""
+        """``attn_mask_probs`` as floats, read once per change of the buffer (no per-call sync).
+
+        Under ``torch.compile`` the value last read eagerly is used (a graph cannot read a buffer into
+        Python control flow without a break); it is refreshed by every eager call, by
+        ``load_state_dict`` and by :meth:`optimize`. After changing the buffer in place, run one eager
+        call (or recompile) before the next compiled one.
+        """
+        if torch.compiler.is_compiling() and getattr(self, "_mask_probs_value", None) is not None:
+            return self._mask_probs_value
         buf = self.attn_mask_probs
         key = (buf.data_ptr(), buf._version, buf.device)
         if getattr(self, "_mask_probs_key", None) != key:
             self._mask_probs_value = [float(p) for p in buf.detach().cpu().tolist()]
             self._mask_probs_key = key
         return self._mask_probs_value
+
+    def _refresh_mask_probs(self, *_: Any) -> None:
+        self._mask_probs_key = None
+        self._mask_probs()
 
 
 class VideomtForUniversalSegmentation(_Segmenter):
