@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from test_postprocess import random_outputs
-from videomt_fast.tracks import VideoInstanceAccumulator, rle_decode, rle_encode_batch
+from videomt_fast.tracks import VideoInstanceAccumulator, rle_decode, rle_encode_batch, rle_encode_packed
 
 
 def test_rle_round_trip_and_pycocotools_agree():
@@ -95,3 +96,137 @@ def test_errors():
     other = random_outputs(1, 9, 4, 8, 8, seed=2)
     with pytest.raises(ValueError, match="through the video"):
         acc.update(other, [(8, 8)])
+
+
+# ---------------------------------------------------------------------------------------------
+# packed run storage: compact, exact, and the same output as the former list-of-lists storage
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_runs(mask: np.ndarray) -> list[int]:
+    """Straightforward COCO run lengths of one bool mask (column-major, starting with a zero run)."""
+    runs, value, count = [], False, 0
+    for pixel in mask.T.reshape(-1):
+        if pixel != value:
+            runs.append(count)
+            value, count = pixel, 0
+        count += 1
+    runs.append(count)
+    return runs
+
+
+def reference_finalize(cls, mask_logits, sizes, top_k, average):
+    """The former implementation, spelled out: top-k (query, label) of the video scores, per frame each
+    query's upsampled mask > 0 as a list of runs."""
+    values = cls.float() if average == "logits" else cls.float().softmax(-1)
+    mean = (values.double().sum(0) / cls.shape[0]).float()
+    scores = (mean.softmax(-1) if average == "logits" else mean)[:, :-1]
+    top, idx = scores.flatten().topk(min(top_k, scores.numel()))
+    result = []
+    for score, flat in zip(top.tolist(), idx.tolist()):
+        query, label = divmod(flat, scores.shape[1])
+        rles = []
+        for t, (h, w) in enumerate(sizes):
+            mask = F.interpolate(mask_logits[t : t + 1, query : query + 1].float(), size=(h, w), mode="bilinear",
+                                 align_corners=False)[0, 0] > 0
+            rles.append({"size": [h, w], "counts": reference_runs(mask.numpy())})
+        result.append((query, label, score, rles))
+    return result
+
+
+def edge_case_masks(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    masks = torch.rand(10, h, w, generator=g) > torch.rand(10, 1, 1, generator=g)
+    masks[0] = False
+    masks[1] = True
+    masks[2:6] = False
+    masks[2, 0, 0] = True  # first pixel only
+    masks[3, -1, -1] = True  # last pixel only
+    masks[4, h // 2, w // 2] = True  # one pixel inside
+    masks[5, -1, 0] = True  # end of the first column
+    masks[6] = True
+    masks[6, 0, 0] = False  # everything but the first pixel
+    masks[7] = ~masks[2]  # everything but the first and the last pixel
+    masks[7, -1, -1] = False
+    return masks
+
+
+@pytest.mark.parametrize("shape", [(13, 17), (1, 1), (1, 9), (9, 1), (2, 3), (64, 48)])
+def test_round_trip_edge_cases(shape):
+    h, w = shape
+    masks = edge_case_masks(h, w, seed=h * 100 + w)
+    runs, offsets = rle_encode_packed(masks)
+    assert isinstance(runs, np.ndarray) and runs.dtype == np.int32 and offsets.shape == (len(masks) + 1,)
+    assert offsets[0] == 0 and offsets[-1] == len(runs) and (np.diff(offsets) >= 1).all()
+    lists = rle_encode_batch(masks)
+    assert all(type(r) is list and all(type(v) is int for v in r) for r in lists)
+    for i, (m, r) in enumerate(zip(masks, lists)):
+        assert r == runs[offsets[i] : offsets[i + 1]].tolist() == reference_runs(m.numpy())
+        assert sum(r) == h * w
+        assert np.array_equal(rle_decode({"size": [h, w], "counts": r}), m.numpy())
+    assert lists[0] == [h * w] and lists[1] == [0, h * w]
+    empty_runs, empty_offsets = rle_encode_packed(masks[:0])
+    assert empty_runs.size == 0 and empty_offsets.tolist() == [0] and rle_encode_batch(masks[:0]) == []
+
+
+def test_round_trip_random_masks_match_pycocotools():
+    mask_utils = pytest.importorskip("pycocotools.mask")
+    g = torch.Generator().manual_seed(3)
+    for h, w in [(31, 45), (7, 5), (120, 90)]:
+        masks = F.interpolate(torch.randn(1, 12, 6, 5, generator=g), size=(h, w), mode="bilinear")[0] > 0.3
+        masks[0] = False
+        masks[1] = True
+        for m, r in zip(masks, rle_encode_batch(masks)):
+            assert np.array_equal(rle_decode({"size": [h, w], "counts": r}), m.numpy())
+            ref = mask_utils.encode(np.asfortranarray(m.numpy().astype(np.uint8)))
+            assert mask_utils.frPyObjects({"size": [h, w], "counts": r}, h, w)["counts"] == ref["counts"]
+
+
+def test_stored_runs_are_packed_arrays_and_compact():
+    frames, queries = 6, 40
+    out = random_outputs(frames, queries, 5, 24, 32, seed=11)
+    out.masks_queries_logits[:, ::5] = -1.0  # some empty queries between the others
+    sizes = [(90, 120)] * 3 + [(45, 61)] * 3
+    acc = VideoInstanceAccumulator(top_k=5)
+    acc.update(out, sizes)
+    assert len(acc._runs) == len(acc._offsets) == frames
+    packed_bytes = list_bytes = 0
+    for t, (runs, offsets) in enumerate(zip(acc._runs, acc._offsets)):
+        assert isinstance(runs, np.ndarray) and isinstance(offsets, np.ndarray)
+        assert runs.dtype == np.int32 and offsets.dtype == np.int32 and offsets.shape == (queries + 1,)
+        as_lists = [runs[offsets[q] : offsets[q + 1]].tolist() for q in range(queries)]
+        h, w = sizes[t]
+        assert all(as_lists[q] == [h * w] for q in range(0, queries, 5))
+        assert all(sum(r) == h * w for r in as_lists)
+        packed_bytes += runs.nbytes + offsets.nbytes
+        # what the list-of-lists storage held: the outer list and each query's list (slots only; the
+        # int objects past the small-int cache would add 28 bytes each on top)
+        list_bytes += sys.getsizeof(as_lists) + sum(sys.getsizeof(r) for r in as_lists)
+        assert runs.nbytes == 4 * len(runs) and offsets.nbytes == 4 * (queries + 1)
+    assert packed_bytes < list_bytes / 2
+
+
+@pytest.mark.parametrize("average", ["logits", "probs"])
+def test_finalize_equals_reference_implementation(average, monkeypatch):
+    # a tiny block budget: several upsampling blocks per frame, with empty blocks skipped in between
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_BLOCK_MB", "0.05")
+    frames, queries = 5, 70
+    out = random_outputs(frames, queries, 4, 12, 14, seed=5)
+    out.masks_queries_logits[:, 16:32] = -2.0  # one whole block with no mask
+    out.masks_queries_logits[:, 40] = -2.0
+    out.masks_queries_logits[:, 41] = 5.0  # full masks
+    out.class_queries_logits[:, 16, 0] += 20.0  # an empty query among the top instances
+    out.class_queries_logits[:, 41, 1] += 20.0
+    sizes = [(33, 41), (33, 41), (20, 70), (1, 5), (57, 30)]
+    acc = VideoInstanceAccumulator(top_k=12, class_average=average)
+    for t in range(frames):
+        acc.update(SimpleNamespace(class_queries_logits=out.class_queries_logits[t : t + 1],
+                                   masks_queries_logits=out.masks_queries_logits[t : t + 1]), sizes[t : t + 1])
+    got = acc.finalize()
+    expected = reference_finalize(out.class_queries_logits, out.masks_queries_logits, sizes, 12, average)
+    assert [(i.track_id, i.label_id) for i in got] == [(q, label) for q, label, _, _ in expected]
+    assert {16, 41} <= {i.track_id for i in got}
+    np.testing.assert_allclose([i.score for i in got], [s for _, _, s, _ in expected], rtol=1e-6)
+    for inst, (_, _, _, rles) in zip(got, expected):
+        assert inst.rles == rles
+        assert all(type(r["counts"]) is list for r in inst.rles)

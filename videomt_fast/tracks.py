@@ -8,9 +8,12 @@ with its mask in every frame (bilinear upsampling to the frame's target size, lo
 
 :class:`VideoInstanceAccumulator` sees one frame (or a few) at a time: it keeps a running sum of the
 class logits / probabilities and, per frame, each query's binarized mask at target size as
-column-major run lengths (COCO RLE counts, computed on the device, one transfer per frame). It never
-keeps mask logits, so a streaming session can feed it frame by frame and call :meth:`finalize` at the
-end. :meth:`to_youtube_vis` writes YouTube-VIS result entries with pycocotools RLE strings.
+column-major run lengths (COCO RLE counts; change points found on the device, runs assembled with
+vectorized numpy). The runs are stored packed: per frame, one int32 array with every query's runs back
+to back plus a ``(Q + 1,)`` offsets array, about 4 bytes a run instead of a Python list slot and int
+each; lists are built only for the top-k instances in :meth:`finalize`. It never keeps mask logits, so
+a streaming session can feed it frame by frame and call :meth:`finalize` at the end.
+:meth:`to_youtube_vis` writes YouTube-VIS result entries with pycocotools RLE strings.
 """
 
 from __future__ import annotations
@@ -48,26 +51,50 @@ def rle_decode(rle: Mapping[str, Any]) -> np.ndarray:
     return flat.reshape(w, h).T.copy()
 
 
+def _index_dtype(largest: int) -> np.dtype:
+    """The dtype for values up to ``largest``: int32 when they fit, else int64."""
+    return np.dtype(np.int32) if largest < 2**31 else np.dtype(np.int64)
+
+
+def rle_encode_packed(masks: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """COCO run lengths (column-major, starting with a zero run) of each mask in ``(K, H, W)`` bool, packed.
+
+    Returns ``(runs, offsets)``: mask ``i``'s runs are ``runs[offsets[i]:offsets[i + 1]]``. The change
+    points are found on the masks' device; the runs are then built with vectorized numpy, without a
+    per-mask loop. ``runs`` is int32 (int64 past 2**31 pixels).
+    """
+    k = masks.shape[0]
+    n = masks.shape[1] * masks.shape[2]
+    if k == 0:
+        return np.zeros(0, _index_dtype(n)), np.zeros(1, np.int64)
+    flat = masks.transpose(1, 2).reshape(k, n)
+    change = flat[:, 1:] != flat[:, :-1]
+    rows, cols = change.nonzero(as_tuple=True)  # row-major: grouped by mask, ascending positions
+    rows, cols = rows.cpu().numpy(), cols.cpu().numpy() + 1
+    starts = flat[:, 0].cpu().numpy().astype(np.int64)  # a mask starting with a 1 gets an empty first run
+    changes = np.bincount(rows, minlength=k)
+    # each mask's run edges: 0, [0 again when it starts with a 1], its change positions, n
+    lengths = changes + 2 + starts
+    edge_end = np.cumsum(lengths)
+    edge_start = edge_end - lengths
+    edges = np.zeros(int(edge_end[-1]), np.int64)
+    rank = np.arange(len(rows)) - (np.cumsum(changes) - changes)[rows]
+    edges[edge_start[rows] + 1 + starts[rows] + rank] = cols
+    edges[edge_end - 1] = n
+    steps = np.diff(edges)
+    within = np.ones(len(steps), bool)
+    within[edge_end[:-1] - 1] = False  # drop the steps from one mask's last edge to the next mask's first
+    runs = steps[within].astype(_index_dtype(n))
+    offsets = np.zeros(k + 1, np.int64)
+    np.cumsum(lengths - 1, out=offsets[1:])
+    return runs, offsets
+
+
 def rle_encode_batch(masks: torch.Tensor) -> list[list[int]]:
     """COCO run lengths (column-major, starting with a zero run) of each mask in ``(K, H, W)`` bool."""
-    k = masks.shape[0]
-    if k == 0:
-        return []
-    flat = masks.transpose(1, 2).reshape(k, -1)
-    n = flat.shape[1]
-    change = flat[:, 1:] != flat[:, :-1]
-    rows, cols = change.nonzero(as_tuple=True)
-    starts = flat[:, 0]
-    rows, cols, starts = rows.cpu().numpy(), (cols + 1).cpu().numpy(), starts.cpu().numpy()
-    bounds = np.searchsorted(rows, np.arange(k + 1))
-    out = []
-    for i in range(k):
-        edges = np.concatenate(([0], cols[bounds[i] : bounds[i + 1]], [n]))
-        runs = np.diff(edges).tolist()
-        if starts[i]:
-            runs = [0] + runs
-        out.append(runs)
-    return out
+    runs, offsets = rle_encode_packed(masks)
+    values, bounds = runs.tolist(), offsets.tolist()
+    return [values[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class VideoInstanceAccumulator:
@@ -88,7 +115,9 @@ class VideoInstanceAccumulator:
         self.class_average = class_average
         self._class_sum: torch.Tensor | None = None
         self._frames = 0
-        self._runs: list[list[list[int]]] = []  # frame -> query -> runs
+        # per frame: every query's runs back to back, and (Q + 1) offsets into them
+        self._runs: list[np.ndarray] = []
+        self._offsets: list[np.ndarray] = []
         self._sizes: list[tuple[int, int]] = []
 
     @property
@@ -116,23 +145,33 @@ class VideoInstanceAccumulator:
         self._class_sum = total if self._class_sum is None else self._class_sum + total.to(self._class_sum.device)
         self._frames += cls.shape[0]
         for f, size in enumerate(sizes):
-            self._runs.append(self._frame_runs(masks[f], size))
+            runs, offsets = self._frame_runs(masks[f], size)
+            self._runs.append(runs)
+            self._offsets.append(offsets)
             self._sizes.append(size)
 
     @staticmethod
-    def _frame_runs(masks: torch.Tensor, size: tuple[int, int]) -> list[list[int]]:
+    def _frame_runs(masks: torch.Tensor, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """One frame's ``(Q, h, w)`` mask logits -> packed runs and ``(Q + 1,)`` offsets at ``size``."""
         num_queries = masks.shape[0]
         height, width = size
-        empty = [height * width]
-        runs: list[list[int]] = [empty] * num_queries
+        lengths = np.ones(num_queries, np.int64)  # an empty mask is one run of height * width zeros
+        encoded = []
         # bilinear weights are non-negative, so a query with no positive low-res logit has an empty mask
         any_positive = (masks > 0).flatten(1).any(1)
         block = pp.block_channels(num_queries, height, width, bytes_per_value=5)
         for start, stop in pp._blocks(any_positive, block):
             binary = pp._upsample(masks[start:stop], size) > 0
-            for i, r in enumerate(rle_encode_batch(binary)):
-                runs[start + i] = r
-        return runs
+            runs, offsets = rle_encode_packed(binary)
+            lengths[start:stop] = np.diff(offsets)
+            encoded.append((start, runs))
+        total = int(lengths.sum())
+        offsets = np.zeros(num_queries + 1, _index_dtype(total))
+        np.cumsum(lengths, out=offsets[1:])
+        frame = np.full(total, height * width, _index_dtype(height * width))  # empty masks keep this run
+        for start, runs in encoded:
+            frame[offsets[start] : offsets[start] + len(runs)] = runs
+        return frame, offsets
 
     def scores(self) -> torch.Tensor:
         """Video-level class scores ``(Q, C)`` without the no-object class."""
@@ -151,7 +190,10 @@ class VideoInstanceAccumulator:
         instances = []
         for score, flat in zip(top.tolist(), idx.tolist()):
             query, label = divmod(flat, num_classes)
-            rles = [{"size": [h, w], "counts": self._runs[t][query]} for t, (h, w) in enumerate(self._sizes)]
+            rles = [
+                {"size": [h, w], "counts": runs[offsets[query] : offsets[query + 1]].tolist()}
+                for runs, offsets, (h, w) in zip(self._runs, self._offsets, self._sizes)
+            ]
             instances.append(VideoInstance(track_id=query, label_id=label, score=score, rles=rles))
         return instances
 
@@ -176,4 +218,4 @@ class VideoInstanceAccumulator:
         return entries
 
 
-__all__ = ["VideoInstance", "VideoInstanceAccumulator", "rle_decode", "rle_encode_batch"]
+__all__ = ["VideoInstance", "VideoInstanceAccumulator", "rle_decode", "rle_encode_batch", "rle_encode_packed"]
