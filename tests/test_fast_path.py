@@ -1,19 +1,29 @@
 """The fast path's static-buffer session (CUDA graphs on GPU) and optimize()."""
 
+import copy
+
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode, resolve_name
 
 import videomt_fast
+from videomt_fast import ops
 from videomt_fast.fast import GraphedSession
+from videomt_fast.session import VideomtSession
 
-from helpers import hf_videomt, max_abs, randomize_, video
-
-pytest.importorskip("transformers")
+from helpers import TINY, hf_videomt, max_abs, randomize_, video
 
 
 @pytest.fixture()
 def model():
+    pytest.importorskip("transformers")
     return videomt_fast.from_transformers(randomize_(hf_videomt()))
+
+
+@pytest.fixture()
+def lean_model():
+    """The same tiny model without transformers (the CPU fast-path checks need only videomt_fast)."""
+    return randomize_(videomt_fast.VideomtForUniversalSegmentation(videomt_fast.VideomtConfig(**TINY)))
 
 
 def test_static_buffer_session_equals_clip(model):
@@ -45,6 +55,7 @@ def test_optimize_casts_and_keeps_mask_probs(model):
 
 
 def test_from_pretrained_fast(tmp_path):
+    pytest.importorskip("transformers")
     hf_videomt().save_pretrained(tmp_path)
     model = videomt_fast.VideomtForUniversalSegmentation.from_pretrained(tmp_path, fast=True)
     assert model.dtype == torch.bfloat16 and model.fast_settings.cuda_graphs
@@ -52,6 +63,7 @@ def test_from_pretrained_fast(tmp_path):
 
 @pytest.mark.gpu
 def test_graphed_session_on_gpu_matches_eager():
+    pytest.importorskip("transformers")
     model = videomt_fast.from_transformers(randomize_(hf_videomt())).cuda()
     x = video(1, 5).cuda()
     with torch.no_grad():
@@ -73,3 +85,77 @@ def test_model_traces_under_torch_compile(model):
         compiled = torch.compile(model, backend="aot_eager")
         out = compiled(pixel_values_videos=x)
     assert max_abs(out.masks_queries_logits, eager.masks_queries_logits) < 1e-4
+
+
+# ---------------------------------------------------------------------------------- CPU: optimize() changes nothing
+
+
+class _RecordTorchCalls(TorchFunctionMode):
+    """Every torch function / tensor method called, with the shapes and dtypes of its tensor arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = tuple((tuple(a.shape), a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+        self.calls.append((resolve_name(func) or getattr(func, "__qualname__", repr(func)), tensors))
+        return func(*args, **kwargs)
+
+
+def _trace(model, monkeypatch, x):
+    """Outputs of a clip forward and of a session over ``x``, the backends ops.call chose, and every torch call."""
+    chosen = []
+    real_choose = ops.choose
+
+    def choose(name, *args, **kwargs):
+        backend, fn, reason = real_choose(name, *args, **kwargs)
+        chosen.append((name, backend))
+        return backend, fn, reason
+
+    monkeypatch.setattr(ops, "choose", choose)
+    session = model.new_session(x.shape[0])
+    recorder = _RecordTorchCalls()
+    with torch.inference_mode(), recorder:
+        clip = model(pixel_values_videos=x)
+        steps = [session.step(x[:, t]) for t in range(x.shape[1])]
+    monkeypatch.setattr(ops, "choose", real_choose)
+    return clip, steps, type(session), chosen, recorder.calls
+
+
+def test_optimize_on_cpu_runs_exactly_the_reference_path(lean_model, monkeypatch):
+    """``--fast`` on a CPU must cost what the plain model costs: no other session, backend, cast or copy.
+
+    Guards the ``videomt-fast segment --fast --dtype float32`` CPU path against a slow path (a graphed or
+    static-buffer session, a fast backend that emulates kernels on CPU, extra casts or clones) sneaking in.
+    """
+    plain = lean_model
+    fast = copy.deepcopy(plain)
+    before = {name: (t.data_ptr(), t.dtype) for name, t in fast.state_dict().items()}
+    assert fast.optimize(dtype=torch.float32) is fast
+    after = {name: (t.data_ptr(), t.dtype) for name, t in fast.state_dict().items()}
+    assert after == before  # same dtype: optimize() casts and copies nothing
+    assert fast.fast_settings.dtype == torch.float32
+    assert all(row["backend"] == "reference" for row in fast.backend_report().values()), fast.backend_report()
+
+    x = video(2, 3)
+    clip_p, steps_p, session_p, chosen_p, calls_p = _trace(plain, monkeypatch, x)
+    clip_f, steps_f, session_f, chosen_f, calls_f = _trace(fast, monkeypatch, x)
+    assert session_p is session_f is VideomtSession
+    assert chosen_f and {backend for _, backend in chosen_f} == {"reference"}
+    assert chosen_f == chosen_p
+    assert calls_f == calls_p  # the same torch calls on the same shapes and dtypes, in the same order
+    for a, b in [(clip_p, clip_f), *zip(steps_p, steps_f)]:
+        for key in ("class_queries_logits", "masks_queries_logits", "last_hidden_state"):
+            assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_optimize_low_precision_on_cpu_still_uses_references(lean_model, monkeypatch, dtype):
+    lean_model.optimize(dtype=dtype)
+    assert isinstance(lean_model.new_session(), VideomtSession)
+    assert all(row["backend"] == "reference" for row in lean_model.backend_report().values())
+    _, steps, _, chosen, _ = _trace(lean_model, monkeypatch, video(1, 2).to(dtype))
+    assert chosen and {backend for _, backend in chosen} == {"reference"}
+    assert steps[-1].masks_queries_logits.dtype == dtype

@@ -673,8 +673,9 @@ class Bench:
         model.eval()
         if self.eomt:
             processor = self.eomt_fast_processor(size)
-            return self._eomt_runner(name, dtype, backend, notes, size, lambda images: model(pixel_values=images),
-                                     lambda: processor, context)
+            predictor = model.new_predictor()
+            notes.append(f"calls: {predictor!r}")
+            return self._eomt_runner(name, dtype, backend, notes, size, predictor, lambda: processor, context)
 
         def offline(clip):
             out = model(pixel_values_videos=clip)

@@ -8,15 +8,25 @@ sessions can run side by side: each owns its graphs and buffers.
 
 The kernels themselves are chosen per op by :mod:`videomt_fast.ops` (Triton / CUDA on GPU
 tensors, reference elsewhere), so this module never names a backend.
+
+Off CUDA, ``optimize()`` only casts (nothing at all when the model already has ``dtype``): every op
+runs its reference and ``new_session()`` is the plain :class:`~videomt_fast.session.VideomtSession`,
+so a float32 CPU model computes exactly what it computed before, at the same cost
+(``tests/test_fast_path.py`` checks the op sequence).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-from .modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput
+from .modeling import (
+    EomtForUniversalSegmentationOutput,
+    VideomtForUniversalSegmentation,
+    VideomtForUniversalSegmentationOutput,
+)
 from .session import check_step_frames
 
 
@@ -27,15 +37,24 @@ class FastSettings:
     clone_outputs: bool = True  # graph outputs live in static buffers overwritten by the next step
 
 
+def _casted_tensors(model):
+    """Parameters and buffers that ``optimize`` casts (``attn_mask_probs`` stays fp32)."""
+    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+        if name != "attn_mask_probs":
+            yield name, tensor
+
+
 def optimize(model, dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: bool = True,
              check_finite: bool | None = None, clone_outputs: bool = True):
     """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
     if dtype is not None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        probs = model.attn_mask_probs.detach().clone()
-        model.to(dtype=dtype)
-        model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
+        # already in ``dtype`` (e.g. float32 on CPU): no cast, no copy, the same tensors as before
+        if any(t.is_floating_point() and t.dtype != dtype for name, t in _casted_tensors(model)):
+            probs = model.attn_mask_probs.detach().clone()
+            model.to(dtype=dtype)
+            model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
     if check_finite is not None:
         model.check_finite = bool(check_finite)
     if model.device.type == "cuda":
@@ -147,3 +166,79 @@ class GraphedSession:
     def __repr__(self) -> str:
         return (f"GraphedSession(batch_size={self.batch_size}, frame_size={self.frame_size}, "
                 f"graphs={'on' if self.use_graphs else 'off'}, frames_seen={self.frame_index})")
+
+
+class GraphedPredictor:
+    """An EoMT forward replayed from a CUDA graph, one graph per input shape.
+
+    ``predictor(pixel_values)`` returns what ``model(pixel_values=...)`` returns. The inputs are checked
+    eagerly (shape, dtype, NaN/inf as the model's ``check_finite`` says, the masked-attention
+    probabilities); the checked forward, which never synchronizes with the host, is what the graph
+    holds, so a call is one input copy and one replay. Up to ``max_shapes`` shapes keep their graph
+    (least recently used dropped first). Off CUDA, or with ``use_graphs=False``, it calls the forward.
+
+    Outputs are copies unless ``clone_outputs=False``; then they are the graph's static buffers, valid
+    until the next call with the same shape.
+    """
+
+    def __init__(self, model, use_graphs: bool | None = None, clone_outputs: bool = True, max_shapes: int = 4):
+        if not isinstance(max_shapes, int) or max_shapes < 1:
+            raise ValueError(f"max_shapes must be a positive int, got {max_shapes!r}")
+        self.model = model
+        on_cuda = model.device.type == "cuda"
+        self.use_graphs = on_cuda if use_graphs is None else bool(use_graphs and on_cuda)
+        self.clone_outputs = clone_outputs
+        self.max_shapes = max_shapes
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple]] = OrderedDict()
+        self._pool = None
+        self._probs: list[float] | None = None
+
+    def _capture(self, key: tuple, pixel_values: torch.Tensor, probs: list[float]):
+        model = self.model
+        static = torch.empty_like(pixel_values, dtype=model.dtype, device=model.device)
+        static.copy_(pixel_values)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # allocator, autotuning and position-table caches settle outside the graph
+                model._forward(static, probs)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = model._forward(static, probs)
+        entry = (static, graph, (out.class_queries_logits, out.masks_queries_logits, out.last_hidden_state))
+        self._entries[key] = entry
+        while len(self._entries) > self.max_shapes:
+            self._entries.popitem(last=False)
+        return entry
+
+    @torch.no_grad()
+    def __call__(self, pixel_values: torch.Tensor, patch_offsets=None):
+        model = self.model
+        probs = model.check_inputs(pixel_values, model.check_finite)
+        if not self.use_graphs:
+            return model._forward(pixel_values, probs, patch_offsets)
+        if probs != self._probs:  # the masked layers are baked into the graphs
+            self._entries.clear()
+            self._probs = list(probs)
+        key = tuple(pixel_values.shape)
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._capture(key, pixel_values, probs)
+        else:
+            self._entries.move_to_end(key)
+            entry[0].copy_(pixel_values)
+        entry[1].replay()
+        classes, masks, sequence = entry[2]
+        if self.clone_outputs:
+            classes, masks, sequence = classes.clone(), masks.clone(), sequence.clone()
+        return EomtForUniversalSegmentationOutput(
+            class_queries_logits=classes, masks_queries_logits=masks, last_hidden_state=sequence,
+            patch_offsets=patch_offsets,
+        )
+
+    def __repr__(self) -> str:
+        return (f"GraphedPredictor(graphs={'on' if self.use_graphs else 'off'}, "
+                f"shapes={[list(k) for k in self._entries]})")

@@ -565,10 +565,28 @@ class EomtForUniversalSegmentation(_Segmenter):
     ) -> EomtForUniversalSegmentationOutput:
         if mask_labels is not None or class_labels is not None:
             raise ValueError("videomt_fast is inference-only: mask_labels / class_labels are not supported")
+        probs = self.check_inputs(pixel_values, self.check_finite)
+        return self._forward(pixel_values, probs, patch_offsets)
+
+    def new_predictor(self, max_shapes: int = 4):
+        """A callable ``predictor(pixel_values)`` returning what ``self(pixel_values=...)`` returns.
+
+        After :meth:`optimize` on a CUDA model it replays one CUDA graph per input shape (a
+        :class:`videomt_fast.fast.GraphedPredictor`); otherwise it runs the forward.
+        """
+        from .fast import GraphedPredictor
+
+        settings = getattr(self, "fast_settings", None)
+        graphs = settings is not None and settings.cuda_graphs and self.device.type == "cuda"
+        clone = settings.clone_outputs if settings is not None else True
+        return GraphedPredictor(self, use_graphs=graphs, clone_outputs=clone, max_shapes=max_shapes)
+
+    def check_inputs(self, pixel_values: Any, check_finite: bool = True) -> list[float]:
+        """Validate ``pixel_values`` and the masked-attention probabilities; returns the probabilities."""
         if pixel_values is None:
             raise ValueError("pixel_values is required: a (batch_size, 3, height, width) tensor")
         check_frames(
-            pixel_values, "pixel_values", 4, self.config, "(batch_size, channels, height, width)", self.check_finite
+            pixel_values, "pixel_values", 4, self.config, "(batch_size, channels, height, width)", check_finite
         )
         probs = self._mask_probs()
         for i, p in enumerate(probs):
@@ -578,6 +596,12 @@ class EomtForUniversalSegmentation(_Segmenter):
                     "disables the mask for random queries (a training device) and would make inference random; "
                     "set it to 0 (masks off) or 1 (masks on)"
                 )
+        return probs
+
+    def _forward(
+        self, pixel_values: torch.Tensor, probs: list[float], patch_offsets: list[torch.Tensor] | None = None
+    ) -> EomtForUniversalSegmentationOutput:
+        """The forward on checked inputs: no host synchronization (CUDA-graph capturable)."""
         config = self.config
         grid = self.grid_for(*pixel_values.shape[-2:])
         num_queries = config.num_queries

@@ -1,0 +1,80 @@
+"""EoMT's predictor: the forward replayed from CUDA graphs after optimize(), the plain forward elsewhere."""
+
+import pytest
+import torch
+
+from videomt_fast import EomtForUniversalSegmentation
+from videomt_fast.configuration import EomtConfig
+from videomt_fast.fast import GraphedPredictor
+
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=8,
+            num_labels=5, image_size=32)
+
+
+def _model(probs=1.0, device="cpu"):
+    torch.manual_seed(0)
+    model = EomtForUniversalSegmentation(EomtConfig(**TINY)).eval()
+    state = model.state_dict()
+    state["attn_mask_probs"] = torch.full_like(state["attn_mask_probs"], probs)
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def _images(batch=2, size=(32, 32), seed=1, device="cpu"):
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _same(a, b, atol=0.0):
+    for name in ("class_queries_logits", "masks_queries_logits", "last_hidden_state"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape and torch.allclose(x.float(), y.float(), atol=atol, rtol=0), name
+
+
+@pytest.mark.parametrize("probs", [1.0, 0.0])
+def test_cpu_predictor_is_the_forward(probs):
+    model = _model(probs)
+    predictor = model.new_predictor()
+    assert isinstance(predictor, GraphedPredictor) and not predictor.use_graphs
+    for size in ((32, 32), (48, 32)):
+        x = _images(size=size)
+        with torch.no_grad():
+            _same(predictor(x), model(pixel_values=x))
+    assert "graphs=off" in repr(predictor)
+
+
+def test_predictor_checks_inputs_like_the_forward():
+    model = _model()
+    predictor = model.new_predictor()
+    with pytest.raises(ValueError, match="pixel_values must be 4-D"):
+        predictor(torch.randn(3, 32, 32))
+    bad = _images()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="pixel_values contains 1 NaN"):
+        predictor(bad)
+    model.attn_mask_probs.fill_(0.5)
+    with pytest.raises(ValueError, match=r"attn_mask_probs\[0\] = 0.5"):
+        predictor(_images())
+    with pytest.raises(ValueError, match="max_shapes"):
+        GraphedPredictor(model, max_shapes=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_predictor_matches_eager_forward(dtype):
+    model = _model(1.0, "cuda").optimize(dtype=dtype)
+    predictor = model.new_predictor(max_shapes=1)
+    assert predictor.use_graphs
+    atol = 1e-4 if dtype == torch.float32 else 0.0
+    with torch.no_grad():
+        for seed, size in enumerate([(32, 32), (32, 32), (48, 32), (32, 32)]):  # replay, new shape, evicted shape
+            x = _images(size=size, seed=seed, device="cuda")
+            got = predictor(x)
+            want = model(pixel_values=x)
+            _same(got, want, atol)
+            assert len(predictor._entries) == 1
+        kept = predictor(_images(seed=10, device="cuda")).masks_queries_logits
+        again = predictor(_images(seed=11, device="cuda")).masks_queries_logits
+        assert not torch.equal(kept, again)  # outputs are copies, not the static buffers
+        model.attn_mask_probs.fill_(0.0)  # masked layers are baked into graphs: a change recaptures
+        x = _images(seed=12, device="cuda")
+        _same(predictor(x), model(pixel_values=x), atol)
