@@ -14,6 +14,7 @@ import torch
 from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation, video_io
 from videomt_fast import segment as seg
 from videomt_fast.processing import VideomtVideoProcessor
+from videomt_fast.session import VideomtSession
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
@@ -407,3 +408,55 @@ def test_session_engine_matches_reference(workspace, tmp_path):
     assert _run(workspace, out, video, extra=["--engine", "session", "--decoder", "pyav"]) == 0
     _, expected = _reference(workspace, video_io.VideoSource(str(video), "video"), "semantic")
     np.testing.assert_array_equal(_pngs(out / "odd" / "semantic")[1], expected)
+
+
+def _engine_logits(workspace, video, engine, fast):
+    """Class and mask logits of the segment engine on the whole video (float32 on CPU), and its engine."""
+    settings = seg.SegmentSettings(model=str(workspace / "model"), task="semantic", out="unused", dtype="float32",
+                                   fast=fast, engine=engine, chunk_size=CHUNK)
+    eng = seg._Engine(settings, "cpu")
+    source = video_io.VideoSource(str(video), "video")
+    eng.start(video_io.probe(source))
+    outs = [eng.forward(eng.preprocess(chunk)) for chunk in video_io.iter_chunks(source, CHUNK)]
+    return torch.cat([c for c, _ in outs]), torch.cat([m for _, m in outs]), eng
+
+
+@pytest.mark.parametrize("engine", ["chunk", "session"])
+def test_fast_on_cpu_is_the_plain_model(workspace, tmp_path, engine):
+    """``--fast --dtype float32`` on a CPU: the same model, session type, backends and bit-identical outputs."""
+    video = workspace / "videos" / "shapes.mp4"
+    classes, masks, plain = _engine_logits(workspace, video, engine, fast=False)
+    fast_classes, fast_masks, fast = _engine_logits(workspace, video, engine, fast=True)
+    assert fast.model.fast_settings.dtype == torch.float32 and fast.model.dtype == torch.float32
+    assert all(row["backend"] == "reference" for row in fast.model.backend_report().values())
+    if engine == "session":
+        assert type(fast.session) is type(plain.session) is VideomtSession
+    for (name, a), (_, b) in zip(plain.model.state_dict().items(), fast.model.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert torch.equal(fast_classes, classes) and torch.equal(fast_masks, masks)
+    # the CLI end to end: the same files
+    outs = {}
+    for flag in ([], ["--fast"]):
+        outs[bool(flag)] = out = tmp_path / ("fast" if flag else "plain")
+        assert _run(workspace, out, video, extra=["--engine", engine, "--dtype", "float32", *flag]) == 0
+    np.testing.assert_array_equal(_pngs(outs[True] / "shapes" / "semantic")[1],
+                                  _pngs(outs[False] / "shapes" / "semantic")[1])
+
+
+def test_threads_option(workspace, tmp_path, monkeypatch):
+    """``--threads N`` sets PyTorch's CPU threads while segmenting, and gives the caller its count back."""
+    with pytest.raises(ValueError, match="--threads"):
+        seg.settings_from_args(seg.build_parser().parse_args(["v.mp4", "--model", "m", "--out", "o", "--threads", "-1"]))
+    seen = []
+    real_forward = seg._Engine.forward
+
+    def forward(self, pixels):
+        seen.append(torch.get_num_threads())
+        return real_forward(self, pixels)
+
+    monkeypatch.setattr(seg._Engine, "forward", forward)
+    before = torch.get_num_threads()
+    out = tmp_path / "out"
+    assert _run(workspace, out, workspace / "videos" / "shapes.mp4", extra=["--threads", "1"]) == 0
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == before

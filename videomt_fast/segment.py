@@ -25,12 +25,15 @@ main thread uploads a chunk, resizes and normalizes it on the device, runs the e
 whole chunk and the query layers frame by frame with the propagated queries carried across chunks
 (memory is bounded by the chunk, not the video), post-processes on the device, and hands CPU maps to
 a writer thread (bounded queue) that encodes PNGs in a small thread pool. Several devices run one
-process each over a shared work queue; ``--ray`` runs one Ray task per video instead.
+process each over a shared work queue; ``--ray`` runs one Ray task per video instead. On a CPU device
+``--threads N`` sets PyTorch's thread count (on a small or shared CPU, 1 keeps the decoder and PNG
+threads from oversubscribing the cores); ``--fast`` there runs the same reference ops as without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -72,6 +75,7 @@ class SegmentSettings:
     dtype: str = "auto"
     engine: str = "chunk"  # "chunk": early layers batched over a chunk; "session": model.new_session()
     fast: bool = False  # model.optimize() (bf16 weights, fused kernels, CUDA graphs for sessions)
+    threads: int = 0  # torch intra-op threads on a CPU device; 0 = PyTorch's default
     decoder: str = "auto"
     decode_workers: int = 2
     decode_threads: int = 0
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["chunk", "session"], default="chunk",
                    help="chunk: early layers batched per chunk; session: one frame per step (CUDA graphs with --fast)")
     p.add_argument("--fast", action="store_true", help="model.optimize(): fused kernels, CUDA-graph sessions")
+    p.add_argument("--threads", type=int, default=0,
+                   help="PyTorch threads on a CPU device (0 = PyTorch's default); on a shared or small CPU, "
+                        "1 avoids oversubscribing the cores next to the decoder and PNG threads")
     p.add_argument("--devices", default="auto", help="comma list (cuda:0,cuda:1,cpu) or auto (every GPU, else cpu)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run one Ray task per video (ADDRESS of a cluster, or none for the default/local one)")
@@ -134,6 +141,8 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
     for name in ("chunk_size", "decode_workers", "prefetch_chunks", "png_threads", "top_k"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 0 (PyTorch's default) or more, got {args.threads}")
     for name in ("size", "short_side"):
         value = getattr(args, name)
         if value is not None and value < 16:
@@ -141,7 +150,8 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
     fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
     return SegmentSettings(
         model=args.model, task=args.task, out=os.path.abspath(args.out), size=args.size, short_side=args.short_side,
-        chunk_size=args.chunk_size, dtype=args.dtype, engine=args.engine, fast=args.fast, decoder=args.decoder,
+        chunk_size=args.chunk_size, dtype=args.dtype, engine=args.engine, fast=args.fast, threads=args.threads,
+        decoder=args.decoder,
         decode_workers=args.decode_workers, decode_threads=args.decode_threads, prefetch_chunks=args.prefetch_chunks,
         png_threads=args.png_threads, png_level=max(0, min(9, args.png_level)), threshold=args.threshold,
         mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold, fuse_labels=fuse,
@@ -642,9 +652,34 @@ class _Engine:
 # ---------------------------------------------------------------------------------- one device
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int, device: str) -> Iterator[None]:
+    """PyTorch's intra-op thread count set to ``threads`` while segmenting on a CPU device (0 = leave it).
+
+    The count is process-wide: it is restored afterwards so that a library caller keeps its own.
+    """
+    import torch
+
+    if threads <= 0 or torch.device(device).type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
                    on_event: Callable[[str, Any], None]) -> None:
     """Segment ``jobs`` on ``device``; reports ``("frames", n)`` and ``("result", dict)`` through ``on_event``."""
+    with torch_threads(settings.threads, device):
+        _segment_videos(jobs, settings, device, on_event)
+
+
+def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
+                    on_event: Callable[[str, Any], None]) -> None:
     try:
         engine = _Engine(settings, device)
     except Exception as exc:  # no model, no videos: report each one with the reason
