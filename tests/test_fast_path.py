@@ -58,7 +58,12 @@ def test_from_pretrained_fast(tmp_path):
     pytest.importorskip("transformers")
     hf_videomt().save_pretrained(tmp_path)
     model = videomt_fast.VideomtForUniversalSegmentation.from_pretrained(tmp_path, fast=True)
-    assert model.dtype == torch.bfloat16 and model.fast_settings.cuda_graphs
+    assert model.dtype == torch.float32 and model.fast_settings.cuda_graphs  # a CPU keeps the reference dtype
+    model = videomt_fast.VideomtForUniversalSegmentation.from_pretrained(tmp_path, fast=True, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert videomt_fast.VideomtForUniversalSegmentation.from_pretrained(tmp_path).optimize().dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be"):
+        model.optimize(dtype="bf16")
 
 
 @pytest.mark.gpu

@@ -9,7 +9,7 @@ sessions can run side by side: each owns its graphs and buffers.
 The kernels themselves are chosen per op by :mod:`videomt_fast.ops` (Triton / CUDA on GPU
 tensors, reference elsewhere), so this module never names a backend.
 
-Off CUDA, ``optimize()`` only casts (nothing at all when the model already has ``dtype``): every op
+Off CUDA, ``optimize()`` keeps the dtype unless one is named (and casts nothing it need not): every op
 runs its reference and ``new_session()`` is the plain :class:`~videomt_fast.session.VideomtSession`,
 so a float32 CPU model computes exactly what it computed before, at the same cost
 (``tests/test_fast_path.py`` checks the op sequence).
@@ -44,9 +44,13 @@ def _casted_tensors(model):
             yield name, tensor
 
 
-def optimize(model, dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: bool = True,
+def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool = True,
              check_finite: bool | None = None, clone_outputs: bool = True):
     """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
+    if isinstance(dtype, str):
+        if dtype != "auto":
+            raise ValueError(f"dtype must be a torch dtype, 'auto' or None, got {dtype!r}")
+        dtype = torch.bfloat16 if model.device.type == "cuda" else None
     if dtype is not None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")

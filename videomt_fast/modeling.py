@@ -375,14 +375,14 @@ class _Segmenter(nn.Module):
     ) -> "_Segmenter":
         """Load a transformers ``save_pretrained`` directory, a hub id, or a research-code ``.pth``.
 
-        ``fast=True`` returns ``model.optimize(...)`` (bf16 unless ``dtype`` names another).
+        ``fast=True`` returns ``model.optimize(...)``: bf16 on CUDA unless ``dtype`` names another; on a
+        CPU the loaded dtype (the reference path stays the CPU default).
         """
         from .loading import load_pretrained
 
         model = load_pretrained(cls, pretrained_model_name_or_path, config=config, dtype=dtype, device=device, **kwargs)
         if fast:
-            fast_dtype = model.dtype if dtype not in (None, "auto") else torch.bfloat16
-            model.optimize(dtype=fast_dtype)
+            model.optimize(dtype=model.dtype if dtype not in (None, "auto") else "auto")
         return model
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
@@ -393,14 +393,16 @@ class _Segmenter(nn.Module):
 
     def optimize(
         self,
-        dtype: torch.dtype | None = torch.bfloat16,
+        dtype: torch.dtype | str | None = "auto",
         cuda_graphs: bool = True,
         check_finite: bool | None = None,
         clone_outputs: bool = True,
     ) -> "_Segmenter":
         """Set the model up for speed, in place; returns it.
 
-        Casts the weights to ``dtype`` (bf16 by default; the kernels accumulate in fp32), and on CUDA
+        Casts the weights to ``dtype`` (``"auto"``: bf16 on CUDA, where the kernels accumulate in fp32;
+        elsewhere the current dtype is kept, so a CPU model keeps computing what it did; ``None``: no
+        cast), and on CUDA
         makes :meth:`new_session` replay one CUDA graph per input shape. ``check_finite=False`` also
         drops the per-call NaN/inf scan of the input (one reduction and one host sync).
         ``clone_outputs=False`` lets a graphed session return its static output buffers (valid until
