@@ -732,27 +732,16 @@ class EomtImageProcessor:
         ``class probability x mean sigmoid over its positive pixels >= threshold``; later queries paint over
         earlier ones (transformers' rules).
         """
-        size = _check_size(dict(size) if size is not None else dict(self.size))
-        cls, masks = _logits(outputs)
-        sizes = _target_sizes(target_sizes, cls.shape[0])
         threshold = float(threshold)
-        output_size = padded_size(size)
-        class_scores = cls.softmax(dim=-1)[..., :-1].max(-1).values
-        # a query's score is at most its class probability: only those can pass (the op's own pre-filter)
-        candidates = class_scores.double() >= threshold
-        results = []
-        for i, target in enumerate(sizes):
-            crop = resized_size(target, size["shortest_edge"], size["longest_edge"])
-            kept = self._kept_queries(masks, i, candidates[i], output_size, crop)
-            if kept.shape[0] == 0:
-                seg = torch.full(target, -1.0, dtype=torch.float32, device=masks.device)
-                results.append({"segmentation": seg, "segments_info": []})
-                continue
-            segs, keep, labels, scores = ops.call(
-                "instance_segmentation", cls[i, candidates[i]][None], kept[None], [target], threshold
-            )
-            results.append({"segmentation": segs[0].to(torch.float32), "segments_info": _segments(keep[0], labels[0], scores[0])})
-        return results
+
+        def candidates(cls: torch.Tensor) -> torch.Tensor:
+            # a query's score is at most its class probability: only those can pass (the op's own pre-filter)
+            return cls.softmax(dim=-1)[..., :-1].max(-1).values.double() >= threshold
+
+        def paint(cls: torch.Tensor, kept: torch.Tensor, target: tuple[int, int]):
+            return ops.call("instance_segmentation", cls, kept, [target], threshold)
+
+        return self._segment_kept_queries(outputs, target_sizes, size, candidates, paint, -1.0, torch.float32)
 
     def post_process_panoptic_segmentation(
         self,
@@ -770,25 +759,36 @@ class EomtImageProcessor:
         per pixel by ``score x sigmoid``; a segment needs its assigned area over its ``>= mask_threshold`` area
         ``> overlap_mask_area_threshold``; ``stuff_classes`` segments of one class share one id.
         """
+        fuse = {int(c) for c in stuff_classes} if stuff_classes else None
+
+        def competing(cls: torch.Tensor) -> torch.Tensor:
+            return _pp.panoptic_selection(cls, float(threshold))[2]
+
+        def paint(cls: torch.Tensor, kept: torch.Tensor, target: tuple[int, int]):
+            return ops.call("panoptic_segmentation", cls, kept, [target], float(threshold), float(mask_threshold),
+                            float(overlap_mask_area_threshold), fuse)
+
+        return self._segment_kept_queries(outputs, target_sizes, size, competing, paint, -1, torch.long)
+
+    def _segment_kept_queries(self, outputs, target_sizes, size, select, paint, empty_id, seg_dtype) -> list[dict]:
+        """Shared by instance and panoptic: ``select(cls) -> (B, Q) bool`` picks each image's queries, whose
+        masks are upsampled to the padded size and cropped to the image's resized size; ``paint(cls (1, K, C+1),
+        masks (1, K, h, w), target)`` returns the op's ``(segs, flags, labels, scores)`` at ``target``."""
         size = _check_size(dict(size) if size is not None else dict(self.size))
         cls, masks = _logits(outputs)
         sizes = _target_sizes(target_sizes, cls.shape[0])
         output_size = padded_size(size)
-        fuse = {int(c) for c in stuff_classes} if stuff_classes else None
-        _, _, keep_all = _pp.panoptic_selection(cls, float(threshold))
+        keep_all = select(cls)
         results = []
         for i, target in enumerate(sizes):
             crop = resized_size(target, size["shortest_edge"], size["longest_edge"])
             kept = self._kept_queries(masks, i, keep_all[i], output_size, crop)
             if kept.shape[0] == 0:
-                seg = torch.full(target, -1, dtype=torch.long, device=masks.device)
+                seg = torch.full(target, empty_id, dtype=seg_dtype, device=masks.device)
                 results.append({"segmentation": seg, "segments_info": []})
                 continue
-            segs, new, labels, scores = ops.call(
-                "panoptic_segmentation", cls[i, keep_all[i]][None], kept[None], [target], float(threshold),
-                float(mask_threshold), float(overlap_mask_area_threshold), fuse,
-            )
-            results.append({"segmentation": segs[0], "segments_info": _segments(new[0], labels[0], scores[0])})
+            segs, flags, labels, scores = paint(cls[i, keep_all[i]][None], kept[None], target)
+            results.append({"segmentation": segs[0].to(seg_dtype), "segments_info": _segments(flags[0], labels[0], scores[0])})
         return results
 
 
