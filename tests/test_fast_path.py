@@ -83,6 +83,28 @@ def test_graphed_session_on_gpu_matches_eager():
         assert max_abs(out_b.class_queries_logits, clip.class_queries_logits[t : t + 1]) < 1e-3
 
 
+@pytest.mark.gpu
+def test_graphed_clip_forward_on_gpu_matches_eager():
+    """After optimize() the clip forward replays the query layers from CUDA graphs, per shape."""
+    from videomt_fast.fast import GraphedQueryStep
+
+    pytest.importorskip("transformers")
+    model = videomt_fast.from_transformers(randomize_(hf_videomt())).cuda()
+    clips = [video(2, 5).cuda(), video(1, 3, height=32).cuda()]
+    with torch.no_grad():
+        eager = [model(pixel_values_videos=x) for x in clips]
+        model.optimize(dtype=torch.float32)
+        for x, ref in zip(clips, eager):
+            for chunk in (None, 2):
+                out = model(pixel_values_videos=x, chunk_size=chunk)
+                for name in ("masks_queries_logits", "class_queries_logits", "last_hidden_state"):
+                    assert max_abs(getattr(out, name), getattr(ref, name)) < 1e-3, (name, chunk)
+    steps = model._graphed_query_steps
+    assert len(steps) == 2 and all(isinstance(s, GraphedQueryStep) and len(s._graphs) == 2 for s in steps.values())
+    model.optimize(dtype=torch.float32)
+    assert not hasattr(model, "_graphed_query_steps")  # re-optimizing drops graphs of the old weights
+
+
 def test_model_traces_under_torch_compile(model):
     x = video(1, 2)
     with torch.no_grad():
@@ -96,7 +118,8 @@ def test_model_traces_under_torch_compile(model):
 
 
 class _RecordTorchCalls(TorchFunctionMode):
-    """Every torch function / tensor method called, with the shapes and dtypes of its tensor arguments."""
+    """Every torch function / tensor method called, with the shapes and dtypes of its tensor arguments
+    (attribute reads such as ``tensor.device`` compute nothing and are left out)."""
 
     def __init__(self):
         super().__init__()
@@ -104,8 +127,10 @@ class _RecordTorchCalls(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        tensors = tuple((tuple(a.shape), a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-        self.calls.append((resolve_name(func) or getattr(func, "__qualname__", repr(func)), tensors))
+        name = resolve_name(func) or getattr(func, "__qualname__", repr(func))
+        if not name.endswith(".__get__"):
+            tensors = tuple((tuple(a.shape), a.dtype) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+            self.calls.append((name, tensors))
         return func(*args, **kwargs)
 
 

@@ -66,6 +66,7 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
 
         ops.preload_backends()  # import the kernels now, outside any traced or captured region
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs)
+    model.__dict__.pop("_graphed_query_steps", None)  # graphs hold the old weights' addresses
     return model.eval()
 
 
@@ -170,6 +171,77 @@ class GraphedSession:
     def __repr__(self) -> str:
         return (f"GraphedSession(batch_size={self.batch_size}, frame_size={self.frame_size}, "
                 f"graphs={'on' if self.use_graphs else 'off'}, frames_seen={self.frame_index})")
+
+
+class GraphedQueryStep:
+    """``model.query_step`` for one ``(batch, tokens)`` shape, replayed from two CUDA graphs (the first
+    frame, from the learned queries, and later frames, from the propagated ones).
+
+    The clip forward of an optimized CUDA model uses it for its frame-by-frame half: the early layers
+    run batched over many frames (large matrix products), the query layers and the head run per frame,
+    where one replay replaces dozens of kernel launches and their Python dispatch. Returns copies of
+    the masks, classes and sequence, and the queries to propagate as a view valid until the next call.
+    """
+
+    def __init__(self, model: VideomtForUniversalSegmentation, hidden: torch.Tensor, grid: tuple[int, int]):
+        self.model = model
+        self.grid = grid
+        cfg = model.config
+        self._hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
+        self._prev = torch.zeros(hidden.shape[0], cfg.num_queries, cfg.hidden_size, device=hidden.device,
+                                 dtype=hidden.dtype)
+        self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[bool, tuple[torch.Tensor, ...]] = {}
+        self._pool = None
+
+    def _run(self, first: bool) -> tuple[torch.Tensor, ...]:
+        return self.model.query_step(self._hidden, None if first else self._prev, self.grid)
+
+    def _capture(self, first: bool) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run(first)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outputs = self._run(first)
+        self._graphs[first], self._outputs[first] = graph, outputs
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor, prev: torch.Tensor | None, grid: tuple[int, int] | None = None):
+        """Same arguments and results as ``model.query_step`` (for the shape it was built for)."""
+        if tuple(hidden.shape) != tuple(self._hidden.shape) or (grid is not None and tuple(grid) != self.grid):
+            raise ValueError(f"GraphedQueryStep built for hidden {tuple(self._hidden.shape)} and grid {self.grid}, "
+                             f"got {tuple(hidden.shape)} and {grid}")
+        first = prev is None
+        self._hidden.copy_(hidden)
+        if not first:
+            self._prev.copy_(prev)
+        if first not in self._graphs:
+            self._capture(first)
+        self._graphs[first].replay()
+        masks, classes, sequence, queries = self._outputs[first]
+        return masks.clone(), classes.clone(), sequence.clone(), queries
+
+
+def query_stepper(model: VideomtForUniversalSegmentation, hidden: torch.Tensor, grid: tuple[int, int]):
+    """What the clip forward calls per frame: a cached :class:`GraphedQueryStep` for an optimized CUDA
+    model (outside ``torch.compile`` and graph capture), else ``model.query_step``."""
+    settings = getattr(model, "fast_settings", None)
+    if (settings is None or not settings.cuda_graphs or hidden.device.type != "cuda"
+            or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+        return model.query_step
+    key = (tuple(hidden.shape), hidden.dtype, hidden.device, grid)
+    cache = model.__dict__.setdefault("_graphed_query_steps", {})
+    if key not in cache:
+        if len(cache) >= 4:  # a few shapes at a time; the oldest graphs go first
+            cache.pop(next(iter(cache)))
+        cache[key] = GraphedQueryStep(model, hidden, grid)
+    return cache[key]
 
 
 class GraphedPredictor:

@@ -522,8 +522,9 @@ class VideomtForUniversalSegmentation(_Segmenter):
             frames = pixel_values_videos[:, start:stop].reshape(batch * (stop - start), channels, height, width)
             hidden = self.encode_frames(frames)
             hidden = hidden.view(batch, stop - start, *hidden.shape[1:])
+            step = self._query_stepper(hidden[:, 0], grid)
             for t in range(stop - start):
-                mask_logits, class_logits, sequence, prev = self.query_step(hidden[:, t], prev, grid)
+                mask_logits, class_logits, sequence, prev = step(hidden[:, t], prev, grid)
                 masks.append(mask_logits)
                 classes.append(class_logits)
                 sequences.append(sequence)
@@ -533,6 +534,14 @@ class VideomtForUniversalSegmentation(_Segmenter):
             masks_queries_logits=torch.cat(masks, dim=0),
             last_hidden_state=torch.cat(sequences, dim=0),
         )
+
+    def _query_stepper(self, hidden: torch.Tensor, grid: tuple[int, int]):
+        """``query_step``, or after :meth:`optimize` on CUDA its CUDA-graph replay (videomt_fast.fast)."""
+        if getattr(self, "fast_settings", None) is None:
+            return self.query_step
+        from .fast import query_stepper
+
+        return query_stepper(self, hidden, grid)
 
     # ------------------------------------------------------------------ streaming
     def new_session(self, batch_size: int = 1):
