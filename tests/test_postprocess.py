@@ -255,3 +255,82 @@ def test_preprocess_errors(ours):
         ours(torch.zeros(2, 5, 5, 5, dtype=torch.uint8))
     with pytest.raises(ValueError, match="videos"):
         ours(torch.zeros(5, dtype=torch.uint8))
+
+
+# ----------------------------------------------------------------------------- blocking and single pass
+
+
+@pytest.mark.parametrize("cpu_block_mb", ["0.01", "10000"])
+def test_cpu_block_budget_does_not_change_answers(monkeypatch, oracle, ours, cpu_block_mb):
+    """16-channel blocks (the cache budget's floor) and one block for everything give the same answers."""
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_CPU_BLOCK_MB", cpu_block_mb)
+    assert pp.work_channels(50, 97, 131, torch.device("cpu")) == (16 if cpu_block_mb == "0.01" else 64)
+    sizes = [(97, 131), (40, 40)]
+    blobs = random_outputs(2, 50, 19, 20, 24, seed=21)
+    cells = random_outputs(2, 50, 19, 20, 24, seed=22, layout="cells")
+    for threshold in (0.0, 0.3):
+        assert_segments_equal(
+            oracle.post_process_instance_segmentation(blobs, sizes, threshold=threshold),
+            ours.post_process_instance_segmentation(blobs, sizes, threshold=threshold),
+        )
+    kwargs = dict(threshold=0.5, label_ids_to_fuse={1, 2})
+    assert_segments_equal(
+        oracle.post_process_panoptic_segmentation(cells, sizes, **kwargs),
+        ours.post_process_panoptic_segmentation(cells, sizes, **kwargs),
+    )
+    for e, o in zip(oracle.post_process_semantic_segmentation(blobs, sizes), ours.post_process_semantic_segmentation(blobs, sizes)):
+        assert torch.equal(e, o)
+
+
+def test_work_channels_caps_cpu_blocks_only(monkeypatch):
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_CPU_BLOCK_MB", "4")
+    cpu = torch.device("cpu")
+    assert pp.work_channels(200, 180, 320, cpu) == 16  # 16 x 180 x 320 floats = 3.5 MiB
+    assert pp.work_channels(200, 720, 1280, cpu) == pp.QUERY_ALIGN  # never below one alignment unit
+    assert pp.work_channels(200, 40, 40, cpu) == 208  # everything fits: one block
+    assert pp.work_channels(200, 180, 320, torch.device("meta")) == pp.block_channels(200, 180, 320)
+
+
+def test_each_block_is_upsampled_once(monkeypatch, ours):
+    """Instance and panoptic take everything from one upsampling of each block (no second pass to paint)."""
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_CPU_BLOCK_MB", "0.01")  # 16-query blocks
+    calls = []
+    real = pp._upsample
+    monkeypatch.setattr(pp, "_upsample", lambda x, size: calls.append(x.shape[0]) or real(x, size))
+    out = random_outputs(2, 37, 5, 8, 8, seed=4)
+    out.class_queries_logits[..., 0] += 30.0  # every query confident in class 0: a candidate, kept in panoptic
+    got = ours.post_process_instance_segmentation(out, [(30, 30)] * 2, threshold=0.0)
+    assert sum(len(r["segments_info"]) for r in got) > 37
+    assert calls == [16, 16, 5] * 2
+    calls.clear()
+    ours.post_process_panoptic_segmentation(out, [(30, 30)] * 2, threshold=0.5)
+    assert calls == [16, 16, 5] * 2
+
+
+def test_panoptic_nan_mask_logits_win_as_argmax_decides(monkeypatch, oracle, ours):
+    """transformers' argmax picks the first NaN; a NaN in a later query block must beat earlier blocks."""
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_BLOCK_MB", "0.01")  # 16-query blocks, on any device
+    out = random_outputs(2, 40, 5, 16, 16, seed=9, layout="cells")
+    out.class_queries_logits[:, [3, 30, 35], 1] += 30.0  # kept queries in the first and the last block
+    out.masks_queries_logits[0, 30, 4:7, 5:9] = float("nan")
+    out.masks_queries_logits[0, 35, 5:8, 6:9] = float("nan")  # overlaps 30's NaNs: the earlier query wins
+    out.masks_queries_logits[1, 3, 8:12, 2:5] = float("nan")
+    sizes = [(40, 40), (33, 47)]
+    assert_segments_equal(
+        oracle.post_process_panoptic_segmentation(out, sizes, threshold=0.5, overlap_mask_area_threshold=0.0),
+        ours.post_process_panoptic_segmentation(out, sizes, threshold=0.5, overlap_mask_area_threshold=0.0),
+    )
+
+
+def test_semantic_ties_across_class_blocks(monkeypatch, oracle, ours):
+    monkeypatch.setenv("VIDEOMT_FAST_POSTPROCESS_BLOCK_MB", "0.01")  # 16-class blocks
+    out = random_outputs(2, 12, 40, 10, 12, seed=8)
+    out.class_queries_logits[..., 25] = out.class_queries_logits[..., 5]  # equal class maps in two blocks
+    out.class_queries_logits[..., [5, 25]] += 3.0
+    sizes = [(30, 20), (17, 23)]
+    for with_scores in (False, True):
+        expected = oracle.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
+        got = ours.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
+        for e, o in zip(expected, got):
+            e, o = (e.segmentation, o.segmentation) if with_scores else (e, o)
+            assert torch.equal(e, o)
