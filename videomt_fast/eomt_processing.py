@@ -654,15 +654,13 @@ class EomtImageProcessor:
         best = best_idx = None
         for start in range(0, num_classes, block):
             up = F.interpolate(class_map[None, start : start + block], size=target, mode="bilinear", align_corners=False)[0]
-            idx = up.argmax(dim=0, keepdim=True)
-            val = up.gather(0, idx)[0]
-            idx = idx[0] + start
+            val, idx = up.max(dim=0)  # argmax's index (first maximum, NaN wins) and its value, in one pass
             if best is None:
                 best, best_idx = val, idx
             else:
-                better = val > best  # ties keep the earlier class, as argmax does
+                better = _pp._better(val, best)  # ties keep the earlier class, as argmax does
                 best = torch.where(better, val, best)
-                best_idx = torch.where(better, idx, best_idx)
+                best_idx = torch.where(better, idx + start, best_idx)
         return best_idx
 
     def _kept_queries(self, masks: torch.Tensor, image: int, keep: torch.Tensor, output_size, crop) -> torch.Tensor:

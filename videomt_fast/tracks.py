@@ -159,7 +159,7 @@ class VideoInstanceAccumulator:
         encoded = []
         # bilinear weights are non-negative, so a query with no positive low-res logit has an empty mask
         any_positive = (masks > 0).flatten(1).any(1)
-        block = pp.block_channels(num_queries, height, width, bytes_per_value=5)
+        block = pp.work_channels(num_queries, height, width, masks.device, bytes_per_value=5)
         for start, stop in pp._blocks(any_positive, block):
             binary = pp._upsample(masks[start:stop], size) > 0
             runs, offsets = rle_encode_packed(binary)
