@@ -4,7 +4,8 @@
 #
 #   OUT=/tmp/gpu_out bash bench/gpu_check.sh [phase ...]
 #
-# Phases (default: all, in this order): env build tests kernels post bench profile eomt.
+# Phases (default: all but compile, in this order): env build tests kernels post bench profile eomt;
+# also tests-all (the whole suite) and compile (torch.compile(transformers) vs fast, minutes per arch).
 # Every phase runs under its own time limit and its output goes to $OUT/log.txt; result JSON files are
 # gathered into $OUT/results.tar.gz, the pytest report into $OUT/junit.xml. Wheels in .whl/ (a newer
 # transformers, PyAV) are installed into a private folder first when present.
@@ -74,6 +75,11 @@ for k, v in ops.backend_report(torch.device('cuda')).items(): print(f'{k:22s} {v
       for arch in ${ARCHS:-vit-s vit-b vit-l}; do
         phase "bench-$arch" "${BENCH_LIMIT:-300}" "$PY" -m bench --arch "$arch" --out-dir "$JSON" \
           ${BENCH_ARGS:---size 640x640 --peers none --providers hf-eager-fp32,hf-sdpa-bf16,fast}
+      done ;;
+    compile)  # torch.compile(transformers, max-autotune) against fast: slow to build, so its own phase
+      for arch in ${ARCHS:-vit-s vit-b vit-l}; do
+        phase "compile-$arch" "${BENCH_LIMIT:-300}" "$PY" -m bench --arch "$arch" --out-dir "$JSON" \
+          --size 640x640 --peers none --providers hf-compile,fast --mode online --mode offline ${COMPILE_ARGS:-}
       done ;;
     profile)
       phase profile 180 "$PY" -m videomt_fast profile --arch "${PROFILE_ARCH:-vit-l}" --size 640x640 \

@@ -128,8 +128,15 @@ def _attention_kernel(
     tl.store(out_ptrs, cast_to(out, out_ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _launch_config(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim; to be re-measured on the GPU."""
+def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim and dtype; to be re-measured on the GPU.
+
+    fp32 (IEEE dots on the FMA units) keeps half the key block and twice the warps: at 64x64 with
+    4 warps ptxas spills (sm_90: 255 registers, ~1.6 KB spill stores unmasked, ~6.6 KB masked), at
+    64x32 with 8 warps it uses 90 / 248 registers and no local memory (kernels/compile_check.py).
+    """
+    if dtype == torch.float32:
+        return 64, 32, 8, 2
     if head_dim <= 64:
         return 64, 64, 4, 3
     return 64, 64, 8, 2
@@ -145,7 +152,7 @@ def attention_launch(
     out = torch.empty(batch, seq_len, dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0 or seq_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _launch_config(head_dim)
+    block_m, block_n, num_warps, num_stages = _launch_config(head_dim, qkv.dtype)
     has_mask = mask_bits is not None and num_queries > 0
     bits = mask_bits if has_mask else qkv  # dummy pointer when unmasked, never read
     grid = (triton.cdiv(seq_len, block_m), batch * num_heads)

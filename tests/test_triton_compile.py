@@ -1,0 +1,245 @@
+"""Every Triton launch our launchers make at real model shapes compiles for Hopper (sm_90), on a CPU.
+
+The kernel tests run the kernels in Triton's CPU interpreter, which accepts what real compilation
+rejects. Here the launches themselves are captured (:mod:`videomt_fast.kernels.compile_check`: the
+public entry points are called on uninitialized tensors of real ViT shapes, ``kernel[grid](...)`` is
+recorded with Triton's own CUDA argument specialization and never executed), then each unique launch
+is compiled ahead of time to a cubin for ``GPUTarget("cuda", 90, 32)`` in a subprocess (compiling needs
+real ``JITFunction`` objects, i.e. a process without ``TRITON_INTERPRET=1``), and its resources are read
+back (registers and spills from ``ptxas -v``, shared memory).
+
+Default run: every unique launch of ViT-L, batch 2, bf16 / fp16 / fp32, for sm_90 (~20-40 s cold on two
+cores, ~10 s with Triton's kernel cache warm). The full sweep (ViT-S/B/L, batch 1 and 2, sm_90 and
+sm_80; ~140 s cold, ~30 s warm) runs only when asked for with ``-m slow``.
+``VIDEOMT_FAST_COMPILE_REPORT=/path/table.json`` writes the resource table of the default run there (the
+full sweep's next to it, ``table.full.json``); ``python -m videomt_fast.kernels.compile_check --help``
+does the same from the command line.
+
+A compile error fails ``test_every_launch_compiles_for_sm90`` with Triton's message (front end or
+ptxas); a ptxas register spill fails ``test_no_register_spills_sm90`` for that kernel and dtype, except
+the known ones below (strict xfail: fixing one makes the test ask for its entry to be removed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+
+import pytest
+import torch
+
+pytest.importorskip("triton.backends.nvidia.compiler")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from videomt_fast import ops  # noqa: E402
+from videomt_fast.kernels import compile_check as cc  # noqa: E402
+from videomt_fast.kernels import attention, layer_norm  # noqa: E402
+from videomt_fast.kernels.testing import poisoned_empty  # noqa: E402
+
+# every kernel the launchers launch (module-level ``_*_kernel`` JIT functions of the kernel modules)
+KERNELS = {"_attention_kernel", "_mask_bits_kernel", "_layer_norm_kernel", "_linear_kernel", "_epilogue_kernel"}
+DEFAULT = dict(models=("vit-l",), batches=(2,), dtypes=tuple(cc.DTYPES))
+FULL = dict(models=cc.MODELS, batches=cc.BATCHES, dtypes=tuple(cc.DTYPES))
+
+# Launches ptxas compiles with register spills (found by this test, sm_90, Triton 3.9):
+# fp32 attention (PRECISION="ieee", BLOCK_M = BLOCK_N = 64, 4 warps, 3 stages) spills 1612 B
+# unmasked (255 registers) and 6596 B masked (168 registers, 3648 B stack). bf16 / fp16 attention and
+# every other kernel do not spill. Remove an entry once its launch config is fixed (the xfail is strict).
+# (kernel, dtype) -> why its spills are accepted for now (their tests then xfail strictly). Empty: fp32
+# attention spilled at 64x64 blocks / 4 warps until its launch config was changed to 64x32 / 8 warps.
+KNOWN_SPILLS: dict[tuple[str, str], str] = {}
+
+
+def _dtype_of(row_or_launch) -> str:
+    sig = row_or_launch["signature"] if isinstance(row_or_launch, dict) else row_or_launch.signature
+    first_ptr = next(v for v in sig.values() if v.startswith("*"))  # the activation tensor of every kernel
+    return first_ptr[1:]
+
+
+def _report(rows, suffix: str = "") -> None:
+    path = os.environ.get("VIDEOMT_FAST_COMPILE_REPORT")
+    if path:
+        if suffix:
+            root, ext = os.path.splitext(path)
+            path = f"{root}.{suffix}{ext or '.json'}"
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        cc.write_json(path, rows)
+    print("\n" + cc.format_table(rows))
+
+
+def _failures(rows) -> str:
+    return "\n\n".join(f"sm_{r['arch']} {r['config']}\n  cases: {r['cases'][:3]}\n  {r['error']}"
+                       for r in rows if not r["ok"])
+
+
+def _broken(launches):
+    """A launch that must not compile: attention with a head block that is not a power of two."""
+    launch = next(x for x in launches if x.name == "_attention_kernel")
+    broken = cc.Launch.from_json(json.loads(json.dumps(launch.to_json())))
+    broken.constexprs["BLOCK_D"] = 48  # tl.arange(0, 48) is a compile error
+    broken.cases = ["deliberately broken (BLOCK_D=48)"]
+    return broken
+
+
+@pytest.fixture(scope="module")
+def default_launches():
+    start = time.perf_counter()
+    launches = cc.dedupe(cc.capture(cc.launch_cases(**DEFAULT)))
+    print(f"\ncaptured {len(launches)} unique launches in {time.perf_counter() - start:.1f} s")
+    return launches
+
+
+@pytest.fixture(scope="module")
+def sm90(default_launches):
+    """(rows of the default launches, row of the deliberately broken one), compiled for sm_90 in one go."""
+    rows = cc.compile_in_subprocess([*default_launches, _broken(default_launches)], archs=(90,))
+    assert len(rows) == len(default_launches) + 1
+    _report(rows[:-1])
+    return rows[:-1], rows[-1]
+
+
+# ------------------------------------------------------------------ capture
+
+
+def test_recording_skips_execution_and_is_scoped():
+    x, w, b = torch.randn(3, 32), torch.randn(32), torch.randn(32)
+    with poisoned_empty(), cc.recording() as launches:
+        y = layer_norm.layer_norm(x, w, b, 1e-6)
+    assert [launch.name for launch in launches] == ["_layer_norm_kernel"]
+    assert torch.isnan(y).all(), "the kernel ran while recording"
+    if ops.triton_interpreting():  # outside the context the kernel runs again
+        y = layer_norm.layer_norm(x, w, b, 1e-6)
+        assert not torch.isnan(y).any()
+
+
+def test_capture_covers_every_kernel_op_and_dtype(default_launches):
+    assert default_launches, "no launch captured"
+    # every launched kernel object in the kernel modules, found by name, is captured
+    defined = {name for mod in cc.KERNEL_MODULES.values() for name in vars(mod)
+               if name.startswith("_") and name.endswith("_kernel")}
+    assert defined == KERNELS
+    assert {x.name for x in default_launches} == KERNELS
+    # every kernel module and every op with a triton implementation went through its launcher
+    captured_ops = {op for x in default_launches for op in x.ops}
+    assert {cc.OP_MODULES[op] for op in captured_ops} == set(cc.KERNEL_MODULES)
+    report = ops.backend_report("cpu")
+    triton_ops = {name for name, entry in report.items() if "triton" in entry["available"]}
+    assert triton_ops == {op.split("[")[0] for op in captured_ops}
+    assert {"linear_gelu[cublas]", "linear_gelu[triton]", "linear_residual[cublas]",
+            "linear_residual[triton]"} <= captured_ops
+    # every kernel in every dtype; attention masked and unmasked
+    seen = {(x.name, _dtype_of(x)) for x in default_launches}
+    assert seen == {(k, d) for k in KERNELS for d in cc.DTYPES}
+    for dtype in cc.DTYPES:
+        masks = {x.constexprs["HAS_MASK"] for x in default_launches
+                 if x.name == "_attention_kernel" and _dtype_of(x) == dtype}
+        assert masks == {True, False}, dtype
+
+
+def test_captured_launch_parameters_are_the_gpu_ones(default_launches):
+    for x in default_launches:
+        assert x.options["num_warps"] in (1, 2, 4, 8, 16), x.describe()
+        if "INTERP_BF16" in x.constexprs:
+            assert x.constexprs["INTERP_BF16"] is False, x.describe()  # interpreter workaround never on a GPU
+        if "PRECISION" in x.constexprs:
+            assert x.constexprs["PRECISION"] == ("ieee" if _dtype_of(x) == "fp32" else "tf32"), x.describe()
+        if x.name == "_attention_kernel":
+            assert x.constexprs["HEAD_DIM"] == 64 and x.signature["qkv_ptr"] == x.signature["out_ptr"]
+            want = attention._launch_config(64, cc.DTYPES[_dtype_of(x)])  # what the launcher picks per dtype
+            assert (x.constexprs["BLOCK_M"], x.constexprs["BLOCK_N"], x.options["num_warps"],
+                    x.options["num_stages"]) == want, x.describe()
+        assert all(x.grid) and x.cases
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK": 64}, num_warps=2),
+                          triton.Config({"BLOCK": 128}, num_warps=4, num_stages=2)], key=["n"])
+@triton.jit
+def _autotuned_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=offs < n), mask=offs < n)
+
+
+def test_autotuned_kernel_records_every_config():
+    x, y = torch.zeros(100), torch.empty(100)
+    with cc.recording() as launches:
+        _autotuned_copy[lambda meta: (triton.cdiv(100, meta["BLOCK"]),)](x, y, 100)
+    got = [(x.constexprs["BLOCK"], x.options["num_warps"], x.options["num_stages"], x.grid) for x in launches]
+    assert got == [(64, 2, 3, [2, 1, 1]), (128, 4, 2, [1, 1, 1])]
+
+
+def test_no_kernel_wrapper_escapes_the_capture():
+    cc.assert_no_unsupported_wrappers()
+
+
+def test_guard_refusal_is_an_error():
+    (case,) = [c for c in cc.launch_cases(("vit-s",), (1,), ("fp32",)) if c.op == "mask_bits"]
+    bad = cc.Case(case.op, case.label, lambda: (torch.empty(1, 2, 8, 8, dtype=torch.int32), (4, 4)), case.call,
+                  case.guard)
+    with pytest.raises(cc.GuardRejected, match="mask_logits dtype"):
+        cc.capture([bad])
+
+
+# ------------------------------------------------------------------ compile for sm_90
+
+
+def test_every_launch_compiles_for_sm90(sm90, default_launches):
+    rows, _ = sm90
+    assert len(rows) == len(default_launches)
+    assert all(r["ok"] for r in rows), "compile errors for sm_90:\n" + _failures(rows)
+    assert {r["kernel"] for r in rows} == KERNELS
+    for r in rows:
+        assert r["cubin_bytes"] > 0, r["config"]
+        assert r["registers"] == r["cuobjdump_registers"], r["config"]  # ptxas -v rerun == Triton's cubin
+        assert r["fits_shared"], f"{r['config']}: {r['dynamic_shared']} B shared > {r['shared_limit']} B"
+
+
+def test_a_compile_error_fails(sm90):
+    _, broken = sm90
+    assert not broken["ok"]
+    assert "arange" in broken["error"] or "power of 2" in broken["error"], broken["error"]
+
+
+def _spill_params():
+    params = []
+    for kernel in sorted(KERNELS):
+        for dtype in cc.DTYPES:
+            reason = KNOWN_SPILLS.get((kernel, dtype))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            params.append(pytest.param(kernel, dtype, marks=marks, id=f"{kernel}-{dtype}"))
+    return params
+
+
+@pytest.mark.parametrize("kernel,dtype", _spill_params())
+def test_no_register_spills_sm90(sm90, kernel, dtype):
+    rows, _ = sm90
+    mine = [r for r in rows if r["kernel"] == kernel and _dtype_of(r) == dtype and r["ok"]]
+    assert mine, f"no compiled {kernel} {dtype}"
+    spilled = [f"{r['config']}: {r['registers']} registers, {r['spill_stores']} B spill stores, "
+               f"{r['spill_loads']} B spill loads, {r['stack_frame']} B stack" for r in mine if r["spills"]]
+    assert not spilled, "ptxas spills to local memory:\n" + "\n".join(spilled)
+
+
+# ------------------------------------------------------------------ the whole sweep
+
+
+@pytest.mark.slow
+def test_full_sweep_compiles_for_sm90_and_sm80(request):
+    if "slow" not in (request.config.getoption("markexpr") or ""):
+        pytest.skip("the full sweep (~140 s cold) runs only when asked for: -m slow")
+    launches = cc.dedupe(cc.capture(cc.launch_cases(**FULL)))
+    rows = cc.compile_in_subprocess(launches, archs=(90, 80))
+    _report(rows, "full")
+    assert len(rows) == 2 * len(launches)
+    assert all(r["ok"] for r in rows), "compile errors:\n" + _failures(rows)
+    too_big = [f"sm_{r['arch']} {r['config']}: {r['dynamic_shared']} B" for r in rows if not r["fits_shared"]]
+    assert not too_big, f"shared memory over the per-block limit: {too_big}"
+    spills = defaultdict(list)
+    for r in rows:
+        if r["spills"]:
+            spills[(r["kernel"], _dtype_of(r))].append(f"sm_{r['arch']} {r['config']}: {r['spill_stores']} B")
+    unknown = {k: v for k, v in spills.items() if k not in KNOWN_SPILLS}
+    assert not unknown, f"unexpected register spills: {unknown}"
