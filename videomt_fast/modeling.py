@@ -522,7 +522,7 @@ class VideomtForUniversalSegmentation(_Segmenter):
             frames = pixel_values_videos[:, start:stop].reshape(batch * (stop - start), channels, height, width)
             hidden = self.encode_frames(frames)
             hidden = hidden.view(batch, stop - start, *hidden.shape[1:])
-            step = self._query_stepper(hidden[:, 0], grid)
+            step = self.query_stepper(hidden[:, 0], grid)
             for t in range(stop - start):
                 mask_logits, class_logits, sequence, prev = step(hidden[:, t], prev, grid)
                 masks.append(mask_logits)
@@ -535,8 +535,9 @@ class VideomtForUniversalSegmentation(_Segmenter):
             last_hidden_state=torch.cat(sequences, dim=0),
         )
 
-    def _query_stepper(self, hidden: torch.Tensor, grid: tuple[int, int]):
-        """``query_step``, or after :meth:`optimize` on CUDA its CUDA-graph replay (videomt_fast.fast)."""
+    def query_stepper(self, hidden: torch.Tensor, grid: tuple[int, int]):
+        """What to call per frame on ``hidden`` of this shape: :meth:`query_step`, or after :meth:`optimize`
+        on CUDA its CUDA-graph replay (:class:`videomt_fast.fast.GraphedQueryStep`, same arguments)."""
         if getattr(self, "fast_settings", None) is None:
             return self.query_step
         from .fast import query_stepper

@@ -615,10 +615,9 @@ class _Engine:
             else:
                 grid = self.model.grid_for(*pixels.shape[-2:])
                 hidden = self.model.encode_frames(pixels)
+                step = self.model.query_stepper(hidden[:1], grid)  # CUDA-graph replays with --fast on a GPU
                 for i in range(pixels.shape[0]):
-                    mask_logits, class_logits, _, self.prev_queries = self.model.query_step(
-                        hidden[i : i + 1], self.prev_queries, grid
-                    )
+                    mask_logits, class_logits, _, self.prev_queries = step(hidden[i : i + 1], self.prev_queries, grid)
                     classes.append(class_logits)
                     masks.append(mask_logits)
                 del hidden
