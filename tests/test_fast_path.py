@@ -41,6 +41,19 @@ def test_static_buffer_session_equals_clip(model):
         session.step(video(2, 1, height=32)[:, 0])
 
 
+def test_static_buffer_session_runs_in_and_out_of_inference_mode(lean_model):
+    """Static buffers made under inference_mode must still take copies outside it (and the reverse)."""
+    session = GraphedSession(lean_model, batch_size=1, use_graphs=False)
+    x = video(1, 3)
+    with torch.no_grad():
+        want = lean_model(pixel_values_videos=x).masks_queries_logits
+    outs = []
+    for t, mode in enumerate((torch.inference_mode, torch.no_grad, torch.inference_mode)):
+        with mode():
+            outs.append(session.step(x[:, t]).masks_queries_logits)
+    assert max_abs(torch.cat(outs), want) < 1e-5
+
+
 def test_optimize_casts_and_keeps_mask_probs(model):
     model.optimize(dtype=torch.bfloat16, check_finite=False)
     assert model.dtype == torch.bfloat16

@@ -110,10 +110,11 @@ class GraphedSession:
     def _allocate(self, size: tuple[int, int]) -> None:
         model, cfg = self.model, self.model.config
         device, dtype = model.device, model.dtype
-        self._static = {
-            "frames": torch.zeros(self.batch_size, cfg.num_channels, *size, device=device, dtype=dtype),
-            "queries": torch.zeros(self.batch_size, cfg.num_queries, cfg.hidden_size, device=device, dtype=dtype),
-        }
+        with torch.inference_mode(False):  # normal tensors: later steps may run outside inference mode
+            self._static = {
+                "frames": torch.zeros(self.batch_size, cfg.num_channels, *size, device=device, dtype=dtype),
+                "queries": torch.zeros(self.batch_size, cfg.num_queries, cfg.hidden_size, device=device, dtype=dtype),
+            }
         self._graphs, self._outputs = {}, {}
         self.frame_size = size
 
@@ -187,9 +188,10 @@ class GraphedQueryStep:
         self.model = model
         self.grid = grid
         cfg = model.config
-        self._hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        self._prev = torch.zeros(hidden.shape[0], cfg.num_queries, cfg.hidden_size, device=hidden.device,
-                                 dtype=hidden.dtype)
+        with torch.inference_mode(False):  # normal tensors: later calls may run outside inference mode
+            self._hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype)
+            self._prev = torch.zeros(hidden.shape[0], cfg.num_queries, cfg.hidden_size, device=hidden.device,
+                                     dtype=hidden.dtype)
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[bool, tuple[torch.Tensor, ...]] = {}
         self._pool = None
@@ -271,7 +273,8 @@ class GraphedPredictor:
 
     def _capture(self, key: tuple, pixel_values: torch.Tensor, probs: list[float]):
         model = self.model
-        static = torch.empty_like(pixel_values, dtype=model.dtype, device=model.device)
+        with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
+            static = torch.empty(pixel_values.shape, dtype=model.dtype, device=model.device)
         static.copy_(pixel_values)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
