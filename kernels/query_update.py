@@ -85,6 +85,9 @@ def query_update_guard(out, table, prev=None, weight=None, bias=None) -> str | N
         return "prev last dim is not contiguous"
     if prev.dtype != out.dtype or weight.dtype != out.dtype:
         return f"prev/weight dtype differs from out {out.dtype}"
-    if prev.data_ptr() == out.data_ptr() or prev.untyped_storage().data_ptr() == out.untyped_storage().data_ptr():
+    # a traced graph cannot compare storage addresses; the model never passes an aliasing prev
+    if not torch.compiler.is_compiling() and (
+        prev.data_ptr() == out.data_ptr() or prev.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    ):
         return "prev shares storage with out (the kernel would read rows it writes)"
     return first_reason(vector_reason("bias", bias, dim, out.dtype))

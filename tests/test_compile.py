@@ -45,6 +45,24 @@ def test_fullgraph_compile_matches_eager(family, probs):
         assert torch.allclose(getattr(out, name), getattr(ref, name), atol=1e-5, rtol=0), name
 
 
+@pytest.mark.parametrize("family", ["videomt", "eomt"])
+def test_fullgraph_compile_through_the_triton_ops_and_a_resized_grid(family):
+    """The Triton ops' guards and the resized position table trace too (no address comparisons in the
+    graph). On a CPU the Triton kernels run in the interpreter when forced, as the conftest arranges."""
+    from videomt_fast import ops
+
+    model = _fresh(family)
+    x = torch.randn((1, 2, 3, 48, 32) if family == "videomt" else (2, 3, 48, 32),
+                    generator=torch.Generator().manual_seed(2))
+    inputs = {"pixel_values_videos": x} if family == "videomt" else {"pixel_values": x}
+    with torch.no_grad(), ops.use_backend("triton"):
+        ref = model(**inputs)
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)
+    for name in ("masks_queries_logits", "class_queries_logits"):
+        assert torch.allclose(getattr(out, name), getattr(ref, name), atol=1e-5, rtol=0), name
+
+
 def test_compiled_eomt_follows_loaded_mask_probs():
     """Masks on and off give different outputs; a compiled model sees the probabilities a load sets."""
     model = _fresh("eomt")

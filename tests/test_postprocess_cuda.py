@@ -147,3 +147,22 @@ def test_memory_1080p_200_queries(ext, task):
         peak = torch.cuda.max_memory_allocated() - base
     assert result  # keep the result alive through the measurement
     assert peak <= 64 * 2**20, f"{task}: {peak / 2**20:.1f} MB extra"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_logits_take_the_kernels_widened(ext, dtype):
+    """The fast path's bf16/fp16 outputs go through the CUDA kernels, as their float32 widening would."""
+    sizes = [(97, 131), (161, 75)]
+    out = _cuda(random_outputs(len(sizes), 45, 7, 40, 48, seed=3))
+    low = type(out)(class_queries_logits=out.class_queries_logits.to(dtype),
+                    masks_queries_logits=out.masks_queries_logits.to(dtype))
+    wide = type(out)(class_queries_logits=low.class_queries_logits, masks_queries_logits=low.masks_queries_logits.float())
+    assert ops.explain("instance_segmentation", low.class_queries_logits, low.masks_queries_logits, sizes, 0.4).startswith(
+        "instance_segmentation: cuda"
+    )
+    proc = VideomtVideoProcessor()
+    for task, kwargs in (("instance", dict(threshold=0.4)), ("panoptic", dict(threshold=0.3))):
+        method = f"post_process_{task}_segmentation"
+        got = getattr(proc, method)(low, sizes, **kwargs)
+        want = getattr(proc, method)(wide, sizes, **kwargs)
+        assert_segments_equal(_cpu(want), _cpu(got))

@@ -681,8 +681,12 @@ class Bench:
             out = model(pixel_values_videos=clip)
             return out.masks_queries_logits, out.class_queries_logits
 
+        # one session for all repeats, reset per sequence: a graphed session keeps its captured graphs
+        # across reset(), as a user streaming video after video would (capture stays out of the timings)
+        session = model.new_session(batch_size=1)
+
         def new_online():
-            session = model.new_session(batch_size=1)
+            session.reset()
 
             def call(frame):
                 out = session.step(frame)

@@ -4,6 +4,11 @@ Imported lazily by the dispatcher on the first call with CUDA tensors. Each op r
 mask logits with the fused kernels of ``csrc/`` (through :mod:`videomt_fast._ext`) and keeps the
 per-query selection on the device: no host sync inside these functions (the processor makes one
 transfer for all frames' ``segments_info``). The guards send other inputs to the references.
+
+The kernels read float32 mask logits. bf16 / fp16 logits (the fast path's outputs) are widened to
+float32 first (one small cast of the low-resolution logits), so the upsampling runs in float32 on the
+same values: for float32 inputs the maps equal transformers' to the bit; for low-precision inputs they
+are the float32 computation rather than transformers' upsampling in the low-precision dtype.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ MAX_QUERIES = 2048
 def _guard(class_logits, mask_logits, *args, **kwargs) -> str | None:
     if not (isinstance(mask_logits, torch.Tensor) and mask_logits.is_cuda):
         return "inputs are not CUDA tensors"
-    if mask_logits.dtype != torch.float32:
-        return f"the kernels take float32 mask logits, got {mask_logits.dtype} (transformers upsamples in that dtype)"
+    if mask_logits.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"the kernels take float32 (or bf16/fp16, widened) mask logits, got {mask_logits.dtype}"
     if mask_logits.shape[1] > MAX_QUERIES:
         return f"at most {MAX_QUERIES} queries, got {mask_logits.shape[1]}"
     if _ext.load() is None:
@@ -42,7 +47,7 @@ def instance_segmentation_cuda(class_logits, mask_logits, target_sizes, threshol
     C = _ext.load()
     device = mask_logits.device
     num_frames, num_queries = class_logits.shape[:2]
-    masks = mask_logits.contiguous()
+    masks = mask_logits.float().contiguous()
     with torch.cuda.device(device):
         stream = _stream(device)
         class_scores, labels = pp.instance_class_scores(class_logits)
@@ -96,7 +101,7 @@ def panoptic_segmentation_cuda(
     device = mask_logits.device
     num_frames, num_queries = class_logits.shape[:2]
     num_labels = class_logits.shape[-1] - 1
-    masks = mask_logits.contiguous()
+    masks = mask_logits.float().contiguous()
     with torch.cuda.device(device):
         stream = _stream(device)
         scores, labels, keep = pp.panoptic_selection(class_logits, threshold)

@@ -70,6 +70,38 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
     return model.eval()
 
 
+def weights_token(model) -> tuple:
+    """Where the weights live: changes when the model is moved, cast or given new parameter tensors, after
+    which graphs captured before would read freed memory. Two attribute reads, no host sync."""
+    first, last = model.embeddings.patch_embeddings.projection.weight, model.class_predictor.weight
+    return first.data_ptr(), last.data_ptr(), first.dtype, first.device
+
+
+def capture_graph(fn, device: torch.device, pool=None):
+    """``(graph, outputs, pool)``: ``fn()`` run twice on a side stream (kernels compile, the allocator and
+    caches settle), then captured into a CUDA graph drawing on ``pool`` (a new one when None), all on
+    ``device`` whatever device is current."""
+    with torch.cuda.device(device):
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            outputs = fn()
+    return graph, outputs, pool
+
+
+def _pinned_position_table(model, size: tuple[int, int]) -> torch.Tensor:
+    """The position table a graph at this frame size reads: the graph owner keeps a reference, so the
+    embeddings' one-grid cache may move on without its memory being reused under the graph."""
+    return model.embeddings.position_embedding(model.grid_for(*size))
+
+
 class GraphedSession:
     """A VidEoMT streaming session whose frame step replays a captured CUDA graph.
 
@@ -97,6 +129,8 @@ class GraphedSession:
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[bool, tuple[torch.Tensor, ...]] = {}
         self._pool = None
+        self._token: tuple | None = None
+        self._pinned: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
@@ -116,6 +150,7 @@ class GraphedSession:
                 "queries": torch.zeros(self.batch_size, cfg.num_queries, cfg.hidden_size, device=device, dtype=dtype),
             }
         self._graphs, self._outputs = {}, {}
+        self._token = weights_token(model)
         self.frame_size = size
 
     # ------------------------------------------------------------------ the step
@@ -128,19 +163,9 @@ class GraphedSession:
         return masks, classes, sequence
 
     def _capture(self, first: bool) -> None:
-        # warm up on a side stream (allocator and autotuning settle), then capture
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        saved = self._static["queries"].clone()
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._eager_step(first)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self._eager_step(first)
+        saved = self._static["queries"].clone()  # queued before the side stream starts: ordered
+        self._pinned = _pinned_position_table(self.model, self.frame_size)
+        graph, outputs, self._pool = capture_graph(lambda: self._eager_step(first), self.model.device, self._pool)
         self._static["queries"].copy_(saved)  # warm-up and capture must not advance the video
         self._graphs[first] = graph
         self._outputs[first] = outputs
@@ -149,6 +174,11 @@ class GraphedSession:
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
         # a reset session may change frame size: the static buffers and graphs are then rebuilt
         size = check_step_frames(self.model, frames, self.batch_size, self.frame_size if self.frame_index else None)
+        if self.use_graphs and self._token is not None and weights_token(self.model) != self._token:
+            if self.frame_index:
+                raise RuntimeError("the model's weights were moved, cast or replaced since this session captured "
+                                   "its CUDA graphs; reset() the session or start a new one")
+            self.frame_size = None  # a reset session: rebuild buffers and graphs for the new weights
         if size != self.frame_size:
             self._allocate(size)
         first = self.frame_index == 0
@@ -156,7 +186,8 @@ class GraphedSession:
         if self.use_graphs:
             if first not in self._graphs:
                 self._capture(first)
-            self._graphs[first].replay()
+            with torch.cuda.device(self.model.device):
+                self._graphs[first].replay()
             masks, classes, sequence = self._outputs[first]
         else:
             masks, classes, sequence = self._eager_step(first)
@@ -200,17 +231,7 @@ class GraphedQueryStep:
         return self.model.query_step(self._hidden, None if first else self._prev, self.grid)
 
     def _capture(self, first: bool) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._run(first)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            outputs = self._run(first)
+        graph, outputs, self._pool = capture_graph(lambda: self._run(first), self._hidden.device, self._pool)
         self._graphs[first], self._outputs[first] = graph, outputs
 
     @torch.no_grad()
@@ -225,7 +246,8 @@ class GraphedQueryStep:
             self._prev.copy_(prev)
         if first not in self._graphs:
             self._capture(first)
-        self._graphs[first].replay()
+        with torch.cuda.device(self._hidden.device):
+            self._graphs[first].replay()
         masks, classes, sequence, queries = self._outputs[first]
         return masks.clone(), classes.clone(), sequence.clone(), queries
 
@@ -239,9 +261,13 @@ def query_stepper(model: VideomtForUniversalSegmentation, hidden: torch.Tensor, 
         return model.query_step
     key = (tuple(hidden.shape), hidden.dtype, hidden.device, grid)
     cache = model.__dict__.setdefault("_graphed_query_steps", {})
+    token = weights_token(model)
+    if cache.get("weights") != token:  # moved, cast or new weights: graphs of the old ones must not replay
+        cache.clear()
+        cache["weights"] = token
     if key not in cache:
-        if len(cache) >= 4:  # a few shapes at a time; the oldest graphs go first
-            cache.pop(next(iter(cache)))
+        if len(cache) > 4:  # a few shapes at a time (and the weights entry); the oldest graphs go first
+            cache.pop(next(k for k in cache if k != "weights"))
         cache[key] = GraphedQueryStep(model, hidden, grid)
     return cache[key]
 
@@ -255,8 +281,8 @@ class GraphedPredictor:
     holds, so a call is one input copy and one replay. Up to ``max_shapes`` shapes keep their graph
     (least recently used dropped first). Off CUDA, or with ``use_graphs=False``, it calls the forward.
 
-    Outputs are copies unless ``clone_outputs=False``; then they are the graph's static buffers, valid
-    until the next call with the same shape.
+    Outputs are copies unless ``clone_outputs=False``; then they are the graphs' static buffers, valid
+    until the next call (the graphs of all shapes share one memory pool).
     """
 
     def __init__(self, model, use_graphs: bool | None = None, clone_outputs: bool = True, max_shapes: int = 4):
@@ -267,27 +293,19 @@ class GraphedPredictor:
         self.use_graphs = on_cuda if use_graphs is None else bool(use_graphs and on_cuda)
         self.clone_outputs = clone_outputs
         self.max_shapes = max_shapes
-        self._entries: OrderedDict[tuple, tuple[torch.Tensor, torch.cuda.CUDAGraph, tuple]] = OrderedDict()
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()  # shape -> (input, graph, outputs, pinned)
         self._pool = None
         self._probs: list[float] | None = None
+        self._token: tuple | None = None
 
     def _capture(self, key: tuple, pixel_values: torch.Tensor, probs: list[float]):
         model = self.model
         with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
             static = torch.empty(pixel_values.shape, dtype=model.dtype, device=model.device)
         static.copy_(pixel_values)
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # allocator, autotuning and position-table caches settle outside the graph
-                model._forward(static, probs)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = model._forward(static, probs)
-        entry = (static, graph, (out.class_queries_logits, out.masks_queries_logits, out.last_hidden_state))
+        pinned = _pinned_position_table(model, tuple(pixel_values.shape[-2:]))
+        graph, out, self._pool = capture_graph(lambda: model._forward(static, probs), model.device, self._pool)
+        entry = (static, graph, (out.class_queries_logits, out.masks_queries_logits, out.last_hidden_state), pinned)
         self._entries[key] = entry
         while len(self._entries) > self.max_shapes:
             self._entries.popitem(last=False)
@@ -299,9 +317,10 @@ class GraphedPredictor:
         probs = model.check_inputs(pixel_values, model.check_finite)
         if not self.use_graphs:
             return model._forward(pixel_values, probs, patch_offsets)
-        if probs != self._probs:  # the masked layers are baked into the graphs
+        token = weights_token(model)
+        if probs != self._probs or token != self._token:  # masked layers and weight addresses are baked in
             self._entries.clear()
-            self._probs = list(probs)
+            self._probs, self._token = list(probs), token
         key = tuple(pixel_values.shape)
         entry = self._entries.get(key)
         if entry is None:
@@ -309,7 +328,8 @@ class GraphedPredictor:
         else:
             self._entries.move_to_end(key)
             entry[0].copy_(pixel_values)
-        entry[1].replay()
+        with torch.cuda.device(model.device):
+            entry[1].replay()
         classes, masks, sequence = entry[2]
         if self.clone_outputs:
             classes, masks, sequence = classes.clone(), masks.clone(), sequence.clone()

@@ -153,15 +153,22 @@ class Embeddings(nn.Module):
         weight = self.position_embeddings.weight
         if tuple(grid) == tuple(self.grid_size):
             return weight
+        if torch.compiler.is_compiling():  # part of the graph: no cache keyed by addresses
+            return self._resized(weight, grid)
         key = (tuple(grid), weight.data_ptr(), weight._version, weight.dtype, weight.device)
         cached = self._pos_cache.get(key)
         if cached is None:
-            gh0, gw0 = self.grid_size
-            table = weight.detach().float().reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2)
-            table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
-            cached = table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(weight.dtype)
-            self._pos_cache = {key: cached}  # one grid at a time keeps memory flat
+            cached = self._resized(weight, grid)
+            # one grid at a time keeps memory flat; a CUDA graph that read an evicted table holds its own
+            # reference to it (videomt_fast.fast), so its memory is never reused under the graph
+            self._pos_cache = {key: cached}
         return cached
+
+    def _resized(self, weight: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        gh0, gw0 = self.grid_size
+        table = weight.detach().float().reshape(1, gh0, gw0, -1).permute(0, 3, 1, 2)
+        table = F.interpolate(table, size=tuple(grid), mode="bicubic", antialias=True, align_corners=False)
+        return table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1).to(weight.dtype)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         batch = pixel_values.shape[0]
