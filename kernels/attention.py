@@ -231,6 +231,8 @@ def attention_guard(
         return f"head_dim {head_dim} (needs a multiple of 16, at most 128)"
     if qkv.stride(2) != 1:
         return "qkv last dim is not contiguous"
+    if batch * num_heads > 65535:  # the launch grid's second dimension
+        return f"batch * num_heads = {batch * num_heads} over the grid limit 65535 (split the batch)"
     if mask_bits is not None:
         if not 0 <= num_queries <= num_prefix <= seq_len:
             return f"needs 0 <= num_queries ({num_queries}) <= num_prefix ({num_prefix}) <= N ({seq_len})"

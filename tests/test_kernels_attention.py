@@ -134,6 +134,7 @@ def test_guard_reasons():
             "mask_bits shape": (qkv, 2, torch.zeros(1, 3, 2, dtype=torch.int32), 3, 8),
             "mask_bits dtype": (qkv, 2, torch.zeros(1, 3, 1, dtype=torch.int64), 3, 8),
             "num_queries": (qkv, 2, torch.zeros(1, 3, 1, dtype=torch.int32), 3, 2),
+            "grid limit": (torch.empty(8193, 1, 3 * 8 * 16), 8),  # 65544 (batch, head) programs
         }
         for needle, args in bad.items():
             backend, fn, why = ops.choose("attention", *args)
