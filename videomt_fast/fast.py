@@ -70,6 +70,14 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
     return model.eval()
 
 
+def graphs_enabled(model) -> bool:
+    """Whether the model replays CUDA graphs: after :func:`optimize` with ``cuda_graphs`` on a CUDA
+    model, and not while being traced by ``torch.compile`` or captured into another graph."""
+    settings = getattr(model, "fast_settings", None)
+    return (settings is not None and settings.cuda_graphs and model.device.type == "cuda"
+            and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
+
+
 def weights_token(model) -> tuple:
     """Where the weights live: changes when the model is moved, cast or given new parameter tensors, after
     which graphs captured before would read freed memory. Two attribute reads, no host sync."""
@@ -255,21 +263,19 @@ class GraphedQueryStep:
 def query_stepper(model: VideomtForUniversalSegmentation, hidden: torch.Tensor, grid: tuple[int, int]):
     """What the clip forward calls per frame: a cached :class:`GraphedQueryStep` for an optimized CUDA
     model (outside ``torch.compile`` and graph capture), else ``model.query_step``."""
-    settings = getattr(model, "fast_settings", None)
-    if (settings is None or not settings.cuda_graphs or hidden.device.type != "cuda"
-            or torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()):
+    if not graphs_enabled(model) or hidden.device.type != "cuda":
         return model.query_step
-    key = (tuple(hidden.shape), hidden.dtype, hidden.device, grid)
-    cache = model.__dict__.setdefault("_graphed_query_steps", {})
     token = weights_token(model)
-    if cache.get("weights") != token:  # moved, cast or new weights: graphs of the old ones must not replay
-        cache.clear()
-        cache["weights"] = token
-    if key not in cache:
-        if len(cache) > 4:  # a few shapes at a time (and the weights entry); the oldest graphs go first
-            cache.pop(next(k for k in cache if k != "weights"))
-        cache[key] = GraphedQueryStep(model, hidden, grid)
-    return cache[key]
+    cached = model.__dict__.get("_graphed_query_steps")
+    if cached is None or cached[0] != token:  # moved, cast or new weights: graphs of the old ones must not replay
+        cached = model.__dict__["_graphed_query_steps"] = (token, OrderedDict())
+    steps = cached[1]
+    key = (tuple(hidden.shape), hidden.dtype, grid)
+    if key not in steps:
+        if len(steps) >= 4:  # a few shapes at a time; the oldest graphs go first
+            steps.popitem(last=False)
+        steps[key] = GraphedQueryStep(model, hidden, grid)
+    return steps[key]
 
 
 class GraphedPredictor:

@@ -558,11 +558,10 @@ class VideomtForUniversalSegmentation(_Segmenter):
         After :meth:`optimize` on a CUDA model this is a :class:`videomt_fast.fast.GraphedSession`
         (one CUDA graph per input shape); otherwise a :class:`videomt_fast.session.VideomtSession`.
         """
-        settings = getattr(self, "fast_settings", None)
-        if settings is not None and settings.cuda_graphs and self.device.type == "cuda":
-            from .fast import GraphedSession
+        from .fast import GraphedSession, graphs_enabled
 
-            return GraphedSession(self, batch_size=batch_size, clone_outputs=settings.clone_outputs)
+        if graphs_enabled(self):
+            return GraphedSession(self, batch_size=batch_size, clone_outputs=self.fast_settings.clone_outputs)
         from .session import VideomtSession
 
         return VideomtSession(self, batch_size=batch_size)
@@ -593,12 +592,11 @@ class EomtForUniversalSegmentation(_Segmenter):
         After :meth:`optimize` on a CUDA model it replays one CUDA graph per input shape (a
         :class:`videomt_fast.fast.GraphedPredictor`); otherwise it runs the forward.
         """
-        from .fast import GraphedPredictor
+        from .fast import GraphedPredictor, graphs_enabled
 
         settings = getattr(self, "fast_settings", None)
-        graphs = settings is not None and settings.cuda_graphs and self.device.type == "cuda"
         clone = settings.clone_outputs if settings is not None else True
-        return GraphedPredictor(self, use_graphs=graphs, clone_outputs=clone, max_shapes=max_shapes)
+        return GraphedPredictor(self, use_graphs=graphs_enabled(self), clone_outputs=clone, max_shapes=max_shapes)
 
     def check_inputs(self, pixel_values: Any, check_finite: bool = True) -> list[float]:
         """Validate ``pixel_values`` and the masked-attention probabilities; returns the probabilities."""
