@@ -16,6 +16,10 @@ import sys
 from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The checkout's kernels/ folder is installed as ``videomt_fast.kernels``; seen from here as a top-level
+# ``kernels`` it would shadow the PyPI package of that name, whose setuptools entry points (installed with
+# transformers) are loaded during the build. Keep the checkout itself off the import path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != HERE]
 
 
 def _cuda_extension():
@@ -85,5 +89,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["videomt-fast=videomt_fast.cli:main"]},
+    entry_points={"console_scripts": ["videomt-fast=videomt_fast.apps.cli:main"]},
 )

@@ -2,7 +2,7 @@
 
 import sys
 
-from videomt_fast.benchmark import main
+from videomt_fast.apps.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,7 +98,7 @@ def _providers(case: dict, dtype: torch.dtype) -> tuple[dict[str, Callable], Cal
     """(providers, float64 truth thunk, output -> tensor to compare) for one case, inputs drawn fresh."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from videomt_fast import reference
+    from videomt_fast.ops import reference
     from videomt_fast.kernels import attention, layer_norm, linear, mask_bits, query_update
 
     dev = DEVICE

@@ -65,8 +65,10 @@ def main() -> int:
         print("bench_postprocess: CUDA is not available; nothing to measure.")
         return 0
 
-    from videomt_fast import _ext, hf_source, ops
-    from videomt_fast.processing import VideomtVideoProcessor
+    from videomt_fast import ops
+    from videomt_fast.apps import hf_source
+    from videomt_fast.ops import _ext
+    from videomt_fast.processing.video_processor import VideomtVideoProcessor
 
     ours = VideomtVideoProcessor()
     hf, _ = hf_source.videomt_video_processor()

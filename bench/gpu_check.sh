@@ -61,7 +61,7 @@ print(sys.version); print(torch.__version__, torch.version.cuda, triton.__versio
 print(torch.cuda.get_device_name(), torch.cuda.get_device_properties(0)); \
 print(\"videomt:\", hasattr(transformers, \"VideomtForUniversalSegmentation\"))'; nvcc --version | tail -2" ;;
     build)
-      phase build 300 "$PY" -c "from videomt_fast import _ext; m = _ext.load(); print('extension:', m, _ext.error())
+      phase build 300 "$PY" -c "from videomt_fast.ops import _ext; m = _ext.load(); print('extension:', m, _ext.error())
 from videomt_fast import ops; import torch
 for k, v in ops.backend_report(torch.device('cuda')).items(): print(f'{k:22s} {v[\"backend\"]:10s} {v[\"reason\"]}')" ;;
     tests)

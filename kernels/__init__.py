@@ -22,14 +22,34 @@ query_update           query_update.py              GEMM + bias + table into the
 
 from __future__ import annotations
 
-# This folder is installed as ``videomt_fast.kernels``. In a source checkout it is also visible as a
-# top-level ``kernels``, the name of another PyPI package (transformers probes for it and may import
-# it): under that name it stays inert, so no kernel is registered twice and nothing claims to be that
-# package.
-__version__ = "N/A"
+# This folder is installed as ``videomt_fast.kernels``. In a source checkout run from its root it is also
+# visible as a top-level ``kernels``, the name of another PyPI package that transformers imports when it is
+# installed. Under that name this folder hands the import over to that package (found on the rest of
+# sys.path), or stays inert when it is not installed: no kernel is registered twice, and transformers
+# never mistakes this folder for that package.
+
+
+def _defer_to_installed_package(name: str) -> bool:
+    """Load the installed package ``name`` in place of this folder; False when there is none."""
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec(name, path)
+    if spec is None or spec.origin is None or os.path.dirname(os.path.abspath(spec.origin)) == os.path.dirname(
+        os.path.abspath(__file__)
+    ):
+        return False
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # the import statement returns what sys.modules holds when this file ends
+    spec.loader.exec_module(module)
+    return True
 
 if __name__ == "videomt_fast.kernels":
-    from videomt_fast import ops, reference  # noqa: F401  (reference declares the ops)
+    from videomt_fast import ops  # noqa: F401  (declares the ops)
 
     from . import attention, layer_norm, linear, mask_bits, query_update
 
@@ -50,4 +70,6 @@ if __name__ == "videomt_fast.kernels":
 
     __all__ = ["GEMM", "attention", "layer_norm", "linear", "mask_bits", "query_update"]
 else:
+    __version__ = "N/A"
     __all__ = []
+    _defer_to_installed_package(__name__)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from videomt_fast import ops
+from videomt_fast.ops import registry as ops
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -133,7 +133,7 @@ def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, in
 
     fp32 (IEEE dots on the FMA units) keeps half the key block and twice the warps: at 64x64 with
     4 warps ptxas spills (sm_90: 255 registers, ~1.6 KB spill stores unmasked, ~6.6 KB masked), at
-    64x32 with 8 warps it uses 90 / 248 registers and no local memory (kernels/compile_check.py).
+    64x32 with 8 warps it uses 90 / 248 registers and no local memory (videomt_fast/testing/triton_compile.py).
     """
     if dtype == torch.float32:
         return 64, 32, 8, 2
@@ -205,7 +205,7 @@ def attention(
     num_queries: int = 0,
     num_prefix: int = 0,
 ) -> torch.Tensor:
-    """Triton implementation of :func:`videomt_fast.reference.attention_ref` (same signature)."""
+    """Triton implementation of :func:`videomt_fast.ops.reference.attention_ref` (same signature)."""
     return torch.ops.videomt_fast.attention(qkv, int(num_heads), mask_bits, int(num_queries), int(num_prefix))
 
 

@@ -137,14 +137,14 @@ def _(x, f, scale, weight, bias, eps):
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """Triton implementation of :func:`videomt_fast.reference.layer_norm_ref`."""
+    """Triton implementation of :func:`videomt_fast.ops.reference.layer_norm_ref`."""
     return torch.ops.videomt_fast.layer_norm(x, weight, bias, float(eps))
 
 
 def residual_layer_norm(
     x: torch.Tensor, f: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton implementation of :func:`videomt_fast.reference.residual_layer_norm_ref`."""
+    """Triton implementation of :func:`videomt_fast.ops.reference.residual_layer_norm_ref`."""
     return torch.ops.videomt_fast.residual_layer_norm(x, f, scale, weight, bias, float(eps))
 
 

@@ -301,7 +301,7 @@ def _(x, weight, bias, scale, residual, triton_gemm):
 
 def make_linear_gelu(triton_gemm: bool):
     def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Triton implementation of :func:`videomt_fast.reference.linear_gelu_ref`."""
+        """Triton implementation of :func:`videomt_fast.ops.reference.linear_gelu_ref`."""
         return torch.ops.videomt_fast.linear_gelu(x, weight, bias, triton_gemm)
 
     return linear_gelu
@@ -311,7 +311,7 @@ def make_linear_residual(triton_gemm: bool):
     def linear_residual(
         x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
-        """Triton implementation of :func:`videomt_fast.reference.linear_residual_ref`."""
+        """Triton implementation of :func:`videomt_fast.ops.reference.linear_residual_ref`."""
         return torch.ops.videomt_fast.linear_residual(x, weight, bias, scale, residual, triton_gemm)
 
     return linear_residual

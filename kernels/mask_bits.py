@@ -118,7 +118,7 @@ def _(mask_logits, grid_h, grid_w):
 
 
 def mask_bits(mask_logits: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """Triton implementation of :func:`videomt_fast.reference.mask_bits_ref`."""
+    """Triton implementation of :func:`videomt_fast.ops.reference.mask_bits_ref`."""
     return torch.ops.videomt_fast.mask_bits(mask_logits, int(grid[0]), int(grid[1]))
 
 

@@ -47,7 +47,7 @@ def query_update(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton implementation of :func:`videomt_fast.reference.query_update_ref`; returns ``out``."""
+    """Triton implementation of :func:`videomt_fast.ops.reference.query_update_ref`; returns ``out``."""
     torch.ops.videomt_fast.query_update(out, table, prev, weight, bias)
     return out
 

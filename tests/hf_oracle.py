@@ -1,13 +1,13 @@
 """transformers' VidEoMT post-processing as the oracle, run without torchvision where it is missing.
 
-See :mod:`videomt_fast.hf_source`: the methods that run are transformers' own, unmodified.
+See :mod:`videomt_fast.apps.hf_source`: the methods that run are transformers' own, unmodified.
 """
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
-from videomt_fast import hf_source
+from videomt_fast.apps import hf_source
 
 _CACHE: dict[str, SimpleNamespace] = {}
 

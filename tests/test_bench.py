@@ -10,8 +10,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from videomt_fast import benchmark, config_from_preset, profiler  # noqa: E402
-from videomt_fast.configuration import VideomtConfig  # noqa: E402
+from videomt_fast import config_from_preset  # noqa: E402
+from videomt_fast.apps import benchmark, profiler  # noqa: E402
+from videomt_fast.model.configuration import VideomtConfig  # noqa: E402
 
 TINY_RUN = ["--tiny", "--device", "cpu", "--repeats", "1", "--warmup", "0", "--num-inputs", "2",
             "--frames", "3", "--online-frames", "3", "--e2e-frames", "2", "--agree-frames", "3"]
@@ -120,7 +121,7 @@ def test_parse_eomt():
 
 
 def test_frame_flops_masked_blocks_add_one_head_pass_each():
-    from videomt_fast.configuration import EomtConfig
+    from videomt_fast.model.configuration import EomtConfig
 
     config = config_from_preset("vit-s", EomtConfig, image_size=640)
     plain = benchmark.frame_flops(config, 640, 640, first_frame=True)

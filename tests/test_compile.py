@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from videomt_fast import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
-from videomt_fast.configuration import EomtConfig, VideomtConfig
+from videomt_fast.model.configuration import EomtConfig, VideomtConfig
 
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=8,
             num_labels=5, image_size=32)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from videomt_fast import _ext
+from videomt_fast.ops import _ext
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 NVCC = shutil.which("nvcc")
@@ -85,9 +85,9 @@ def test_package_imports_without_the_extension():
     """Import never touches the extension; CPU calls run the reference with no notice."""
     code = (
         "import sys, warnings; warnings.simplefilter('error');"
-        "import videomt_fast.processing, videomt_fast.postprocess;"
-        "assert 'videomt_fast._C' not in sys.modules and 'videomt_fast.cuda_ops' not in sys.modules;"
-        "import torch; from videomt_fast.processing import VideomtVideoProcessor as P;"
+        "import videomt_fast.processing.video_processor, videomt_fast.ops.postprocess;"
+        "assert 'videomt_fast._C' not in sys.modules and 'videomt_fast.ops.cuda' not in sys.modules;"
+        "import torch; from videomt_fast.processing.video_processor import VideomtVideoProcessor as P;"
         "from types import SimpleNamespace as S;"
         "o = S(class_queries_logits=torch.randn(1, 4, 3), masks_queries_logits=torch.randn(1, 4, 6, 6));"
         "P().post_process_panoptic_segmentation(o, [(9, 9)]);"

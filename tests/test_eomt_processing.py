@@ -2,7 +2,7 @@
 
 Oracles: transformers' default ``EomtImageProcessor`` module (``image_processing_eomt.py``) imports
 torchvision at the top, which may be missing; its split / pad / merge / un-pad and all post-processing
-code is plain torch, so ``videomt_fast.hf_source`` runs that file's own code without torchvision
+code is plain torch, so ``videomt_fast.apps.hf_source`` runs that file's own code without torchvision
 (``_torch_oracle``). The resize needs a real backend: transformers'
 ``EomtImageProcessorPil`` (Pillow) is the pre-processing oracle when Pillow is installed.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from videomt_fast.eomt_processing import EomtImageProcessor, resized_size, window_offsets
+from videomt_fast.processing.eomt_processor import EomtImageProcessor, resized_size, window_offsets
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,7 +25,7 @@ _CACHE: dict = {}
 def _torch_oracle():
     """transformers' ``EomtImageProcessor`` class (its source run without torchvision where it is missing)."""
     if "torch" not in _CACHE:
-        from videomt_fast import hf_source
+        from videomt_fast.apps import hf_source
 
         cls, how = hf_source.eomt_image_processor_class()
         _CACHE["torch"] = SimpleNamespace(cls=cls, how=how)

@@ -48,7 +48,7 @@ class _Recorder:
             self.picked[(name, backend)] += 1
             return backend, fn, why
 
-        monkeypatch.setattr(ops, "choose", choose)
+        monkeypatch.setattr(ops.registry, "choose", choose)
 
     def backends(self, name):
         return {b for (n, b) in self.picked if n == name}

@@ -8,8 +8,8 @@ from torch.overrides import TorchFunctionMode, resolve_name
 
 import videomt_fast
 from videomt_fast import ops
-from videomt_fast.fast import GraphedSession
-from videomt_fast.session import VideomtSession
+from videomt_fast.runtime.fast import GraphedSession
+from videomt_fast.runtime.session import VideomtSession
 
 from helpers import TINY, hf_videomt, max_abs, randomize_, video
 
@@ -59,7 +59,7 @@ def test_optimize_casts_and_keeps_mask_probs(model):
     assert model.dtype == torch.bfloat16
     assert model.attn_mask_probs.dtype == torch.float32
     assert model.check_finite is False
-    assert isinstance(model.new_session(), videomt_fast.session.VideomtSession)  # CPU: no graphs
+    assert isinstance(model.new_session(), videomt_fast.runtime.session.VideomtSession)  # CPU: no graphs
     with torch.no_grad():
         out = model(pixel_values_videos=video())
     assert out.masks_queries_logits.dtype == torch.bfloat16
@@ -99,7 +99,7 @@ def test_graphed_session_on_gpu_matches_eager():
 @pytest.mark.gpu
 def test_graphed_clip_forward_on_gpu_matches_eager():
     """After optimize() the clip forward replays the query layers from CUDA graphs, per shape."""
-    from videomt_fast.fast import GraphedQueryStep
+    from videomt_fast.runtime.fast import GraphedQueryStep
 
     pytest.importorskip("transformers")
     model = videomt_fast.from_transformers(randomize_(hf_videomt())).cuda()
@@ -164,13 +164,13 @@ def _trace(model, monkeypatch, x):
         chosen.append((name, backend))
         return backend, fn, reason
 
-    monkeypatch.setattr(ops, "choose", choose)
+    monkeypatch.setattr(ops.registry, "choose", choose)
     session = model.new_session(x.shape[0])
     recorder = _RecordTorchCalls()
     with torch.inference_mode(), recorder:
         clip = model(pixel_values_videos=x)
         steps = [session.step(x[:, t]) for t in range(x.shape[1])]
-    monkeypatch.setattr(ops, "choose", real_choose)
+    monkeypatch.setattr(ops.registry, "choose", real_choose)
     return clip, steps, type(session), chosen, recorder.calls
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from videomt_fast import ops, reference
-from videomt_fast.kernels.testing import run_triton
+from videomt_fast import ops
+from videomt_fast.ops import reference
+from videomt_fast.testing.kernel_checks import run_triton
 
 OPS = ("attention", "mask_bits", "layer_norm", "residual_layer_norm", "linear_gelu", "linear_residual", "query_update")
 
@@ -51,7 +52,7 @@ def test_cpu_auto_keeps_the_reference(name):
     args, _ = _cases()[name]
     with ops.use_backend("auto"):
         backend, fn, why = ops.choose(name, *args)
-    assert backend == "reference" and fn is ops._OPS[name].ref and "cpu" in why
+    assert backend == "reference" and fn is ops.registry._OPS[name].ref and "cpu" in why
 
 
 @pytest.mark.parametrize("name", OPS)

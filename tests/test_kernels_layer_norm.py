@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from videomt_fast import ops, reference
-from videomt_fast.kernels.testing import assert_close, poisoned_empty, run_triton
+from videomt_fast import ops
+from videomt_fast.ops import reference
+from videomt_fast.testing.kernel_checks import assert_close, poisoned_empty, run_triton
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videomt_fast import ops, reference
-from videomt_fast.kernels.testing import poisoned_empty, run_triton
+from videomt_fast import ops
+from videomt_fast.ops import reference
+from videomt_fast.testing.kernel_checks import poisoned_empty, run_triton
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

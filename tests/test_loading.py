@@ -8,7 +8,7 @@ import torch
 
 import videomt_fast
 from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation
-from videomt_fast.loading import CheckpointError
+from videomt_fast.model.loading import CheckpointError
 
 from helpers import hf_videomt, max_abs, randomize_, video
 

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from videomt_fast import ops, reference
+from videomt_fast import ops
+from videomt_fast.ops import reference
 
 
 def test_every_op_has_a_reference_and_a_doc():
@@ -80,15 +81,25 @@ def test_package_never_imports_transformers_or_triton():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_kernels_folder_is_inert_under_the_top_level_name():
-    """From a source checkout the kernels/ folder is also importable as ``kernels`` (another PyPI
-    package's name, which transformers probes for): it must register nothing under that name."""
+def test_kernels_folder_defers_to_the_pypi_package_under_the_top_level_name():
+    """From a source checkout the kernels/ folder is also importable as ``kernels``, the name of another
+    PyPI package that transformers imports when installed. Under that name it must register nothing, and
+    must hand the import to that package when it is installed (transformers then finds what it expects)."""
     import os
 
     code = (
-        "import sys, kernels\n"
-        "print(kernels.__all__, [k for k in sys.modules if k.startswith('kernels.')])\n"
+        "import sys, os, kernels\n"
+        "print(os.path.dirname(os.path.abspath(kernels.__file__)))\n"
+        "print('videomt_fast.ops' in sys.modules, [k for k in sys.modules if k.startswith('kernels.')][:1])\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
-    assert out.stdout.strip() == "[] []", out.stdout + out.stderr
+    folder, state = out.stdout.strip().splitlines()
+
+    spec = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
+                           "print(s.origin if s else '')"], capture_output=True, text=True, cwd="/")
+    installed = spec.stdout.strip()
+    if installed:  # the PyPI package: the top-level name must resolve to it, not to this folder
+        assert folder == os.path.dirname(installed) != os.path.join(root, "kernels"), out.stdout
+    else:
+        assert folder == os.path.join(root, "kernels") and state == "False []", out.stdout

@@ -11,8 +11,8 @@ import torch
 
 import hf_oracle
 from videomt_fast import ops
-from videomt_fast import postprocess as pp
-from videomt_fast.processing import VideomtVideoProcessor
+from videomt_fast.ops import postprocess as pp
+from videomt_fast.processing.video_processor import VideomtVideoProcessor
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import torch
 
 import hf_oracle
 from test_postprocess import assert_segments_equal, random_outputs
-from videomt_fast import _ext, ops
-from videomt_fast import postprocess as pp
-from videomt_fast.processing import VideomtVideoProcessor
+from videomt_fast import ops
+from videomt_fast.ops import _ext
+from videomt_fast.ops import postprocess as pp
+from videomt_fast.processing.video_processor import VideomtVideoProcessor
 
 pytestmark = pytest.mark.gpu
 
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.gpu
 def ext():
     module = _ext.load()
     assert module is not None, f"the CUDA extension failed to build or import: {_ext.error()}"
-    import videomt_fast.cuda_ops  # noqa: F401  registers the implementations
+    import videomt_fast.ops.cuda  # noqa: F401  registers the implementations
 
     return module
 

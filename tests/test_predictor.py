@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from videomt_fast import EomtForUniversalSegmentation
-from videomt_fast.configuration import EomtConfig
-from videomt_fast.fast import GraphedPredictor
+from videomt_fast.model.configuration import EomtConfig
+from videomt_fast.runtime.fast import GraphedPredictor
 
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=8,
             num_labels=5, image_size=32)

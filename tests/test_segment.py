@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation, video_io
-from videomt_fast import segment as seg
-from videomt_fast.processing import VideomtVideoProcessor
-from videomt_fast.session import VideomtSession
+from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation
+from videomt_fast.apps import video_io
+from videomt_fast.apps import segment as seg
+from videomt_fast.processing.video_processor import VideomtVideoProcessor
+from videomt_fast.runtime.session import VideomtSession
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
@@ -268,7 +269,7 @@ def test_several_devices_share_the_list(workspace, tmp_path):
 
 
 def test_cli_entry_point(workspace, tmp_path):
-    from videomt_fast import cli
+    from videomt_fast.apps import cli
 
     out = tmp_path / "out"
     rc = cli.main(["segment", str(workspace / "frames"), "--model", str(workspace / "model"), "--task", "semantic",

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from test_postprocess import random_outputs
-from videomt_fast.tracks import VideoInstanceAccumulator, rle_decode, rle_encode_batch, rle_encode_packed
+from videomt_fast.processing.tracks import VideoInstanceAccumulator, rle_decode, rle_encode_batch, rle_encode_packed
 
 
 def test_rle_round_trip_and_pycocotools_agree():

@@ -1,7 +1,7 @@
 """Every Triton launch our launchers make at real model shapes compiles for Hopper (sm_90), on a CPU.
 
 The kernel tests run the kernels in Triton's CPU interpreter, which accepts what real compilation
-rejects. Here the launches themselves are captured (:mod:`videomt_fast.kernels.compile_check`: the
+rejects. Here the launches themselves are captured (:mod:`videomt_fast.testing.triton_compile`: the
 public entry points are called on uninitialized tensors of real ViT shapes, ``kernel[grid](...)`` is
 recorded with Triton's own CUDA argument specialization and never executed), then each unique launch
 is compiled ahead of time to a cubin for ``GPUTarget("cuda", 90, 32)`` in a subprocess (compiling needs
@@ -12,7 +12,7 @@ Default run: every unique launch of ViT-L, batch 2, bf16 / fp16 / fp32, for sm_9
 cores, ~10 s with Triton's kernel cache warm). The full sweep (ViT-S/B/L, batch 1 and 2, sm_90 and
 sm_80; ~140 s cold, ~30 s warm) runs only when asked for with ``-m slow``.
 ``VIDEOMT_FAST_COMPILE_REPORT=/path/table.json`` writes the resource table of the default run there (the
-full sweep's next to it, ``table.full.json``); ``python -m videomt_fast.kernels.compile_check --help``
+full sweep's next to it, ``table.full.json``); ``python -m videomt_fast.testing.triton_compile --help``
 does the same from the command line.
 
 A compile error fails ``test_every_launch_compiles_for_sm90`` with Triton's message (front end or
@@ -38,13 +38,13 @@ import triton.language as tl  # noqa: E402
 from videomt_fast import ops  # noqa: E402
 
 try:  # it drives Triton's compiler through internals that CI pins (.ci/run); a GPU machine compiles for real
-    from videomt_fast.kernels import compile_check as cc
+    from videomt_fast.testing import triton_compile as cc
 except Exception as exc:  # noqa: BLE001
     if torch.cuda.is_available():
         pytest.skip(f"ahead-of-time compile check unavailable with this Triton ({exc})", allow_module_level=True)
     raise
 from videomt_fast.kernels import attention, layer_norm  # noqa: E402
-from videomt_fast.kernels.testing import poisoned_empty  # noqa: E402
+from videomt_fast.testing.kernel_checks import poisoned_empty  # noqa: E402
 
 # every kernel the launchers launch (module-level ``_*_kernel`` JIT functions of the kernel modules)
 KERNELS = {"_attention_kernel", "_mask_bits_kernel", "_layer_norm_kernel", "_linear_kernel", "_epilogue_kernel"}

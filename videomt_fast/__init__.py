@@ -5,18 +5,19 @@ Change one import::
     from videomt_fast import VideomtForUniversalSegmentation  # was: from transformers import ...
 """
 
-from . import ops, postprocess  # postprocess declares the post-processing ops
-from .configuration import PRESETS, EomtConfig, VideomtConfig, config_from_preset
-from .eomt_processing import EomtImageProcessor
-from .modeling import (
+from videomt_fast import ops
+from videomt_fast.ops import postprocess  # postprocess declares the post-processing ops
+from videomt_fast.model.configuration import PRESETS, EomtConfig, VideomtConfig, config_from_preset
+from videomt_fast.processing.eomt_processor import EomtImageProcessor
+from videomt_fast.model.modeling import (
     EomtForUniversalSegmentation,
     EomtForUniversalSegmentationOutput,
     VideomtForUniversalSegmentation,
     VideomtForUniversalSegmentationOutput,
 )
-from .processing import VideomtVideoProcessor
-from .session import VideomtSession
-from .tracks import VideoInstance, VideoInstanceAccumulator
+from videomt_fast.processing.video_processor import VideomtVideoProcessor
+from videomt_fast.runtime.session import VideomtSession
+from videomt_fast.processing.tracks import VideoInstance, VideoInstanceAccumulator
 
 __version__ = "0.1.0"
 
@@ -28,7 +29,7 @@ def backend_report(device="cpu"):
 
 def from_transformers(hf_model):
     """Convert a loaded transformers VidEoMT / EoMT model; parameters share its storage where they can."""
-    from .loading import from_transformers as _convert
+    from videomt_fast.model.loading import from_transformers as _convert
 
     return _convert(hf_model)
 
@@ -40,14 +41,14 @@ def patch_transformers():
     Returns a handle; ``handle.undo()`` or :func:`unpatch_transformers` restores transformers. Also a
     context manager: ``with videomt_fast.patch_transformers(): ...``.
     """
-    from .patching import patch
+    from videomt_fast.model.patching import patch
 
     return patch()
 
 
 def unpatch_transformers():
     """Undo :func:`patch_transformers` (no-op when not patched)."""
-    from .patching import unpatch
+    from videomt_fast.model.patching import unpatch
 
     unpatch()
 

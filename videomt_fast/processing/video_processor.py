@@ -11,7 +11,7 @@ and the fused rescale+normalize uses transformers' constants (``mean * 255``, ``
 
 Post-processing has transformers' three methods, signatures and outputs; each dispatches through
 :mod:`videomt_fast.ops` (CUDA kernels on GPU tensors when the extension is available, otherwise the
-vectorized PyTorch references in :mod:`videomt_fast.postprocess`) and makes one host transfer for all
+vectorized PyTorch references in :mod:`videomt_fast.ops.postprocess`) and makes one host transfer for all
 frames' ``segments_info``.
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from . import postprocess as _pp
+from videomt_fast import ops
+from videomt_fast.ops import postprocess as _pp
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)

@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from . import reference as _reference  # noqa: F401  (declares the ops)
-from .configuration import EomtConfig, VideomtConfig, _SegmenterConfig
+from videomt_fast import ops
+from videomt_fast.ops import reference as _reference  # noqa: F401  (declares the ops)
+from videomt_fast.model.configuration import EomtConfig, VideomtConfig, _SegmenterConfig
 
 # --------------------------------------------------------------------------------------------
 # outputs
@@ -160,7 +160,7 @@ class Embeddings(nn.Module):
         if cached is None:
             cached = self._resized(weight, grid)
             # one grid at a time keeps memory flat; a CUDA graph that read an evicted table holds its own
-            # reference to it (videomt_fast.fast), so its memory is never reused under the graph
+            # reference to it (videomt_fast.runtime.fast), so its memory is never reused under the graph
             self._pos_cache = {key: cached}
         return cached
 
@@ -385,7 +385,7 @@ class _Segmenter(nn.Module):
         ``fast=True`` returns ``model.optimize(...)``: bf16 on CUDA unless ``dtype`` names another; on a
         CPU the loaded dtype (the reference path stays the CPU default).
         """
-        from .loading import load_pretrained
+        from videomt_fast.model.loading import load_pretrained
 
         model = load_pretrained(cls, pretrained_model_name_or_path, config=config, dtype=dtype, device=device, **kwargs)
         if fast:
@@ -394,7 +394,7 @@ class _Segmenter(nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``config.json`` and ``model.safetensors`` in transformers' format (loadable by both)."""
-        from .loading import save_pretrained
+        from videomt_fast.model.loading import save_pretrained
 
         save_pretrained(self, directory)
 
@@ -415,7 +415,7 @@ class _Segmenter(nn.Module):
         ``clone_outputs=False`` lets a graphed session return its static output buffers (valid until
         the next step) instead of copies.
         """
-        from .fast import optimize
+        from videomt_fast.runtime.fast import optimize
 
         self._refresh_mask_probs()
         return optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
@@ -544,10 +544,10 @@ class VideomtForUniversalSegmentation(_Segmenter):
 
     def query_stepper(self, hidden: torch.Tensor, grid: tuple[int, int]):
         """What to call per frame on ``hidden`` of this shape: :meth:`query_step`, or after :meth:`optimize`
-        on CUDA its CUDA-graph replay (:class:`videomt_fast.fast.GraphedQueryStep`, same arguments)."""
+        on CUDA its CUDA-graph replay (:class:`videomt_fast.runtime.fast.GraphedQueryStep`, same arguments)."""
         if getattr(self, "fast_settings", None) is None:
             return self.query_step
-        from .fast import query_stepper
+        from videomt_fast.runtime.fast import query_stepper
 
         return query_stepper(self, hidden, grid)
 
@@ -555,14 +555,14 @@ class VideomtForUniversalSegmentation(_Segmenter):
     def new_session(self, batch_size: int = 1):
         """A streaming session: feed one frame per ``step(frames)``, queries carried between.
 
-        After :meth:`optimize` on a CUDA model this is a :class:`videomt_fast.fast.GraphedSession`
-        (one CUDA graph per input shape); otherwise a :class:`videomt_fast.session.VideomtSession`.
+        After :meth:`optimize` on a CUDA model this is a :class:`videomt_fast.runtime.fast.GraphedSession`
+        (one CUDA graph per input shape); otherwise a :class:`videomt_fast.runtime.session.VideomtSession`.
         """
-        from .fast import GraphedSession, graphs_enabled
+        from videomt_fast.runtime.fast import GraphedSession, graphs_enabled
 
         if graphs_enabled(self):
             return GraphedSession(self, batch_size=batch_size, clone_outputs=self.fast_settings.clone_outputs)
-        from .session import VideomtSession
+        from videomt_fast.runtime.session import VideomtSession
 
         return VideomtSession(self, batch_size=batch_size)
 
@@ -590,9 +590,9 @@ class EomtForUniversalSegmentation(_Segmenter):
         """A callable ``predictor(pixel_values)`` returning what ``self(pixel_values=...)`` returns.
 
         After :meth:`optimize` on a CUDA model it replays one CUDA graph per input shape (a
-        :class:`videomt_fast.fast.GraphedPredictor`); otherwise it runs the forward.
+        :class:`videomt_fast.runtime.fast.GraphedPredictor`); otherwise it runs the forward.
         """
-        from .fast import GraphedPredictor, graphs_enabled
+        from videomt_fast.runtime.fast import GraphedPredictor, graphs_enabled
 
         settings = getattr(self, "fast_settings", None)
         clone = settings.clone_outputs if settings is not None else True

@@ -10,7 +10,7 @@ _STATE: dict[str, Any] = {"patches": None}
 
 
 def _fast_classes() -> dict[str, type]:
-    from .modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
+    from videomt_fast.model.modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
 
     return {"videomt": VideomtForUniversalSegmentation, "eomt": EomtForUniversalSegmentation}
 
@@ -23,7 +23,7 @@ def _model_type(name_or_path: Any, kwargs: dict) -> str | None:
     if os.path.isfile(path):
         return None
     try:
-        from .loading import resolve_checkpoint_dir
+        from videomt_fast.model.loading import resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(path, **{k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs})
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput, check_frames
+from videomt_fast.model.modeling import VideomtForUniversalSegmentation, VideomtForUniversalSegmentationOutput, check_frames
 
 
 def check_step_frames(

@@ -23,7 +23,7 @@ Every op returns its per-frame maps as device tensors plus small per-frame table
 the tables into ``segments_info`` with a single host transfer.
 
 Ops (declared with :func:`videomt_fast.ops.define_op`; the CUDA kernels register under the same names
-from :mod:`videomt_fast.cuda_ops`):
+from :mod:`videomt_fast.ops.cuda`):
 
 ``semantic_segmentation(class_logits, mask_logits, target_sizes, return_scores)``
     -> ``list[(segmentation int64 (H, W), scores float32 (C, H, W) or None)]``
@@ -45,7 +45,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from videomt_fast.ops import registry as ops
 
 QUERY_ALIGN = 16  # block starts/lengths in channels; a multiple of every CPU vector width torch uses
 
@@ -399,4 +399,4 @@ ops.define_op(
     panoptic_segmentation_ref,
     "Panoptic maps at target size: argmax of score x sigmoid, area rules, label fusing (fused upsample).",
 )
-ops.register_backend_module("cuda", "videomt_fast.cuda_ops")
+ops.register_backend_module("cuda", "videomt_fast.ops.cuda")

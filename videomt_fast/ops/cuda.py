@@ -1,7 +1,7 @@
 """CUDA implementations of the post-processing ops, registered with :mod:`videomt_fast.ops`.
 
 Imported lazily by the dispatcher on the first call with CUDA tensors. Each op reads the low-res
-mask logits with the fused kernels of ``csrc/`` (through :mod:`videomt_fast._ext`) and keeps the
+mask logits with the fused kernels of ``csrc/`` (through :mod:`videomt_fast.ops._ext`) and keeps the
 per-query selection on the device: no host sync inside these functions (the processor makes one
 transfer for all frames' ``segments_info``). The guards send other inputs to the references.
 
@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _ext, ops
-from . import postprocess as pp
+from videomt_fast.ops import registry as ops
+from videomt_fast.ops import _ext
+from videomt_fast.ops import postprocess as pp
 
 MAX_QUERIES = 2048
 

@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from . import video_io
-from .video_io import VideoReadError, VideoSource
+from videomt_fast.apps import video_io
+from videomt_fast.apps.video_io import VideoReadError, VideoSource
 
 DONE_MARKER = "done.json"
 KILL_AFTER_FRAMES_ENV = "VIDEOMT_FAST_SEGMENT_KILL_AFTER_FRAMES"  # test hook: SIGKILL self after N frames written
@@ -199,7 +199,7 @@ def load_model(settings: SegmentSettings, device: str):
     """The model on ``device`` (cached per process: Ray workers and repeated calls reuse it)."""
     key = (settings.model, device, settings.dtype, settings.fast)
     if key not in _MODEL_CACHE:
-        from .modeling import VideomtForUniversalSegmentation
+        from videomt_fast.model.modeling import VideomtForUniversalSegmentation
 
         dtype = resolve_dtype(settings.dtype, device)
         model = VideomtForUniversalSegmentation.from_pretrained(settings.model, dtype=dtype, device=device)
@@ -404,7 +404,7 @@ class VideoOutput:
 
     def _instances(self, tracker, video: dict, categories: list) -> None:
         """instances.json (YouTube-VIS results + track ids) and the per-frame track-id PNGs."""
-        from .tracks import rle_decode
+        from videomt_fast.processing.tracks import rle_decode
 
         instances = tracker.finalize()
         entries = tracker.to_youtube_vis(self.job.name)
@@ -565,7 +565,7 @@ class _Engine:
     def __init__(self, settings: SegmentSettings, device: str):
         import torch
 
-        from .processing import VideomtVideoProcessor
+        from videomt_fast.processing.video_processor import VideomtVideoProcessor
 
         self.torch = torch
         self.settings = settings
@@ -585,7 +585,7 @@ class _Engine:
         self.session = self.model.new_session(1) if self.settings.engine == "session" else None
         self.tracker = None
         if self.settings.task == "instance":
-            from .tracks import VideoInstanceAccumulator
+            from videomt_fast.processing.tracks import VideoInstanceAccumulator
 
             self.tracker = VideoInstanceAccumulator(top_k=self.settings.top_k)
         return geometry
@@ -814,7 +814,7 @@ def _run_multi(jobs: list[Job], settings: SegmentSettings, devices: list[str], o
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
-    code = "import sys; from videomt_fast.segment import worker_main; sys.exit(worker_main(sys.argv[1:]))"
+    code = "import sys; from videomt_fast.apps.segment import worker_main; sys.exit(worker_main(sys.argv[1:]))"
     taken: dict[str, set[int]] = {d: set() for d in devices}
     index_of = {job.name: i for i, job in enumerate(jobs)}
     lock = threading.Lock()

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from videomt_fast import ops
+from videomt_fast.ops import registry as ops
 
 FP32_REL_TOL = 1e-5
 # low precision: kernel error vs the float64 truth <= LOWPREC_FACTOR * PyTorch's own error + eps

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from videomt_fast.ops import registry as ops
 
 # --------------------------------------------------------------------------------------------
 # attention

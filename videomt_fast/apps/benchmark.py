@@ -423,18 +423,18 @@ def agreement(out: Outputs, ref: Outputs, map_key: str = "instance_map") -> dict
 
 
 def transformers_postprocessor() -> tuple[Any, str]:
-    """``(processor, how)``: transformers' ``VideomtVideoProcessor`` (see :mod:`videomt_fast.hf_source`)."""
-    from .hf_source import videomt_video_processor
+    """``(processor, how)``: transformers' ``VideomtVideoProcessor`` (see :mod:`videomt_fast.apps.hf_source`)."""
+    from videomt_fast.apps.hf_source import videomt_video_processor
 
     return videomt_video_processor()
 
 
 def fast_processor() -> tuple[Any | None, str]:
     try:
-        from .processing import VideomtVideoProcessor
+        from videomt_fast.processing.video_processor import VideomtVideoProcessor
     except Exception as exc:  # noqa: BLE001
-        return None, f"videomt_fast.processing unavailable: {type(exc).__name__}: {exc}"
-    return VideomtVideoProcessor, "videomt_fast.processing.VideomtVideoProcessor"
+        return None, f"videomt_fast.processing.video_processor unavailable: {type(exc).__name__}: {exc}"
+    return VideomtVideoProcessor, "videomt_fast.processing.video_processor.VideomtVideoProcessor"
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ class Bench:
 
     # ------------------------------------------------------------------ the weight source
     def model_config(self, size: tuple[int, int]):
-        from .configuration import EomtConfig, VideomtConfig, config_from_preset
+        from videomt_fast.model.configuration import EomtConfig, VideomtConfig, config_from_preset
 
         args = self.args
         cls = EomtConfig if self.eomt else VideomtConfig
@@ -652,7 +652,7 @@ class Bench:
         return Runner(name, "eomt", dtype, backend, offline, new_online, end_to_end, notes, context=context)
 
     def _build_fast(self, name: str, size: tuple[int, int]) -> Runner:
-        from . import from_transformers, ops
+        from videomt_fast import from_transformers, ops
 
         master = self.hf_master(size)
         model = from_transformers(copy.deepcopy(master)).to(self.device)
@@ -778,14 +778,14 @@ class Bench:
 
     # ------------------------------------------------------------------ processors
     def eomt_fast_processor(self, size: tuple[int, int]):
-        from .eomt_processing import EomtImageProcessor
+        from videomt_fast.processing.eomt_processor import EomtImageProcessor
 
         return EomtImageProcessor(size={"shortest_edge": size[0], "longest_edge": size[0]}, do_pad=True)
 
     def eomt_hf_postprocessor(self):
-        """transformers' EoMT image processor (its post-processing; see :mod:`videomt_fast.hf_source`)."""
+        """transformers' EoMT image processor (its post-processing; see :mod:`videomt_fast.apps.hf_source`)."""
         if self._hf_pp is None:
-            from .hf_source import eomt_image_processor_class
+            from videomt_fast.apps.hf_source import eomt_image_processor_class
 
             cls, how = eomt_image_processor_class()
             self._hf_pp = (cls(do_pad=True), how)
@@ -793,7 +793,7 @@ class Bench:
 
     def eomt_preprocess(self, images_uint8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """transformers' EoMT pre-processing when its torchvision class runs here, else videomt_fast's
-        (the same resize, pad and normalization; see videomt_fast.eomt_processing)."""
+        (the same resize, pad and normalization; see videomt_fast.processing.eomt_processor)."""
         self.eomt_hf_postprocessor()
         if self._hf_pp[1] == "transformers.EomtImageProcessor" and not getattr(self, "_hf_pre_failed", False):
             try:
@@ -822,7 +822,7 @@ class Bench:
 
     def preprocess(self, frames_uint8: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """transformers' pre-processing when its processor imports (torchvision), else videomt_fast's
-        (the same resize and normalization; see videomt_fast.processing)."""
+        (the same resize and normalization; see videomt_fast.processing.video_processor)."""
         pp, how = self.hf_postprocessor()
         if how == "transformers.VideomtVideoProcessor" and not getattr(self, "_hf_pre_failed", False):
             try:
@@ -1156,7 +1156,7 @@ def _git_commit() -> str | None:
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    from . import __version__
+    from videomt_fast import __version__
 
     env: dict[str, Any] = {
         "device_type": device.type,
@@ -1247,7 +1247,7 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
                  "of mask-logit pixels of equal sign, class_argmax = fraction of queries with the same argmax class")
     return {
         "schema_version": SCHEMA_VERSION,
-        "tool": "videomt_fast.benchmark",
+        "tool": "videomt_fast.apps.benchmark",
         "argv": list(getattr(args, "argv", [])),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "environment": {**environment(bench.device), "load_avg_1_5_15_start": getattr(bench, "load_start", None),

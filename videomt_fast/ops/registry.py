@@ -1,6 +1,6 @@
 """The one dispatch point: which implementation runs each fused op.
 
-Every op has a plain-PyTorch reference (``videomt_fast.reference``) and may have fast
+Every op has a plain-PyTorch reference (``videomt_fast.ops.reference``) and may have fast
 implementations registered under a backend name (``"triton"``, ``"cuda"``). For each call the
 dispatcher walks the backends in priority order and takes the first one that is enabled, whose
 module imports, and whose guard accepts the inputs; otherwise it runs the reference.

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from .configuration import EomtConfig, VideomtConfig, _SegmenterConfig
+from videomt_fast.model.configuration import EomtConfig, VideomtConfig, _SegmenterConfig
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -398,7 +398,7 @@ def load_research_checkpoint(
 def from_transformers(hf_model: Any):
     """A videomt_fast model from a loaded transformers VidEoMT / EoMT model, sharing parameter storage
     (all but the fused QKV projections, which are concatenated once)."""
-    from .modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
+    from videomt_fast.model.modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
 
     name = type(hf_model).__name__
     targets = {

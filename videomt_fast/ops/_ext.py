@@ -3,7 +3,7 @@
 Order: the extension ``setup.py`` built; else a just-in-time build of the csrc sources with
 ``torch.utils.cpp_extension.load`` into a cache folder (keyed by the sources, torch and CUDA versions);
 else ``None``, with a one-time warning, and the ops run their PyTorch references. Nothing here runs
-at package import: :mod:`videomt_fast.cuda_ops` calls :func:`load` from its guards, on CUDA tensors.
+at package import: :mod:`videomt_fast.ops.cuda` calls :func:`load` from its guards, on CUDA tensors.
 
 Switches: ``VIDEOMT_FAST_NO_JIT=1`` skips the just-in-time build; ``VIDEOMT_FAST_EXT_CACHE`` sets the
 build folder (default ``~/.cache/videomt_fast``).
@@ -29,8 +29,8 @@ HEADERS = ("postprocess.h", "upsample.cuh")
 
 def sources_dir() -> Path | None:
     """The folder holding the csrc sources: shipped inside the package, or the source checkout's csrc/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # videomt_fast/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if all((candidate / name).is_file() for name in SOURCES + HEADERS):
             return candidate
     return None

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import postprocess as pp
+from videomt_fast.ops import postprocess as pp
 
 
 @dataclass

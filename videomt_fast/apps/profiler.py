@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from .benchmark import (
+from videomt_fast.apps.benchmark import (
     Bench,
     Timer,
     add_model_arguments,
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace):
     """The videomt_fast model to profile: the benchmark's weights (random through transformers, or the checkpoint)."""
-    from . import from_transformers
+    from videomt_fast import from_transformers
 
     source = Bench(argparse.Namespace(**{**vars(args), "model": "videomt", "masked_attention": "model"}))
     model = from_transformers(source.hf_master(args.size)).to(args.device)
@@ -128,7 +128,7 @@ class StageClock:
 
 def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock | None], Any]:
     """One frame through the stages; returns the queries to carry."""
-    from . import ops
+    from videomt_fast import ops
 
     grid = model.grid_for(*args.size)
     split = hasattr(model, "_new_token_buffer") and hasattr(model, "_final_norm")
@@ -170,7 +170,7 @@ def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock
 
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
-    from . import ops
+    from videomt_fast import ops
 
     device = args.device
     if args.threads:
@@ -224,7 +224,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         s["percent"] = 100.0 * s["median_ms"] / total if total > 0 else float("nan")
     flops = frame_flops(model.config, h, w)
     return {
-        "tool": "videomt_fast.profiler",
+        "tool": "videomt_fast.apps.profiler",
         "environment": environment(device),
         "arch": args.arch,
         "checkpoint": args.checkpoint,

@@ -4,7 +4,7 @@ Usage::
 
     import torch
     from videomt_fast import EomtForUniversalSegmentation
-    from videomt_fast.eomt_processing import EomtImageProcessor
+    from videomt_fast.processing.eomt_processor import EomtImageProcessor
 
     processor = EomtImageProcessor()                       # size {"shortest_edge": 640, "longest_edge": 640}
     image = torch.randint(0, 256, (480, 720, 3), dtype=torch.uint8)   # HWC or CHW, uint8 or float, CPU or CUDA
@@ -47,7 +47,7 @@ Post-processing has transformers' three methods, signatures and outputs:
   ``(classes, H, W)`` map at target size never exists at once.
 * ``post_process_instance_segmentation`` / ``post_process_panoptic_segmentation``: the kept queries only
   are upsampled to the padded input size, un-padded (cropped to the resized image) and handed to the fused
-  ``instance_segmentation`` / ``panoptic_segmentation`` ops of :mod:`videomt_fast.postprocess` (dispatched
+  ``instance_segmentation`` / ``panoptic_segmentation`` ops of :mod:`videomt_fast.ops.postprocess` (dispatched
   by :mod:`videomt_fast.ops`; CUDA kernels on GPU tensors when built), which upsample to the target size,
   score, threshold and paint without a per-query Python loop. ``segments_info`` comes from one host
   transfer per image.
@@ -68,9 +68,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import ops
-from . import postprocess as _pp  # noqa: F401  (defines the fused post-processing ops)
-from .processing import BatchFeature
+from videomt_fast import ops
+from videomt_fast.ops import postprocess as _pp  # noqa: F401  (defines the fused post-processing ops)
+from videomt_fast.processing.video_processor import BatchFeature
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)

@@ -10,7 +10,7 @@ The kernels themselves are chosen per op by :mod:`videomt_fast.ops` (Triton / CU
 tensors, reference elsewhere), so this module never names a backend.
 
 Off CUDA, ``optimize()`` keeps the dtype unless one is named (and casts nothing it need not): every op
-runs its reference and ``new_session()`` is the plain :class:`~videomt_fast.session.VideomtSession`,
+runs its reference and ``new_session()`` is the plain :class:`~videomt_fast.runtime.session.VideomtSession`,
 so a float32 CPU model computes exactly what it computed before, at the same cost
 (``tests/test_fast_path.py`` checks the op sequence).
 """
@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .modeling import (
+from videomt_fast.model.modeling import (
     EomtForUniversalSegmentationOutput,
     VideomtForUniversalSegmentation,
     VideomtForUniversalSegmentationOutput,
 )
-from .session import check_step_frames
+from videomt_fast.runtime.session import check_step_frames
 
 
 @dataclass
@@ -62,7 +62,7 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
     if check_finite is not None:
         model.check_finite = bool(check_finite)
     if model.device.type == "cuda":
-        from . import ops
+        from videomt_fast import ops
 
         ops.preload_backends()  # import the kernels now, outside any traced or captured region
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs)
@@ -113,7 +113,7 @@ def _pinned_position_table(model, size: tuple[int, int]) -> torch.Tensor:
 class GraphedSession:
     """A VidEoMT streaming session whose frame step replays a captured CUDA graph.
 
-    Same contract as :class:`videomt_fast.session.VideomtSession` (``step``, ``reset``, errors on a
+    Same contract as :class:`videomt_fast.runtime.session.VideomtSession` (``step``, ``reset``, errors on a
     changed batch size or frame size). The first frame (learned queries only) and later frames
     (``query_updater(prev) + queries``) are two graphs; both write the queries to propagate into a
     static buffer inside the graph, so a step is one input copy and one replay.

@@ -1,8 +1,8 @@
 """``videomt-fast``: one entry point, one subcommand per job.
 
-    videomt-fast bench     side-by-side benchmark (videomt_fast.benchmark)
-    videomt-fast profile   per-stage latency profile (videomt_fast.profiler)
-    videomt-fast segment   offline video segmentation (videomt_fast.segment)
+    videomt-fast bench     side-by-side benchmark (videomt_fast.apps.benchmark)
+    videomt-fast profile   per-stage latency profile (videomt_fast.apps.profiler)
+    videomt-fast segment   offline video segmentation (videomt_fast.apps.segment)
     videomt-fast backends  which backend each op runs, and why
 """
 
@@ -14,9 +14,9 @@ import json
 import sys
 
 _SUBCOMMANDS = {
-    "bench": ("videomt_fast.benchmark", "side-by-side benchmark against transformers"),
-    "profile": ("videomt_fast.profiler", "per-stage latency profile and a Chrome trace"),
-    "segment": ("videomt_fast.segment", "offline segmentation of videos and frame folders"),
+    "bench": ("videomt_fast.apps.benchmark", "side-by-side benchmark against transformers"),
+    "profile": ("videomt_fast.apps.profiler", "per-stage latency profile and a Chrome trace"),
+    "segment": ("videomt_fast.apps.segment", "offline segmentation of videos and frame folders"),
 }
 
 
@@ -25,7 +25,8 @@ def _backends(argv: list[str]) -> int:
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from . import ops, reference  # noqa: F401
+    from videomt_fast import ops
+    from videomt_fast.ops import reference  # noqa: F401
 
     report = ops.backend_report(args.device)
     if args.json:

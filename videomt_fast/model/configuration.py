@@ -173,7 +173,7 @@ class _SegmenterConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "_SegmenterConfig":
-        from .loading import resolve_checkpoint_dir
+        from videomt_fast.model.loading import resolve_checkpoint_dir
 
         directory = resolve_checkpoint_dir(path, **kwargs)
         return cls.from_json_file(os.path.join(directory, "config.json"))
@@ -182,7 +182,7 @@ class _SegmenterConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        from .loading import atomic_write_text
+        from videomt_fast.model.loading import atomic_write_text
 
         os.makedirs(directory, exist_ok=True)
         atomic_write_text(os.path.join(directory, "config.json"), self.to_json_string())

@@ -25,8 +25,8 @@ without a GPU:
 
 Command line (JSON table with ``--json``; nothing is written unless asked)::
 
-    python -m videomt_fast.kernels.compile_check --arch 90 --arch 80 --json /tmp/kernels_sm90.json
-    python -m videomt_fast.kernels.compile_check --models vit-l --batches 2 --dtypes bf16   # quick
+    python -m videomt_fast.testing.triton_compile --arch 90 --arch 80 --json /tmp/kernels_sm90.json
+    python -m videomt_fast.testing.triton_compile --models vit-l --batches 2 --dtypes bf16   # quick
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ from triton.runtime.jit import JITFunction, KernelInterface, KernelParam, create
 import triton.experimental.gluon  # noqa: E402,F401
 
 from videomt_fast import ops
-from videomt_fast.configuration import PRESETS, EomtConfig, config_from_preset
+from videomt_fast.model.configuration import PRESETS, EomtConfig, config_from_preset
 
-from . import attention, layer_norm, linear, mask_bits, query_update
+from videomt_fast.kernels import attention, layer_norm, linear, mask_bits, query_update
 
 KERNEL_MODULES = {"attention": attention, "mask_bits": mask_bits, "layer_norm": layer_norm, "linear": linear,
                   "query_update": query_update}
@@ -294,7 +294,7 @@ class Case:
 
 def launch_cases(models: Sequence[str] = MODELS, batches: Sequence[int] = BATCHES,
                  dtypes: Sequence[str] = tuple(DTYPES), image_size: int = IMAGE_SIZE) -> list[Case]:
-    """The op calls of VidEoMT / EoMT forwards at these shapes, as in :mod:`videomt_fast.modeling`.
+    """The op calls of VidEoMT / EoMT forwards at these shapes, as in :mod:`videomt_fast.model.modeling`.
 
     Per model/batch/dtype: LayerNorm and residual LayerNorm on the query-free (1 + R + P tokens) and the
     query (Q + 1 + R + P) sequences; attention unmasked (early layers, VidEoMT query layers, EoMT with
@@ -556,7 +556,7 @@ def compile_in_subprocess(launches: Sequence[Launch], archs: Sequence[int] = (90
         src, out = os.path.join(tmp, "launches.json"), os.path.join(tmp, "results.json")
         with open(src, "w") as f:
             json.dump([launch.to_json() for launch in launches], f)
-        cmd = [sys.executable, "-m", "videomt_fast.kernels.compile_check", "--launches", src, "--json", out,
+        cmd = [sys.executable, "-m", "videomt_fast.testing.triton_compile", "--launches", src, "--json", out,
                "--quiet", *[a for arch in archs for a in ("--arch", str(arch))]]
         if jobs:
             cmd += ["--jobs", str(jobs)]
@@ -595,7 +595,7 @@ def write_json(path: str, rows: Sequence[dict[str, Any]], **meta: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m videomt_fast.kernels.compile_check", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m videomt_fast.testing.triton_compile", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (repeatable; "
                         "default 90)")

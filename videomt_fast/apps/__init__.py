@@ -1,0 +1,1 @@
+"""Applications: offline segmentation, the benchmark, the profiler, video IO and the command line."""

@@ -1,0 +1,1 @@
+"""The model: configs, plain-PyTorch modules that call ops, weight loading. Nothing of the runtime."""

@@ -1,0 +1,1 @@
+"""Processing: pre-processors, post-processing and video-level tracks (built on ops)."""

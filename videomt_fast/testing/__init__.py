@@ -1,0 +1,1 @@
+"""Test tools (not runtime code): kernel error measures and the ahead-of-time Triton compile check."""
