@@ -1,8 +1,21 @@
-"""Shared builders for the CPU test suite: tiny random transformers models and their inputs."""
+"""Shared tools of the CPU test suite: tiny configs, random models and inputs, comparisons, recorders.
+
+Imported as ``helpers`` (pytest puts ``tests/`` on the path for any working directory); test modules
+import from here, never from each other.
+"""
 
 from __future__ import annotations
 
+import collections
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
 import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+FIELDS = ("class_queries_logits", "masks_queries_logits", "last_hidden_state")
 
 TINY = dict(
     hidden_size=64,
@@ -13,6 +26,12 @@ TINY = dict(
     image_size=48,
     num_labels=5,
 )
+
+# norm weights are drawn around 1, like trained ones, so no layer collapses its input
+_NORM_WEIGHTS = ("norm1.weight", "norm2.weight", "layernorm.weight")
+
+
+# ----------------------------------------------------------------------------------- models and inputs
 
 
 def hf_videomt(**overrides):
@@ -30,13 +49,14 @@ def hf_eomt(**overrides):
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter fresh non-trivial values (layer scales, norms and registers included),
-    so parity tests cannot pass on identity-like initialisations."""
+    """Give every parameter fresh non-trivial values (layer scales, norms, registers, query table and
+    updater included), reproducibly, so parity tests cannot pass on identity-like initialisations."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            scale = 0.5 if param.ndim <= 1 or "token" in name else 1.0 / max(param.shape[-1], 1) ** 0.5
-            param.copy_(torch.randn(param.shape, generator=gen) * scale + (1.0 if name.endswith("norm1.weight") else 0.0))
+            std = 0.5 if param.ndim <= 1 or "token" in name else max(param.shape[-1], 1) ** -0.5
+            offset = 1.0 if name.endswith(_NORM_WEIGHTS) else 0.0
+            param.copy_(torch.randn(param.shape, generator=gen) * std + offset)
     return model
 
 
@@ -45,7 +65,132 @@ def video(batch=1, frames=2, height=48, width=48, seed=1):
     return torch.randn(batch, frames, 3, height, width, generator=gen)
 
 
+def images(batch=1, height=48, width=None, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, height, height if width is None else width, generator=gen)
+
+
+# ------------------------------------------------------------------------------------------ comparisons
+
+
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     assert a.shape == b.shape, (a.shape, b.shape)
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    return (a.float() - b.float()).abs().max().item()
+    return (a.double() - b.double()).abs().max().item()
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; NaN or infinity anywhere never passes (returns inf)."""
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
+        return float("inf")
+    ref = ref.double()
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def assert_outputs_close(out, ref, atol: float = 1e-4, fields=FIELDS) -> None:
+    """Every output field within ``atol`` (max abs) of ``ref``'s; the message names the field."""
+    for field in fields:
+        err = max_abs(getattr(out, field), getattr(ref, field))
+        assert err <= atol, f"{field}: max abs error {err:.3g} > {atol}"
+
+
+def assert_outputs_equal(out, ref, fields=FIELDS) -> None:
+    for field in fields:
+        a, b = getattr(out, field), getattr(ref, field)
+        assert a.dtype == b.dtype and torch.equal(a, b), f"{field} differs (max abs {max_abs(a, b):.3g})"
+
+
+def agreement(out, ref) -> tuple[float, float]:
+    """(fraction of mask pixels whose sign agrees, fraction of queries whose class argmax agrees)."""
+    masks = ((out.masks_queries_logits > 0) == (ref.masks_queries_logits > 0)).float().mean().item()
+    classes = (out.class_queries_logits.argmax(-1) == ref.class_queries_logits.argmax(-1)).float().mean().item()
+    return masks, classes
+
+
+# --------------------------------------------------------------------------------- dispatch recording
+
+
+class BackendRecorder:
+    """Counts which backend every ``ops.call`` picked (``picked[(op, backend)]``) and keeps the
+    arguments of the calls of the ops named in ``keep`` (``calls[op]``: list of argument tuples)."""
+
+    def __init__(self, monkeypatch, keep: tuple[str, ...] = ()):
+        from videomt_fast import ops
+
+        self.picked: collections.Counter = collections.Counter()
+        self.calls: dict[str, list] = collections.defaultdict(list)
+        real = ops.registry.choose
+
+        def choose(name, *args, **kwargs):
+            backend, fn, why = real(name, *args, **kwargs)
+            self.picked[(name, backend)] += 1
+            if name in keep:
+                self.calls[name].append(args)
+            return backend, fn, why
+
+        monkeypatch.setattr(ops.registry, "choose", choose)
+
+    def backends(self, name: str) -> set[str]:
+        return {b for (n, b) in self.picked if n == name}
+
+
+# ---------------------------------------------------------------------------------- post-processing
+
+
+def random_outputs(frames, queries, num_labels, h, w, seed, dtype=torch.float32, layout="blobs"):
+    """Logits that make real segments: peaked classes for half the queries, then either overlapping
+    blob masks ("blobs", the instance case) or near-partition Voronoi cells with some duplicated,
+    shifted centres ("cells", so panoptic has valid segments and overlap rejections), plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    cls = torch.randn(frames, queries, num_labels + 1, generator=g) * 1.5
+    confident = torch.rand(frames, queries, generator=g) < 0.5
+    peak = torch.randint(0, num_labels, (frames, queries), generator=g)
+    boost = 4.0 + 4.0 * torch.rand(frames, queries, generator=g)
+    cls.scatter_add_(2, peak[..., None], (confident * boost)[..., None])
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    cy, cx = torch.rand(2, frames, queries, 1, 1, generator=g)
+    noise = 0.8 * torch.randn(frames, queries, h, w, generator=g)
+    if layout == "blobs":
+        radius = 0.1 + 0.35 * torch.rand(frames, queries, 1, 1, generator=g)
+        dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
+        masks = 12.0 * (radius - dist) / radius + noise
+    else:
+        dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()  # (F, Q, h, w)
+        two = dist.topk(2, dim=1, largest=False).values
+        other = torch.where(dist <= two[:, :1], two[:, 1:2], two[:, :1])  # distance to the nearest other centre
+        masks = 40.0 * (other - dist) + noise
+        # a quarter of the queries repeat another query's cell, a little dilated: one of each pair loses
+        dup = torch.rand(frames, queries, 1, 1, generator=g) < 0.25
+        src = torch.randint(0, queries, (frames, queries, 1, 1), generator=g).expand(-1, -1, h, w)
+        masks = torch.where(dup, masks.gather(1, src) + 1.5, masks)
+    return SimpleNamespace(class_queries_logits=cls.to(dtype), masks_queries_logits=masks.to(dtype))
+
+
+def assert_segments_equal(expected, got, tol=1e-5):
+    assert len(expected) == len(got)
+    for f, (e, o) in enumerate(zip(expected, got)):
+        assert o["segmentation"].dtype == torch.long
+        assert o["segmentation"].shape == e["segmentation"].shape
+        diff = (o["segmentation"] != e["segmentation"]).sum().item()
+        assert diff == 0, f"frame {f}: {diff} pixels differ"
+        ei, oi = e["segments_info"], o["segments_info"]
+        assert [(s["id"], s["label_id"]) for s in oi] == [(s["id"], s["label_id"]) for s in ei], f"frame {f}"
+        for s_e, s_o in zip(ei, oi):
+            assert abs(s_e["score"] - s_o["score"]) <= tol, (f, s_e, s_o)
+            assert s_o["score"] == round(s_o["score"], 6)
+
+
+# ------------------------------------------------------------------------------------------- scripts
+
+
+def load_bench(name: str):
+    """``bench/<name>.py`` as a module, found from this file (not from the working directory), without
+    putting the checkout on ``sys.path`` (its ``kernels/`` folder would shadow the PyPI ``kernels``)."""
+    key = f"_videomt_fast_bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

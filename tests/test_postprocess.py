@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 import hf_oracle
+from helpers import assert_segments_equal, random_outputs
 from videomt_fast import ops
 from videomt_fast.ops import postprocess as pp
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
@@ -26,49 +25,6 @@ def oracle():
 @pytest.fixture
 def ours():
     return VideomtVideoProcessor()
-
-
-def random_outputs(frames, queries, num_labels, h, w, seed, dtype=torch.float32, layout="blobs"):
-    """Logits that make real segments: peaked classes for half the queries, then either overlapping
-    blob masks ("blobs", the instance case) or near-partition Voronoi cells with some duplicated,
-    shifted centres ("cells", so panoptic has valid segments and overlap rejections), plus noise."""
-    g = torch.Generator().manual_seed(seed)
-    cls = torch.randn(frames, queries, num_labels + 1, generator=g) * 1.5
-    confident = torch.rand(frames, queries, generator=g) < 0.5
-    peak = torch.randint(0, num_labels, (frames, queries), generator=g)
-    boost = 4.0 + 4.0 * torch.rand(frames, queries, generator=g)
-    cls.scatter_add_(2, peak[..., None], (confident * boost)[..., None])
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
-    cy, cx = torch.rand(2, frames, queries, 1, 1, generator=g)
-    noise = 0.8 * torch.randn(frames, queries, h, w, generator=g)
-    if layout == "blobs":
-        radius = 0.1 + 0.35 * torch.rand(frames, queries, 1, 1, generator=g)
-        dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
-        masks = 12.0 * (radius - dist) / radius + noise
-    else:
-        dist = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()  # (F, Q, h, w)
-        two = dist.topk(2, dim=1, largest=False).values
-        other = torch.where(dist <= two[:, :1], two[:, 1:2], two[:, :1])  # distance to the nearest other centre
-        masks = 40.0 * (other - dist) + noise
-        # a quarter of the queries repeat another query's cell, a little dilated: one of each pair loses
-        dup = torch.rand(frames, queries, 1, 1, generator=g) < 0.25
-        src = torch.randint(0, queries, (frames, queries, 1, 1), generator=g).expand(-1, -1, h, w)
-        masks = torch.where(dup, masks.gather(1, src) + 1.5, masks)
-    return SimpleNamespace(class_queries_logits=cls.to(dtype), masks_queries_logits=masks.to(dtype))
-
-
-def assert_segments_equal(expected, got, tol=1e-5):
-    assert len(expected) == len(got)
-    for f, (e, o) in enumerate(zip(expected, got)):
-        assert o["segmentation"].dtype == torch.long
-        assert o["segmentation"].shape == e["segmentation"].shape
-        diff = (o["segmentation"] != e["segmentation"]).sum().item()
-        assert diff == 0, f"frame {f}: {diff} pixels differ"
-        ei, oi = e["segments_info"], o["segments_info"]
-        assert [(s["id"], s["label_id"]) for s in oi] == [(s["id"], s["label_id"]) for s in ei], f"frame {f}"
-        for s_e, s_o in zip(ei, oi):
-            assert abs(s_e["score"] - s_o["score"]) <= tol, (f, s_e, s_o)
-            assert s_o["score"] == round(s_o["score"], 6)
 
 
 SIZES = [

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from test_postprocess import random_outputs
+from helpers import random_outputs
 from videomt_fast.processing.tracks import VideoInstanceAccumulator, rle_decode, rle_encode_batch, rle_encode_packed
 
 
