@@ -9,6 +9,8 @@ from videomt_fast import ops
 from videomt_fast.ops import reference
 from videomt_fast.testing.kernel_checks import run_triton
 
+from helpers import load_bench
+
 OPS = ("attention", "mask_bits", "layer_norm", "residual_layer_norm", "linear_gelu", "linear_residual", "query_update")
 
 
@@ -125,13 +127,14 @@ def test_bench_kernels_cli(monkeypatch, tmp_path, capsys):
 
     import triton.testing
 
-    from bench import bench_kernels as bench
+    bench = load_bench("bench_kernels")
 
     args = bench.parse_args(["--ops", "attention,layer_norm", "--models", "s,B", "--seq", "1605,1805"])
     assert args.ops == ["attention", "layer_norm"] and args.models == ["S", "B"] and args.seq == [1605, 1805]
     assert [c["queries"] for c in bench.cases(args)][:2] == [0, 200]
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         bench.parse_args(["--ops", "softmax"])
+    assert exit_info.value.code == 2 and "unknown op 'softmax'; choose from attention," in capsys.readouterr().err
     assert bench.main(["--list", "--models", "L"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == len(bench.OPS) * 2
     if not torch.cuda.is_available():
