@@ -79,9 +79,17 @@ setup(
     packages=find_packages(include=["videomt_fast", "videomt_fast.*"]),
     package_dir={"videomt_fast.kernels": "kernels"},
     package_data={"videomt_fast": ["csrc/*"]},
-    install_requires=["torch>=2.4", "numpy", "safetensors", "huggingface_hub"],
+    install_requires=[
+        "torch>=2.4",
+        # the Triton kernels (kernels/); a CUDA torch on Linux pins its own Triton (torch 2.13: 3.7.1), a CPU
+        # torch brings none and the tests run the kernels under TRITON_INTERPRET=1. Supported: 3.6 to 3.9.
+        "triton>=3.6,<3.10; sys_platform == 'linux' and (platform_machine == 'x86_64' or platform_machine == 'aarch64')",
+        "ninja",  # builds the CUDA extension (here, or just in time on first CUDA use)
+        "numpy",
+        "safetensors",
+        "huggingface_hub",
+    ],
     extras_require={
-        "triton": ["triton"],
         "video": ["av", "pycocotools", "tqdm"],
         "segment": ["av", "pycocotools", "tqdm"],
         "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm"],
