@@ -14,11 +14,20 @@ Per video the outputs go to ``OUT/<video name>/``:
 * ``panoptic``: ``panoptic/<frame>.png`` (COCO panoptic colour encoding, ``id = R + 256 G + 256^2 B``,
   0 = void) and ``panoptic.json`` (per-frame ``segments_info``);
 * ``overlay.mp4`` with ``--overlay``;
-* ``done.json`` last: the completion marker. A video whose folder has it is skipped on a rerun.
+* ``done.json`` last: the completion marker. It records what produced the folder (the source's real
+  path, size and a hash of its first and last MiB; the model's path and a hash of its files, or its hub
+  id; the task and the settings that change results). A rerun skips a video whose marker matches, and
+  refuses one whose marker does not (naming ``--overwrite``) instead of skipping it with stale results.
 
 A video is written under ``OUT/.<name>.tmp-*`` and renamed into place only once complete, so a killed
-run never leaves a half-written ``OUT/<name>``; leftovers are removed when that video is redone.
-PNGs are 8-bit when every value fits, 16-bit otherwise.
+run never leaves a half-written ``OUT/<name>``; ``--overwrite`` renames the old folder aside first and
+removes it after the new one is in place. Each video is claimed with a lock file ``OUT/.<name>.lock``
+(``flock``: released by the kernel when its process dies), so runs sharing one ``--out`` never work on
+one video at once or delete each other's temporary folders; a video claimed elsewhere is waited for at
+the end. Leftovers of dead runs are removed when their video is claimed. Id PNGs are 8-bit palette PNGs
+(the stored values are the ids; a viewer shows them in the overlay's colours) when every value fits,
+16-bit grayscale otherwise. A name whose folder holds another source's results gets the ``name-<hash>`` form
+that two inputs of one run with the same name get; a source keeps the folder that records it.
 
 Pipeline (per device): decoder threads fill bounded per-video queues with uint8 frame chunks; the
 main thread uploads a chunk, resizes and normalizes it on the device, runs the early layers on the
@@ -34,6 +43,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import itertools
 import json
 import math
 import os
@@ -53,12 +64,26 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from videomt_fast.apps import video_io
+from videomt_fast.apps import video_io, visualize
 from videomt_fast.apps.video_io import VideoReadError, VideoSource
+from videomt_fast.demo import resolve_model
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: videos are not locked against other runs
+    fcntl = None
 
 DONE_MARKER = "done.json"
 KILL_AFTER_FRAMES_ENV = "VIDEOMT_FAST_SEGMENT_KILL_AFTER_FRAMES"  # test hook: SIGKILL self after N frames written
 TASKS = ("instance", "semantic", "panoptic")
+
+
+class UsageError(ValueError):
+    """A command line that cannot run (bad device, output folder, list file): one line, exit status 2."""
+
+
+class WriterError(RuntimeError):
+    """The writer thread died: nothing more can be written, so the run stops at once."""
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -102,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Segment videos and frame folders offline with a VidEoMT model; resumable.",
     )
     p.add_argument("inputs", nargs="+", help="video files, folders (recursive), frame folders, or .txt lists of paths")
-    p.add_argument("--model", required=True, help="save_pretrained folder, hub id, or research .pth")
+    p.add_argument("--model", required=True, help="save_pretrained folder, hub id, research .pth, or demo (the small packaged model)")
     p.add_argument("--task", choices=TASKS, default="instance")
     p.add_argument("--out", required=True, help="output folder (one subfolder per video)")
     size = p.add_mutually_exclusive_group()
@@ -131,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap-threshold", type=float, default=0.8, help="panoptic overlap mask area threshold")
     p.add_argument("--top-k", type=int, default=10, help="instance: video-level tracks kept (default 10)")
     p.add_argument("--fuse-labels", default="", help="panoptic: comma list of label ids to fuse (stuff)")
-    p.add_argument("--overlay", action="store_true", help="also write overlay.mp4")
+    p.add_argument("--overlay", action="store_true", help="also write overlay.mp4 (tinted, outlined regions, their ids and a legend)")
     p.add_argument("--overwrite", action="store_true", help="redo videos that are already done")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -147,9 +172,16 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
         value = getattr(args, name)
         if value is not None and value < 16:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 16, got {value}")
-    fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
+    for name in ("threshold", "mask_threshold", "overlap_threshold"):
+        value = getattr(args, name)
+        if value is not None and not 0.0 <= value <= 1.0:  # NaN fails the comparison too
+            raise ValueError(f"--{name.replace('_', '-')} must be a number from 0 to 1, got {value}")
+    try:
+        fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
+    except ValueError:
+        raise ValueError(f"--fuse-labels must be a comma list of label ids, got {args.fuse_labels!r}") from None
     return SegmentSettings(
-        model=args.model, task=args.task, out=os.path.abspath(args.out), size=args.size, short_side=args.short_side,
+        model=resolve_model(args.model), task=args.task, out=os.path.abspath(args.out), size=args.size, short_side=args.short_side,
         chunk_size=args.chunk_size, dtype=args.dtype, engine=args.engine, fast=args.fast, threads=args.threads,
         decoder=args.decoder,
         decode_workers=args.decode_workers, decode_threads=args.decode_threads, prefetch_chunks=args.prefetch_chunks,
@@ -166,6 +198,8 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
 class Job:
     source: VideoSource
     out_dir: str  # final folder OUT/<name>
+    identity: dict = field(default_factory=dict)  # what produces its results; recorded in done.json
+    lock: Any = field(default=None, repr=False, compare=False)  # VideoLock while this process holds the video
 
     @property
     def name(self) -> str:
@@ -174,6 +208,146 @@ class Job:
 
 def is_done(out_dir: str) -> bool:
     return os.path.isfile(os.path.join(out_dir, DONE_MARKER))
+
+
+_WEIGHT_FILES = (".json", ".safetensors", ".bin", ".pth", ".pt", ".ckpt")
+
+
+def model_identity(model: str) -> dict:
+    """A local checkpoint: its real path and a hash of its files' names, sizes and first and last MiB;
+    a hub id: the id as given."""
+    if not os.path.exists(model):
+        return {"hub_id": model}
+    real = os.path.realpath(model)
+    if os.path.isdir(real):
+        files = sorted(os.path.join(real, n) for n in os.listdir(real) if n.endswith(_WEIGHT_FILES))
+    else:
+        files = [real]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(os.path.basename(path).encode() + b"\0")
+        digest.update(video_io.sampled_sha256(path).encode())
+    return {"path": real, "sha256": digest.hexdigest()}
+
+
+def result_settings(settings: SegmentSettings) -> dict:
+    """The settings that change a video's results (recorded in done.json and compared on resume)."""
+    out = {"task": settings.task, "size": settings.size, "short_side": settings.short_side,
+           "dtype": settings.dtype, "fast": settings.fast, "overlay": settings.overlay}
+    if settings.task == "instance":
+        out.update(threshold=settings.task_threshold(), top_k=settings.top_k)
+    elif settings.task == "panoptic":
+        out.update(threshold=settings.task_threshold(), mask_threshold=settings.mask_threshold,
+                   overlap_threshold=settings.overlap_threshold, fuse_labels=sorted(settings.fuse_labels))
+    return out
+
+
+def job_identity(source: VideoSource, settings: SegmentSettings, model: dict | None = None) -> dict:
+    return {"source": video_io.source_identity(source), "model": model or model_identity(settings.model),
+            "settings": result_settings(settings)}
+
+
+def _read_marker(out_dir: str) -> dict | None:
+    try:
+        with open(os.path.join(out_dir, DONE_MARKER), encoding="utf-8") as fh:
+            marker = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) else None
+
+
+def _recorded_source(out_dir: str) -> str | None:
+    """The real path of the source whose results ``out_dir`` holds (None when it holds none)."""
+    marker = _read_marker(out_dir)
+    if marker is None:
+        return None
+    path = (marker.get("identity") or {}).get("source", {}).get("path") or marker.get("source")
+    return os.path.realpath(path) if isinstance(path, str) else ""
+
+
+def existing_result(job: Job) -> tuple[str, str | None]:
+    """``("absent", None)``, ``("done", None)`` when ``done.json`` records this job's identity, or
+    ``("conflict", why)`` when it records another source content, model or settings."""
+    marker = _read_marker(job.out_dir)
+    if marker is None:
+        return "absent", None
+    recorded = marker.get("identity")
+    if not isinstance(recorded, dict):
+        return "conflict", (f"{job.out_dir} holds results without a record of what produced them; pass --overwrite "
+                            f"to replace them, or choose another --out")
+    if recorded == job.identity:
+        return "done", None
+    changed = []
+    for part in ("source", "model", "settings"):
+        old, new = recorded.get(part) or {}, job.identity.get(part) or {}
+        if old != new:
+            keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+            detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if k != "sha256")
+            changed.append(f"{part} ({detail or 'content changed'})")
+    return "conflict", (f"{job.out_dir} holds results made with another {'; another '.join(changed)}; pass "
+                        f"--overwrite to replace them, or choose another --out")
+
+
+def assign_names(sources: list[VideoSource], out: str) -> None:
+    """Output names consistent across runs: a source keeps a folder under ``out`` that records it (its
+    base name or ``base-<hash>``); a base name whose folder records another source gives ``base-<hash>``,
+    as two inputs with one name in a single run get."""
+    for src in sources:
+        me = os.path.realpath(src.path)
+        base = src.base or src.name
+        hashed = video_io.hashed_name(src)
+        for candidate in (base, hashed):
+            if _recorded_source(os.path.join(out, candidate)) == me:
+                src.name = candidate
+                break
+        else:
+            if src.name == base and _recorded_source(os.path.join(out, base)) not in (None, me):
+                src.name = hashed
+
+
+class VideoLock:
+    """An exclusive claim on one video's name under OUT, across processes and runs.
+
+    ``flock`` on ``OUT/.<name>.lock``: the kernel drops it when its process dies, so a dead run's claim
+    never holds. Released claims remove the file; a claimant that locked a file removed meanwhile retries.
+    """
+
+    def __init__(self, path: str, fd: int | None):
+        self.path = path
+        self.fd = fd
+
+    @classmethod
+    def acquire(cls, parent: str, name: str, wait: bool) -> "VideoLock | None":
+        path = os.path.join(parent, f".{name}.lock")
+        if fcntl is None:
+            return cls(path, None)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(os.fstat(fd), current):
+                return cls(path, fd)
+            os.close(fd)  # its holder removed the file while releasing it: claim the new one
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is None:
+            return
+        try:
+            os.remove(self.path)
+        except OSError:
+            pass
+        os.close(fd)
 
 
 def _result(job: Job, status: str, frames: int = 0, seconds: float = 0.0, error: str | None = None) -> dict:
@@ -331,10 +505,7 @@ class Prefetcher:
 # ---------------------------------------------------------------------------------- writing
 
 
-def _frame_names(source: VideoSource, start: int, count: int) -> list[str]:
-    if source.kind == "frames":
-        return [os.path.splitext(os.path.basename(p))[0] for p in source.frames[start : start + count]]
-    return [f"{i:06d}" for i in range(start, start + count)]
+_frame_names = video_io.output_frame_names
 
 
 class VideoOutput:
@@ -360,12 +531,13 @@ class VideoOutput:
         self.max_id = 0
         self.panoptic_frames: list[dict] = []
         self.overlay = None
+        self.colours = visualize.colours(256)  # the overlay's colours, and the palette of 8-bit id PNGs
         if settings.overlay:
             self.overlay = video_io.Mp4Writer(os.path.join(self.tmp, "overlay.mp4"), info.fps)
-            self.colours = video_io.palette(256)
 
     def _write_png(self, name: str, image: np.ndarray) -> None:
-        video_io.write_png(os.path.join(self.tmp, self.sub, name + ".png"), image, self.settings.png_level)
+        palette = self.colours if image.ndim == 2 and image.dtype == np.uint8 else None
+        video_io.write_png(os.path.join(self.tmp, self.sub, name + ".png"), image, self.settings.png_level, palette)
 
     def add(self, start: int, count: int, ids: np.ndarray | None, extra: list | None, rgb: np.ndarray | None) -> None:
         """``ids`` ``(t, H, W)`` int: semantic classes / panoptic ids (0 = none); None for instance (painted at the end)."""
@@ -393,8 +565,13 @@ class VideoOutput:
         list(self.pool.map(self._write_png, names, images))
         self.max_id = max(self.max_id, int(ids.max()) if ids.size else 0)
         if self.overlay is not None and rgb is not None:
-            for frame, frame_ids in zip(rgb, ids):
-                self.overlay.write(video_io.blend(frame, frame_ids, self.colours))
+            for i, (frame, frame_ids) in enumerate(zip(rgb, ids)):
+                if self.settings.task == "panoptic":
+                    legend = {s["id"] + 1: f"{s['id'] + 1} {self.labels.get(s['label_id'], s['label_id'])}" for s in extra[i]}
+                    tags = None
+                else:  # semantic: the ids are classes
+                    legend = tags = {int(c): str(self.labels.get(int(c), c)) for c in np.unique(frame_ids) if c > 0}
+                self.overlay.write(visualize.draw_overlay(frame, frame_ids, legend, tags, self.colours))
         self.frames += ids.shape[0]
 
     def _json(self, name: str, data: Any) -> None:
@@ -418,6 +595,8 @@ class VideoOutput:
         h, w = self.geometry.height, self.geometry.width
         names = _frame_names(self.job.source, 0, self.frames)
         colour_source = None
+        legend = {i.track_id + 1: f"{i.track_id + 1} {self.labels.get(i.label_id, i.label_id)} {i.score:.2f}"
+                  for i in reversed(shown)}  # best first
         if self.overlay is not None:
             colour_source = (f for c in video_io.iter_chunks(self.job.source, 8, video_io.resolve_decoder(self.settings.decoder)) for f in c)
         for start in range(0, self.frames, 16):
@@ -429,7 +608,7 @@ class VideoOutput:
                 maps.append(ids)
                 self.max_id = max(self.max_id, int(ids.max()))
                 if colour_source is not None:
-                    self.overlay.write(video_io.blend(next(colour_source), ids, self.colours))
+                    self.overlay.write(visualize.draw_overlay(next(colour_source), ids, legend, palette=self.colours))
             list(self.pool.map(self._write_png, names[start : start + len(maps)], maps))
 
     def finish(self, tracker: Any, stats: dict) -> None:
@@ -444,16 +623,30 @@ class VideoOutput:
         elif self.settings.task == "panoptic":
             self._json("panoptic.json", {"video": video, "categories": categories, "annotations": self.panoptic_frames})
         marker = {**stats, "name": self.job.name, "source": self.job.source.path, "task": self.settings.task,
-                  "frames": self.frames, "height": self.geometry.height, "width": self.geometry.width,
+                  "frames": self.frames, "frames_listed": self.info.num_frames, "height": self.geometry.height,
+                  "width": self.geometry.width, "rotation": self.info.rotation,
                   "model_input": list(self.geometry.padded), "model": self.settings.model,
-                  "max_id": self.max_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                  "max_id": self.max_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "identity": self.job.identity}
         if self.overlay is not None:
             self.overlay.close()
             self.overlay = None
         self._json(DONE_MARKER, marker)  # last file: the folder is complete
-        if os.path.lexists(self.job.out_dir):  # an incomplete folder from elsewhere, or --overwrite
-            shutil.rmtree(self.job.out_dir) if os.path.isdir(self.job.out_dir) else os.remove(self.job.out_dir)
-        os.rename(self.tmp, self.job.out_dir)
+        # swap: the old folder (an incomplete one from elsewhere, or --overwrite) is renamed aside, the new
+        # one renamed in, and only then the old one removed: a kill at any point leaves OUT/<name> either
+        # complete or absent, never half-deleted with its marker
+        old = None
+        if os.path.lexists(self.job.out_dir):
+            old = os.path.join(os.path.dirname(self.job.out_dir), f".{self.job.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(self.job.out_dir, old)
+        try:
+            os.rename(self.tmp, self.job.out_dir)
+        except BaseException:
+            if old is not None:
+                os.rename(old, self.job.out_dir)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
 
     def abort(self) -> None:
         if self.overlay is not None:
@@ -466,14 +659,14 @@ class VideoOutput:
 
 
 def remove_stale_partials(parent: str, name: str) -> None:
-    """Temporary folders a killed run left for this video."""
-    prefix = f".{name}.tmp-"
+    """Temporary and set-aside folders a killed run left for this video (call it holding its claim)."""
+    prefixes = (f".{name}.tmp-", f".{name}.old-")
     try:
         entries = os.listdir(parent)
     except OSError:
         return
     for entry in entries:
-        if entry.startswith(prefix):
+        if entry.startswith(prefixes):
             shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
 
 
@@ -505,17 +698,44 @@ class Writer(threading.Thread):
         self.pool = ThreadPoolExecutor(settings.png_threads, thread_name_prefix="png")
         self.outputs: dict[str, VideoOutput] = {}
         self.failed: dict[str, str] = {}  # job name -> error, read by the producer to stop early
+        self.error: str | None = None  # set when the thread dies
         self.kill_hook = _KillHook()
 
     def submit(self, *message) -> None:
-        self.queue.put(message)
+        """Queue a message; raises :class:`WriterError` at once if the writer thread has died."""
+        while True:
+            if self.error is not None or not self.is_alive():
+                raise WriterError(f"the output writer stopped: {self.error or 'thread exited'}")
+            try:
+                self.queue.put(message, timeout=0.2)
+                return
+            except queue.Full:
+                continue
 
     def run(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # the producer sees self.error on its next submit and fails the run
+            self.error = f"{type(exc).__name__}: {exc}"
+            for name, output in list(self.outputs.items()):
+                output.abort()
+                _release(output.job)
+                try:
+                    self.on_event("result", _result(output.job, "failed", output.frames, 0.0,
+                                                    f"{output.job.source.path}: the output writer stopped: {self.error}"))
+                except BaseException:
+                    pass
+            self.outputs.clear()
+        finally:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _run(self) -> None:
         while True:
             message = self.queue.get()
             if message[0] == "stop":
                 break
             kind, job = message[0], message[1]
+            output = None
             try:
                 if job.name in self.failed and kind != "end" and kind != "abort":
                     continue
@@ -532,28 +752,37 @@ class Writer(threading.Thread):
                     if job.name in self.failed:
                         if output is not None:
                             output.abort()
+                        _release(job)
                         self.on_event("result", _result(job, "failed", stats.get("frames", 0), stats.get("seconds", 0.0), self.failed.pop(job.name)))
                         continue
                     output.finish(tracker, stats)
+                    _release(job)
                     self.on_event("result", _result(job, "done", output.frames, stats.get("seconds", 0.0)))
                 elif kind == "abort":
                     _, _, error, frames = message
                     output = self.outputs.pop(job.name, None)
                     if output is not None:
                         output.abort()
+                    _release(job)
                     error = self.failed.pop(job.name, None) or error
                     self.on_event("result", _result(job, "failed", frames, 0.0, error))
             except Exception as exc:
-                output = self.outputs.pop(job.name, None)
+                output = self.outputs.pop(job.name, None) or output  # "end" popped it before finish()
                 if output is not None:
-                    output.abort()
+                    output.abort()  # never leak the temporary folder (e.g. a disk-full finish())
                 error = f"{job.source.path}: writing outputs failed: {type(exc).__name__}: {exc}"
                 if kind in ("end", "abort"):
+                    _release(job)
                     self.failed.pop(job.name, None)
                     self.on_event("result", _result(job, "failed", 0, 0.0, error))
                 else:
                     self.failed[job.name] = error
         self.pool.shutdown(wait=True)
+
+
+def _release(job: Job) -> None:
+    if job.lock is not None:
+        job.lock.release()
 
 
 # ---------------------------------------------------------------------------------- inference
@@ -677,6 +906,35 @@ def segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
         _segment_videos(jobs, settings, device, on_event)
 
 
+def _claim(jobs: Iterable[Job], settings: SegmentSettings, wait: bool, deferred: list[Job] | None,
+           on_event: Callable[[str, Any], None]) -> Iterator[Job]:
+    """The jobs this process may work on now, each holding its :class:`VideoLock`. A job locked by another
+    run goes to ``deferred`` (or, with ``wait``, is waited for); once claimed, a finished video is
+    skipped and one holding other results is refused (unless ``--overwrite``)."""
+    for job in jobs:
+        lock = VideoLock.acquire(os.path.dirname(job.out_dir), job.name, wait)
+        if lock is None:
+            deferred.append(job)
+            continue
+        if not job.identity:
+            job.identity = job_identity(job.source, settings)
+        state, why = existing_result(job)
+        if state != "absent" and not settings.overwrite:
+            lock.release()
+            on_event("result", _result(job, "skipped") if state == "done" else _result(job, "failed", error=why))
+            continue
+        job.lock = lock
+        yield job
+
+
+def _drain(items: list) -> Iterator:
+    """Yield from a list that may grow while it is being read."""
+    i = 0
+    while i < len(items):
+        yield items[i]
+        i += 1
+
+
 def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
                     on_event: Callable[[str, Any], None]) -> None:
     try:
@@ -688,52 +946,76 @@ def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
         return
     writer = Writer(settings, engine.labels, on_event)
     writer.start()
+    claimed: list[Job] = []
+    deferred: list[Job] = []
+
+    def claim(batch: Iterable[Job], wait: bool) -> Iterator[Job]:
+        for job in _claim(batch, settings, wait, deferred, on_event):
+            claimed.append(job)
+            yield job
+
     try:
-        for video in Prefetcher(jobs, settings):
-            job = video.job
-            if not settings.overwrite and is_done(job.out_dir):
-                on_event("result", _result(job, "skipped"))
-                continue
-            began = time.perf_counter()
-            frames = 0
-            started = False
-            try:
-                info = video.info()
-                geometry = engine.start(info)
-                writer.submit("start", job, info, geometry)
-                started = True
-                for chunk in video.chunks():
-                    if job.name in writer.failed:
-                        break
-                    t = chunk.shape[0]
-                    if (chunk.shape[1], chunk.shape[2]) != (geometry.height, geometry.width):
-                        raise VideoReadError(
-                            f"{job.source.path}: frame {frames} is {chunk.shape[2]}x{chunk.shape[1]}, "
-                            f"expected {geometry.width}x{geometry.height}"
-                        )
-                    classes, masks = engine.forward(engine.preprocess(chunk))
-                    ids, extra = engine.postprocess(frames, classes, masks)
-                    overlay_frames = chunk if settings.overlay and ids is not None else None
-                    writer.submit("chunk", job, frames, t, ids, extra, overlay_frames)
-                    frames += t
-                    on_event("frames", t)
-                if frames == 0 and job.name not in writer.failed:
-                    raise VideoReadError(f"{job.source.path}: no frames decoded (empty video)")
-                seconds = time.perf_counter() - began
-                writer.submit("end", job, engine.tracker, {"seconds": round(seconds, 3), "frames": frames,
-                                                          "fps": round(frames / max(seconds, 1e-9), 3),
-                                                          "device": str(device)})
-            except Exception as exc:
-                error = str(exc) if isinstance(exc, VideoReadError) else f"{job.source.path}: {type(exc).__name__}: {exc}"
-                if not isinstance(exc, VideoReadError):
-                    error += "\n" + traceback.format_exc(limit=4)
-                if started:
-                    writer.submit("abort", job, error, frames)
-                else:
-                    on_event("result", _result(job, "failed", frames, time.perf_counter() - began, error))
+        # first every video no other run holds; then those another run held, one at a time so that no
+        # claim is held while waiting for another (two runs would otherwise wait for each other)
+        batches = itertools.chain([claim(jobs, False)], (claim([job], True) for job in _drain(deferred)))
+        for batch in batches:
+            for video in Prefetcher(batch, settings):
+                _segment_one(video, video.job, engine, writer, settings, device, on_event)
+    except WriterError as exc:  # nothing more can be written: fail the run at once
+        for job in claimed:
+            if job.lock is not None and job.lock.fd is not None:  # claimed, no result reported yet
+                on_event("result", _result(job, "failed", error=f"{job.source.path}: {exc}"))
     finally:
-        writer.submit("stop", None)
+        if writer.is_alive():
+            with contextlib.suppress(WriterError):
+                writer.submit("stop", None)
         writer.join()
+        for job in claimed:
+            _release(job)
+
+
+def _segment_one(video: "_DecodedVideo", job: Job, engine: "_Engine", writer: Writer, settings: SegmentSettings,
+                 device: str, on_event: Callable[[str, Any], None]) -> None:
+    began = time.perf_counter()
+    frames = 0
+    started = False
+    try:
+        info = video.info()
+        geometry = engine.start(info)
+        writer.submit("start", job, info, geometry)
+        started = True
+        for chunk in video.chunks():
+            if job.name in writer.failed:
+                break
+            t = chunk.shape[0]
+            if (chunk.shape[1], chunk.shape[2]) != (geometry.height, geometry.width):
+                raise VideoReadError(
+                    f"{job.source.path}: frame {frames} is {chunk.shape[2]}x{chunk.shape[1]}, "
+                    f"expected {geometry.width}x{geometry.height}"
+                )
+            classes, masks = engine.forward(engine.preprocess(chunk))
+            ids, extra = engine.postprocess(frames, classes, masks)
+            overlay_frames = chunk if settings.overlay and ids is not None else None
+            writer.submit("chunk", job, frames, t, ids, extra, overlay_frames)
+            frames += t
+            on_event("frames", t)
+        if frames == 0 and job.name not in writer.failed:
+            raise VideoReadError(f"{job.source.path}: no frames decoded (empty video)")
+        seconds = time.perf_counter() - began
+        writer.submit("end", job, engine.tracker, {"seconds": round(seconds, 3), "frames": frames,
+                                                  "fps": round(frames / max(seconds, 1e-9), 3),
+                                                  "device": str(device)})
+    except WriterError:
+        raise
+    except Exception as exc:
+        error = str(exc) if isinstance(exc, VideoReadError) else f"{job.source.path}: {type(exc).__name__}: {exc}"
+        if not isinstance(exc, VideoReadError):
+            error += "\n" + traceback.format_exc(limit=4)
+        if started:
+            writer.submit("abort", job, error, frames)
+        else:
+            _release(job)
+            on_event("result", _result(job, "failed", frames, time.perf_counter() - began, error))
 
 
 # ---------------------------------------------------------------------------------- several devices
@@ -748,11 +1030,19 @@ def resolve_devices(spec: str) -> list[str]:
         return ["cpu"]
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not devices:
-        raise ValueError("--devices: empty list")
+        raise UsageError(f"--devices {spec!r}: empty list; expected auto or a comma list such as cuda:0,cuda:1 or cpu")
     for d in devices:
-        torch.device(d)  # raises on nonsense
-        if d.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--devices {spec}: CUDA is not available")
+        try:
+            dev = torch.device(d)
+        except (RuntimeError, ValueError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda"):
+            raise UsageError(f"--devices {spec}: {d!r} is not a device; expected cpu, cuda or cuda:N")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise UsageError(f"--devices {spec}: {d} asked for, but CUDA is not available here")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise UsageError(f"--devices {spec}: {d} asked for, but this machine has {torch.cuda.device_count()} GPU(s)")
     return devices
 
 
@@ -760,17 +1050,37 @@ _EVENT_PREFIX = "@@videomt-segment "
 
 
 def _job_to_dict(job: Job) -> dict:
-    return {"source": asdict(job.source), "out_dir": job.out_dir}
+    return {"source": asdict(job.source), "out_dir": job.out_dir, "identity": job.identity}
 
 
 def _job_from_dict(data: dict) -> Job:
-    return Job(VideoSource(**data["source"]), data["out_dir"])
+    return Job(VideoSource(**data["source"]), data["out_dir"], data.get("identity") or {})
+
+
+def _exit_with_parent() -> None:
+    """A worker's stdin is a pipe from its parent: end of file means the parent is gone, so exit at once
+    (the kernel then drops this worker's video claims; its temporary folders are removed on a rerun)."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(1 << 16):
+                pass
+        except (OSError, ValueError):
+            pass
+        os._exit(3)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+MAX_ATTEMPTS = 2  # a video whose worker died this many times is failed by name (it may be what kills it)
 
 
 def worker_main(argv: list[str]) -> int:
     """A device worker process: ``PLAN_JSON DEVICE``. Claims jobs from the plan's claim folder (one
-    ``O_EXCL`` file per job, so several workers share one list) and reports events on stdout."""
+    ``O_EXCL`` file per job, so several workers share one list; a file the parent removes, because the
+    worker that claimed it died, makes the job claimable again) and reports events on stdout."""
     plan_path, device = argv
+    _exit_with_parent()
     with open(plan_path, encoding="utf-8") as fh:
         plan = json.load(fh)
     settings = SegmentSettings(**plan["settings"])
@@ -785,13 +1095,18 @@ def worker_main(argv: list[str]) -> int:
             sys.stdout.flush()
 
     def claimed() -> Iterator[Job]:
-        for index, job in enumerate(jobs):
-            try:
-                os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue
-            emit("taken", index)
-            yield job
+        while True:  # passes until one claims nothing: jobs of a dead worker come back
+            progressed = False
+            for index, job in enumerate(jobs):
+                try:
+                    os.close(os.open(os.path.join(claims, str(index)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue
+                progressed = True
+                emit("taken", index)
+                yield job
+            if not progressed:
+                return
 
     if device.startswith("cuda"):
         import torch
@@ -802,7 +1117,32 @@ def worker_main(argv: list[str]) -> int:
 
 
 def _run_multi(jobs: list[Job], settings: SegmentSettings, devices: list[str], on_event) -> None:
-    """One worker process per device over one shared list (claim files under OUT)."""
+    """One worker process per device over one shared list (claim files under OUT).
+
+    A worker that dies gives its unfinished videos back: live workers claim them again, or a new round
+    of workers runs them; a video is failed by name once its worker died :data:`MAX_ATTEMPTS` times.
+    """
+    attempts = [0] * len(jobs)
+    remaining = list(range(len(jobs)))
+    exits: list[str] = []
+    reported: set[str] = set()
+
+    def report(kind: str, payload: Any) -> None:
+        if kind == "result":
+            reported.add(payload["name"])
+        on_event(kind, payload)
+
+    while remaining:  # ends: each round finishes its jobs or gives some back with one more attempt counted
+        remaining = _run_round(jobs, remaining, attempts, exits, settings, devices, report)
+    for job in jobs:
+        if job.name not in reported:
+            why = "; ".join(dict.fromkeys(exits)) or "no worker reported it"
+            on_event("result", _result(job, "failed", error=f"{job.source.path}: {why}"))
+
+
+def _run_round(jobs: list[Job], indices: list[int], attempts: list[int], exits: list[str], settings: SegmentSettings,
+               devices: list[str], on_event) -> list[int]:
+    """Workers over ``jobs[indices]``; returns the indices to run again (given back by dead workers)."""
     import subprocess
 
     run_id = uuid.uuid4().hex[:12]
@@ -810,59 +1150,78 @@ def _run_multi(jobs: list[Job], settings: SegmentSettings, devices: list[str], o
     claims = os.path.join(settings.out, f".segment-run-{run_id}.claims")
     os.makedirs(claims)
     with open(plan_path, "w", encoding="utf-8") as fh:
-        json.dump({"settings": asdict(settings), "jobs": [_job_to_dict(j) for j in jobs], "claims": claims}, fh)
+        json.dump({"settings": asdict(settings), "jobs": [_job_to_dict(jobs[i]) for i in indices], "claims": claims}, fh)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH", "")) if p)
     code = "import sys; from videomt_fast.apps.segment import worker_main; sys.exit(worker_main(sys.argv[1:]))"
-    taken: dict[str, set[int]] = {d: set() for d in devices}
-    index_of = {job.name: i for i, job in enumerate(jobs)}
+    taken: dict[str, set[int]] = {}  # worker -> plan positions claimed and not yet reported
+    position = {jobs[i].name: k for k, i in enumerate(indices)}
+    again: set[int] = set()
     lock = threading.Lock()
 
-    def pump(device: str, proc) -> None:
-        for line in proc.stdout:
-            if not line.startswith(_EVENT_PREFIX):
-                sys.stderr.write(line)
-                continue
-            event = json.loads(line[len(_EVENT_PREFIX):])
-            kind, payload = event["kind"], event["payload"]
-            with lock:
-                if kind == "taken":
-                    taken[device].add(payload)
+    def pump(key: str, proc) -> None:
+        for line in proc.stdout:  # read to the end whatever happens, or the worker would block
+            try:
+                if not line.startswith(_EVENT_PREFIX):
+                    with contextlib.suppress(OSError, ValueError):
+                        sys.stderr.write(line)
                     continue
-                if kind == "result":
-                    taken[device].discard(index_of.get(payload["name"], -1))
-            on_event(kind, payload)
+                event = json.loads(line[len(_EVENT_PREFIX):])
+                kind, payload = event["kind"], event["payload"]
+                with lock:
+                    if kind == "taken":
+                        taken[key].add(payload)
+                        again.discard(payload)
+                        continue
+                    if kind == "result":
+                        taken[key].discard(position.get(payload["name"], -1))
+                on_event(kind, payload)
+            except Exception:
+                continue
+        proc.wait()
+        with lock:
+            lost, taken[key] = sorted(taken[key]), set()
+            if proc.returncode:
+                exits.append(f"worker on {key.split('#')[0]} exited with status {proc.returncode}")
+            if not lost:
+                return
+            why = f"worker on {key.split('#')[0]} exited with status {proc.returncode} before finishing it"
+            for k in lost:
+                index = indices[k]
+                attempts[index] += 1
+                if attempts[index] >= MAX_ATTEMPTS:
+                    on_event("result", _result(jobs[index], "failed", error=f"{jobs[index].source.path}: {why}"))
+                else:  # give it back: a live worker's next pass, or the next round, claims it
+                    again.add(k)
+                    with contextlib.suppress(OSError):
+                        os.remove(os.path.join(claims, str(k)))
 
     procs, pumps = {}, []
     try:
         for i, device in enumerate(devices):
             # two workers may name one device (e.g. cpu,cpu): keep their keys apart
             key = device if device not in procs else f"{device}#{i}"
-            taken.setdefault(key, set())
-            procs[key] = subprocess.Popen([sys.executable, "-c", code, plan_path, device], stdout=subprocess.PIPE,
-                                          text=True, env=env, bufsize=1)
+            taken[key] = set()
+            procs[key] = subprocess.Popen([sys.executable, "-c", code, plan_path, device], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True, env=env, bufsize=1)
             thread = threading.Thread(target=pump, args=(key, procs[key]), daemon=True)
             thread.start()
             pumps.append(thread)
-        for key, proc in procs.items():
-            proc.wait()
         for thread in pumps:
             thread.join()
-        for key, proc in procs.items():
-            if taken[key]:
-                why = f"worker on {key.split('#')[0]} exited with status {proc.returncode} before finishing it"
-                for index in sorted(taken[key]):
-                    on_event("result", _result(jobs[index], "failed", error=f"{jobs[index].source.path}: {why}"))
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
         shutil.rmtree(claims, ignore_errors=True)
         try:
             os.remove(plan_path)
         except OSError:
             pass
+    return [indices[k] for k in sorted(again)]
 
 
 # ---------------------------------------------------------------------------------- Ray
@@ -928,26 +1287,60 @@ def _progress_bar(total: int | None, enabled: bool):
     return tqdm(total=total, unit="frame", dynamic_ncols=True, disable=not enabled, smoothing=0.1, file=sys.stderr)
 
 
+def _prepare_out(out: str) -> None:
+    try:
+        os.makedirs(out, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"--out {out}: is a file; expected a folder (it is created if missing)") from None
+    except OSError as exc:
+        raise UsageError(f"--out {out}: cannot create the folder ({exc.strerror or exc})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: the folder is not writable")
+
+
 def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray_address: str | None = None,
         progress: bool = True) -> dict:
-    """Segment ``inputs``; returns the summary (also what ``main`` prints)."""
+    """Segment ``inputs``; returns the summary (also what ``main`` prints).
+
+    Raises :class:`UsageError` before any work when the devices, the output folder or a list file
+    cannot be used.
+    """
     began = time.perf_counter()
-    sources, problems = video_io.discover_inputs(inputs)
+    device_list = resolve_devices(devices) if ray_address is None else []
+    _prepare_out(settings.out)
+    try:  # the output folder is never searched for inputs (a rerun would segment the results)
+        sources, problems = video_io.discover_inputs(inputs, exclude=[settings.out])
+    except video_io.InputListError as exc:
+        raise UsageError(str(exc)) from None
+    assign_names(sources, settings.out)
     results: list[dict] = [
         {"name": os.path.basename(p.rstrip(os.sep)) or p, "path": p, "status": "failed", "frames": 0, "seconds": 0.0, "error": f"{p}: {why}"}
         for p, why in problems
     ]
     todo: list[Job] = []
+    model = model_identity(settings.model)
     for source in sources:
         job = Job(source, os.path.join(settings.out, source.name))
-        if not settings.overwrite and is_done(job.out_dir):
-            results.append(_result(job, "skipped"))
-        else:
+        try:
+            job.identity = job_identity(source, settings, model)
+        except OSError as exc:
+            results.append(_result(job, "failed", error=f"{source.path}: cannot read ({exc.strerror or exc})"))
+            continue
+        state, why = existing_result(job)
+        if state == "absent" or settings.overwrite:
             todo.append(job)
+        elif state == "done":
+            results.append(_result(job, "skipped"))
+            lock = VideoLock.acquire(settings.out, job.name, wait=False)
+            if lock is not None:  # finished: leftovers of runs that died on it are garbage
+                remove_stale_partials(settings.out, job.name)
+                lock.release()
+        else:
+            results.append(_result(job, "failed", error=why))
 
     def count(job: Job) -> int | None:
         try:
-            return video_io.probe(job.source).num_frames
+            return video_io.probe(job.source, rotation=False).num_frames
         except Exception:
             return 0  # unreadable: reported when its turn comes
 
@@ -959,35 +1352,39 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
     counts = {"done": 0, "failed": 0}
     lock = threading.Lock()
 
+    def show(action: Callable[[Any], Any]) -> None:
+        """Progress output never stops the run: a closed stderr (piped into ``head``) turns the bar off."""
+        nonlocal bar
+        if bar is None:
+            return
+        try:
+            action(bar)
+        except (OSError, ValueError):
+            bar = None
+
     def on_event(kind: str, payload: Any) -> None:
         with lock:
             if kind == "frames":
-                if bar is not None:
-                    bar.update(payload)
+                show(lambda b: b.update(payload))
             elif kind == "result":
                 results.append(payload)
                 if payload["status"] in counts:
                     counts[payload["status"]] += 1
-                if payload["status"] == "failed" and bar is not None:
-                    bar.write(f"failed: {payload['error'].splitlines()[0] if payload['error'] else payload['name']}",
-                              file=sys.stderr)
-                if bar is not None:
-                    bar.set_postfix(videos=counts["done"], failed=counts["failed"], refresh=False)
+                if payload["status"] == "failed":
+                    first = payload["error"].splitlines()[0] if payload["error"] else payload["name"]
+                    show(lambda b: b.write(f"failed: {first}", file=sys.stderr))
+                show(lambda b: b.set_postfix(videos=counts["done"], failed=counts["failed"], refresh=False))
 
     try:
         if todo:
-            os.makedirs(settings.out, exist_ok=True)
             if ray_address is not None:
                 _run_ray(todo, settings, ray_address, on_event)
+            elif len(device_list) == 1:
+                segment_videos(todo, settings, device_list[0], on_event)
             else:
-                device_list = resolve_devices(devices)
-                if len(device_list) == 1:
-                    segment_videos(todo, settings, device_list[0], on_event)
-                else:
-                    _run_multi(todo, settings, device_list, on_event)
+                _run_multi(todo, settings, device_list, on_event)
     finally:
-        if bar is not None:
-            bar.close()
+        show(lambda b: b.close())
     seconds = time.perf_counter() - began
     reported = {r["name"] for r in results}
     for job in todo:  # never lose a video silently
@@ -1019,8 +1416,14 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def _one_line_error(message: str):
+    print(f"videomt-fast segment: {message} (see --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    parser.error = _one_line_error  # misuse: one line on stderr, exit status 2
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         settings = settings_from_args(args)
@@ -1033,8 +1436,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"videomt-fast segment: {exc}", file=sys.stderr)
         return 2
-    summary = run(settings, args.inputs, devices=args.devices, ray_address=args.ray,
-                  progress=not args.no_progress)
+    try:
+        summary = run(settings, args.inputs, devices=args.devices, ray_address=args.ray,
+                      progress=not args.no_progress)
+    except UsageError as exc:
+        print(f"videomt-fast segment: {exc}", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     return 1 if summary["failed"] else 0
 

@@ -30,14 +30,19 @@ class VideoReadError(RuntimeError):
     """A video (or frame folder) could not be opened or decoded; the message names the input."""
 
 
+class InputListError(ValueError):
+    """A list file named as an input cannot be read as UTF-8 text; the message names it."""
+
+
 @dataclass
 class VideoSource:
     """One video to segment: a video file, or a folder of frames (``frames`` in order)."""
 
     path: str
     kind: str  # "video" or "frames"
-    name: str = ""
+    name: str = ""  # unique output name within one run
     frames: list[str] = field(default_factory=list)
+    base: str = ""  # the name before de-duplication (``name`` is ``base`` or ``base-<path hash>``)
 
     def __str__(self) -> str:
         return self.path
@@ -63,11 +68,26 @@ def _frame_files(directory: str) -> list[str]:
     return [os.path.join(directory, n) for n in sorted(files, key=_natural_key)]
 
 
-def _walk_folder(root: str) -> list[VideoSource]:
-    """Video files anywhere under ``root``; every folder holding images is one frame-folder video."""
+def _walk_folder(root: str, exclude: Sequence[str] = ()) -> list[VideoSource]:
+    """Video files anywhere under ``root``; every folder holding images is one frame-folder video.
+
+    Symbolic links are followed, but every real folder is walked once (a link back to a parent would
+    otherwise make the walk loop, exponentially when two links branch). Folders in ``exclude`` (an
+    output folder inside an input folder) and hidden ones are skipped.
+    """
     found: list[VideoSource] = []
+    skip = {os.path.realpath(p) for p in exclude}
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".")), key=_natural_key)
+        real = os.path.realpath(dirpath)
+        if real in seen or real in skip:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(
+            (d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen | skip),
+            key=_natural_key,
+        )
         images = [f for f in filenames if _ext(f) in IMAGE_EXTS]
         if images:
             found.append(VideoSource(dirpath, "frames", frames=_frame_files(dirpath)))
@@ -80,21 +100,31 @@ def _walk_folder(root: str) -> list[VideoSource]:
 def _read_list(path: str) -> list[str]:
     base = os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            line = os.path.expanduser(line)
-            entries.append(line if os.path.isabs(line) else os.path.join(base, line))
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError as exc:
+        raise InputListError(f"{path}: a list file must be UTF-8 text, one path per line ({exc})") from exc
+    except OSError as exc:
+        raise InputListError(f"{path}: cannot read the list file ({exc.strerror or exc})") from exc
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = os.path.expanduser(line)
+        entries.append(line if os.path.isabs(line) else os.path.join(base, line))
     return entries
 
 
-def discover_inputs(inputs: Sequence[str]) -> tuple[list[VideoSource], list[tuple[str, str]]]:
+def discover_inputs(
+    inputs: Sequence[str], exclude: Sequence[str] = ()
+) -> tuple[list[VideoSource], list[tuple[str, str]]]:
     """Expand files, folders (recursively), list files and frame folders into videos.
 
     Returns ``(sources, problems)``; ``problems`` lists ``(input, reason)`` for inputs that do not
     exist or hold nothing to segment. Every source gets a unique ``name`` (its output folder).
+    Folders in ``exclude`` are not searched. A list file that is not UTF-8 text raises
+    :class:`InputListError`.
     """
     sources: list[tuple[VideoSource, str | None]] = []  # (source, root folder it was found under)
     problems: list[tuple[str, str]] = []
@@ -102,7 +132,7 @@ def discover_inputs(inputs: Sequence[str]) -> tuple[list[VideoSource], list[tupl
 
     def add(entry: str, from_list: bool) -> None:
         if os.path.isdir(entry):
-            found = _walk_folder(entry)
+            found = _walk_folder(entry, exclude)
             if not found:
                 problems.append((entry, "folder holds no videos or frames"))
             root = os.path.abspath(entry)
@@ -132,7 +162,7 @@ def discover_inputs(inputs: Sequence[str]) -> tuple[list[VideoSource], list[tupl
         key = os.path.realpath(src.path)
         if key not in unique:
             unique[key] = src
-            src.name = _base_name(src, root)
+            src.name = src.base = _base_name(src, root)
     named = list(unique.values())
     _dedupe_names(named)
     return named, problems
@@ -161,8 +191,52 @@ def _dedupe_names(sources: list[VideoSource]) -> None:
         counts[src.name] = counts.get(src.name, 0) + 1
     for src in sources:
         if counts[src.name] > 1:
-            digest = hashlib.sha1(os.path.realpath(src.path).encode()).hexdigest()[:8]
-            src.name = f"{src.name}-{digest}"
+            src.name = hashed_name(src)
+
+
+def hashed_name(src: VideoSource) -> str:
+    """``base-<8 hex digits of the real path>``: the name a source gets when its base name is taken."""
+    digest = hashlib.sha1(os.path.realpath(src.path).encode()).hexdigest()[:8]
+    return f"{src.base or src.name}-{digest}"
+
+
+def output_frame_names(source: VideoSource, start: int, count: int) -> list[str]:
+    """Output file stems of frames ``start .. start + count``: ``000000``... for a video file; for a frame
+    folder the frames' own stems, or their whole file names when two stems clash (``1.png``, ``1.jpg``)."""
+    if source.kind != "frames":
+        return [f"{i:06d}" for i in range(start, start + count)]
+    names = [os.path.basename(p) for p in source.frames]
+    stems = [os.path.splitext(n)[0] for n in names]
+    clash = len({s.lower() for s in stems}) < len(stems)  # case-insensitive: some file systems fold case
+    return (names if clash else stems)[start : start + count]
+
+
+def sampled_sha256(path: str, sample: int = 1 << 20) -> str:
+    """SHA-256 of a file's size and its first and last ``sample`` bytes: a cheap content fingerprint."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode() + b"\0")
+    with open(path, "rb") as fh:
+        digest.update(fh.read(sample))
+        if size > sample:
+            fh.seek(max(sample, size - sample))
+            digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def source_identity(source: VideoSource) -> dict:
+    """What identifies a source's content cheaply: its real path and size, and a hash of its first and
+    last MiB (a video) or of its frame files' names and sizes (a frame folder). Recorded in ``done.json``."""
+    if source.kind == "frames":
+        digest = hashlib.sha256()
+        size = 0
+        for path in source.frames:
+            st = os.stat(path)
+            size += st.st_size
+            digest.update(f"{os.path.basename(path)}\0{st.st_size}\n".encode())
+        return {"path": os.path.realpath(source.path), "kind": "frames", "frames": len(source.frames),
+                "bytes": size, "sha256": digest.hexdigest()}
+    return {"path": os.path.realpath(source.path), "kind": "video", "bytes": os.path.getsize(source.path),
+            "sha256": sampled_sha256(source.path)}
 
 
 # ---------------------------------------------------------------------------------- decoding
@@ -188,14 +262,31 @@ def resolve_decoder(name: str) -> str:
 
 @dataclass
 class VideoInfo:
-    height: int
+    height: int  # as displayed: after the container's rotation
     width: int
     num_frames: int | None  # None when the container does not say
     fps: float | None
+    rotation: int = 0  # degrees counter-clockwise applied to decoded frames (a display matrix, as phones write)
 
 
-def probe(source: VideoSource) -> VideoInfo:
-    """Size, frame count (when known) and rate, without decoding the whole video."""
+def rotate_frame(frame: np.ndarray, rotation: int) -> np.ndarray:
+    """``(H, W, C)`` turned ``rotation`` degrees counter-clockwise (a multiple of 90)."""
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(frame, k)) if k else frame
+
+
+def _rotation(frame) -> int:
+    """The frame's display-matrix rotation rounded to a multiple of 90 degrees (0 when there is none)."""
+    try:
+        angle = frame.rotation
+    except Exception:
+        return 0
+    return int(round((angle or 0) / 90.0)) * 90 % 360
+
+
+def probe(source: VideoSource, rotation: bool = True) -> VideoInfo:
+    """Size (as displayed), frame count (when known) and rate, decoding at most one frame (for the
+    rotation; ``rotation=False`` skips it and reports the coded size)."""
     import av
 
     if source.kind == "frames":
@@ -210,7 +301,16 @@ def probe(source: VideoSource) -> VideoInfo:
             stream = container.streams.video[0]
             frames = int(stream.frames) if stream.frames else None
             rate = float(stream.average_rate) if stream.average_rate else None
-            return VideoInfo(stream.codec_context.height, stream.codec_context.width, frames, rate)
+            height, width = stream.codec_context.height, stream.codec_context.width
+            turn = 0
+            if rotation:
+                try:
+                    turn = _rotation(next(container.decode(stream)))
+                except (StopIteration, av.error.FFmpegError):
+                    turn = 0  # no decodable frame: decoding reports it by name
+            if turn in (90, 270):
+                height, width = width, height
+            return VideoInfo(height, width, frames, rate, turn)
     except VideoReadError:
         raise
     except Exception as exc:
@@ -245,6 +345,9 @@ def _chunks_of(frames: Iterable[np.ndarray], chunk: int, label: str) -> Iterator
 
 
 def _pyav_frames(path: str, threads: int) -> Iterator[np.ndarray]:
+    """Decoded RGB frames, turned upright by the display matrix. A damaged or truncated file raises:
+    FFmpeg's frame threads drop decode errors silently, so a packet the demuxer flags as corrupt, or
+    fewer frames than the container's count, is an error here."""
     import av
 
     try:
@@ -258,13 +361,24 @@ def _pyav_frames(path: str, threads: int) -> Iterator[np.ndarray]:
         stream.thread_type = "AUTO"
         if threads:
             stream.codec_context.thread_count = threads
+        expected = int(stream.frames) if stream.frames else None
+        decoded = 0
         try:
-            for frame in container.decode(stream):
-                yield frame.to_ndarray(format="rgb24")
+            for packet in container.demux(stream):
+                if packet.is_corrupt:
+                    raise VideoReadError(
+                        f"{path}: corrupt or truncated data after {decoded} frames"
+                        + (f" of {expected}" if expected else "")
+                    )
+                for frame in packet.decode():
+                    decoded += 1
+                    yield rotate_frame(frame.to_ndarray(format="rgb24"), _rotation(frame))
         except VideoReadError:
             raise
         except Exception as exc:
-            raise VideoReadError(f"{path}: decoding failed ({type(exc).__name__}: {exc})") from exc
+            raise VideoReadError(f"{path}: decoding failed after {decoded} frames ({type(exc).__name__}: {exc})") from exc
+        if expected is not None and decoded < expected:
+            raise VideoReadError(f"{path}: decoded {decoded} frames, the container lists {expected} (truncated or corrupt)")
     finally:
         container.close()
 
@@ -282,6 +396,8 @@ def _torchcodec_chunks(path: str, chunk: int, threads: int) -> Iterator[np.ndarr
             batch = decoder.get_frames_in_range(start, min(start + chunk, total)).data
         except Exception as exc:
             raise VideoReadError(f"{path}: decoding failed at frame {start} ({type(exc).__name__}: {exc})") from exc
+        if batch.shape[0] != min(chunk, total - start):
+            raise VideoReadError(f"{path}: decoded {start + batch.shape[0]} frames, the container lists {total}")
         yield batch.numpy()
 
 
@@ -294,7 +410,7 @@ def iter_chunks(source: VideoSource, chunk: int, decoder: str = "pyav", threads:
         raise ValueError(f"chunk must be positive, got {chunk}")
     if source.kind == "frames":
         return _chunks_of((_read_image(p) for p in source.frames), chunk, source.path)
-    if decoder == "torchcodec":
+    if decoder == "torchcodec" and probe(source).rotation == 0:  # rotated videos: PyAV turns them upright
         return _torchcodec_chunks(source.path, chunk, threads)
     return _chunks_of(_pyav_frames(source.path, threads), chunk, source.path)
 
@@ -306,14 +422,25 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
 
-def encode_png(image: np.ndarray, level: int = 3) -> bytes:
+def encode_png(image: np.ndarray, level: int = 3, palette: np.ndarray | None = None) -> bytes:
     """Lossless PNG bytes for ``(H, W)`` uint8/uint16 grayscale or ``(H, W, 3)`` uint8 RGB.
 
+    With ``palette`` (``(n, 3)`` uint8, ``n <= 256``) an ``(H, W)`` uint8 image is written as an 8-bit
+    palette PNG instead: the stored values stay the ids, and image viewers show ``palette[id]``.
     Every row uses the "Up" filter (byte difference to the row above), which compresses label maps
     well and is cheap to compute in numpy.
     """
     image = np.asarray(image)
-    if image.ndim == 2 and image.dtype == np.uint8:
+    plte = b""
+    if palette is not None and image.ndim == 2 and image.dtype == np.uint8:
+        palette = np.asarray(palette)
+        if palette.ndim != 2 or palette.shape[1] != 3 or not 1 <= palette.shape[0] <= 256 or palette.dtype != np.uint8:
+            raise ValueError(f"encode_png: palette must be (n <= 256, 3) uint8, got {palette.shape} {palette.dtype}")
+        if int(image.max(initial=0)) >= palette.shape[0]:
+            raise ValueError(f"encode_png: value {int(image.max())} has no palette entry (palette has {palette.shape[0]})")
+        bit_depth, color_type, raw = 8, 3, image
+        plte = _png_chunk(b"PLTE", np.ascontiguousarray(palette).tobytes())
+    elif image.ndim == 2 and image.dtype == np.uint8:
         bit_depth, color_type, raw = 8, 0, image
     elif image.ndim == 2 and image.dtype == np.uint16:
         bit_depth, color_type, raw = 16, 0, image.astype(">u2")
@@ -331,23 +458,27 @@ def encode_png(image: np.ndarray, level: int = 3) -> bytes:
     np.subtract(rows[1:], rows[:-1], out=filtered[1:, 1:])  # uint8 arithmetic wraps mod 256
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return b"".join(
-        (b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)), _png_chunk(b"IEND", b""))
+        (b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header), plte, _png_chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)), _png_chunk(b"IEND", b""))
     )
 
 
-def write_png(path: str, image: np.ndarray, level: int = 3) -> None:
-    data = encode_png(image, level)
+def write_png(path: str, image: np.ndarray, level: int = 3, palette: np.ndarray | None = None) -> None:
+    data = encode_png(image, level, palette)
     with open(path, "wb") as fh:
         fh.write(data)
 
 
 def read_png(path: str) -> np.ndarray:
-    """Decode a PNG with PyAV: ``(H, W)`` uint8/uint16 for grayscale, ``(H, W, 3)`` uint8 for colour."""
+    """Decode a PNG with PyAV: ``(H, W)`` uint8/uint16 for grayscale, the ``(H, W)`` uint8 indices for a
+    palette PNG, ``(H, W, 3)`` uint8 for colour."""
     import av
 
     with av.open(path) as container:
         frame = next(container.decode(video=0))
     name = frame.format.name
+    if name == "pal8":
+        indices = frame.to_ndarray()
+        return indices[0] if isinstance(indices, tuple) else indices  # PyAV >= 14 also returns the palette
     if name in ("gray", "gray8"):
         return frame.to_ndarray()
     if name.startswith("gray16"):
@@ -462,11 +593,15 @@ def write_test_video(
     pix_fmt: str | None = None,
     fps: int = 10,
     seed: int = 0,
+    rotation: int = 0,
+    faststart: bool = False,
 ) -> list[np.ndarray]:
-    """Encode moving synthetic shapes (a few rectangles and a disc on a gradient); returns the RGB frames.
+    """Encode moving synthetic shapes (a few rectangles and a disc on a gradient); returns the RGB frames
+    as encoded (coded orientation).
 
     Used by the tests and handy for smoke runs. ``pix_fmt`` defaults to yuv420p for even sizes and
-    yuv444p for odd ones.
+    yuv444p for odd ones. ``rotation`` (degrees counter-clockwise) writes a display matrix, as phones
+    do; ``faststart`` puts an MP4's index before the data (a truncated copy then still opens).
     """
     import av
 
@@ -478,10 +613,12 @@ def write_test_video(
         for _ in range(3)
     ]
     frames = []
-    container = av.open(path, "w")
+    container = av.open(path, "w", options={"movflags": "faststart"} if faststart else None)
     try:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = height, width
+        if rotation:
+            stream.set_display_rotation(rotation)
         stream.pix_fmt = pix_fmt or ("yuv420p" if height % 2 == 0 and width % 2 == 0 else "yuv444p")
         for t in range(num_frames):
             img = base.copy()

@@ -140,6 +140,8 @@ class VideoInstanceAccumulator:
                 f"class_queries_logits must keep (queries, classes + 1) = {tuple(self._class_sum.shape)} "
                 f"through the video, got {tuple(cls.shape[1:])}"
             )
+        if cls.shape[0] == 0:
+            return  # no frames: nothing to add
         values = cls.float() if self.class_average == "logits" else cls.float().softmax(-1)
         total = values.double().sum(0)
         self._class_sum = total if self._class_sum is None else self._class_sum + total.to(self._class_sum.device)
@@ -176,17 +178,20 @@ class VideoInstanceAccumulator:
     def scores(self) -> torch.Tensor:
         """Video-level class scores ``(Q, C)`` without the no-object class."""
         if self._class_sum is None:
-            raise RuntimeError("no frames were added")
+            raise RuntimeError("no frames were added: a video-level score needs at least one frame")
         mean = (self._class_sum / self._frames).float()
         probs = mean.softmax(-1) if self.class_average == "logits" else mean
         return probs[:, :-1]
 
     def finalize(self) -> list[VideoInstance]:
-        """The top-k instances, best first."""
+        """The top-k instances, best first. Refused (RuntimeError) when no frames were added; a (query,
+        class) pair whose score is not finite (NaN logits) is never an instance (``topk`` ranks NaN first)."""
         scores = self.scores()
         num_classes = scores.shape[1]
-        k = min(self.top_k, scores.numel())
-        top, idx = scores.flatten().topk(k)
+        flat_scores = scores.flatten()
+        finite = torch.isfinite(flat_scores)
+        k = min(self.top_k, int(finite.sum()))
+        top, idx = flat_scores.masked_fill(~finite, float("-inf")).topk(k)
         instances = []
         for score, flat in zip(top.tolist(), idx.tolist()):
             query, label = divmod(flat, num_classes)
