@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import videomt_fast
 from videomt_fast import VideomtForUniversalSegmentation
 
-from helpers import hf_videomt, max_abs, randomize_, video
+from helpers import agreement, hf_videomt, max_abs, randomize_, rel_err, video
 
 pytest.importorskip("transformers")
 
@@ -120,13 +120,27 @@ def test_native_size_uses_table_unchanged():
 
 
 def test_dtype_and_device_arguments(tmp_path):
-    hf_videomt().save_pretrained(tmp_path)
+    """A bf16 load computes in bf16 and agrees with the fp32 model: binarized masks on >= 99.5% of
+    pixels (the whole-model gate of DESIGN.md section 3), class argmax wherever fp32 is not a near tie."""
+    randomize_(hf_videomt()).save_pretrained(tmp_path)
     model = VideomtForUniversalSegmentation.from_pretrained(tmp_path, dtype=torch.bfloat16, device="cpu")
-    assert model.dtype == torch.bfloat16
+    full = VideomtForUniversalSegmentation.from_pretrained(tmp_path)
+    assert model.dtype == torch.bfloat16 and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    x = video(frames=3)
     with torch.no_grad():
-        out = model(pixel_values_videos=video())
-    assert out.class_queries_logits.dtype == torch.bfloat16
-    assert torch.isfinite(out.masks_queries_logits.float()).all()
+        out, ref = model(pixel_values_videos=x), full(pixel_values_videos=x)
+    assert out.class_queries_logits.dtype == out.masks_queries_logits.dtype == torch.bfloat16
+    masks, _ = agreement(out, ref)  # about 0.998 here
+    assert masks >= 0.995, f"bf16 binarized masks agree with fp32 on {masks:.4%} of pixels"
+    # class argmax: 21 queries here, so the 99% gate means all of them; a query whose fp32 top-two
+    # margin is within bf16's error (about 0.025 on these logits) may flip, one with 4x that may not
+    top2 = ref.class_queries_logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 0.1
+    same = out.class_queries_logits.argmax(-1) == ref.class_queries_logits.argmax(-1)
+    assert clear.float().mean() >= 0.8 and same[clear].all(), (clear.float().mean().item(), same[clear].tolist())
+    for field in ("class_queries_logits", "masks_queries_logits"):
+        err = rel_err(getattr(out, field), getattr(ref, field))  # about 9e-3 here
+        assert err < 2e-2, f"bf16 {field}: relative error {err:.3g} vs fp32"
 
 
 def test_output_access_like_transformers():
