@@ -78,7 +78,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["videomt_fast", "videomt_fast.*"]),
     package_dir={"videomt_fast.kernels": "kernels"},
-    package_data={"videomt_fast": ["csrc/*"]},
+    package_data={"videomt_fast": ["csrc/*", "demo/weights/*"]},
     install_requires=[
         "torch>=2.4",
         # the Triton kernels (kernels/); a CUDA torch on Linux pins its own Triton (torch 2.13: 3.7.1), a CPU

@@ -3,6 +3,7 @@
     videomt-fast bench     side-by-side benchmark (videomt_fast.apps.benchmark)
     videomt-fast profile   per-stage latency profile (videomt_fast.apps.profiler)
     videomt-fast segment   offline video segmentation (videomt_fast.apps.segment)
+    videomt-fast demo      segment a synthetic clip with the packaged demo model (videomt_fast.apps.demo)
     videomt-fast backends  which backend each op runs, and why
 """
 
@@ -17,6 +18,7 @@ _SUBCOMMANDS = {
     "bench": ("videomt_fast.apps.benchmark", "side-by-side benchmark against transformers"),
     "profile": ("videomt_fast.apps.profiler", "per-stage latency profile and a Chrome trace"),
     "segment": ("videomt_fast.apps.segment", "offline segmentation of videos and frame folders"),
+    "demo": ("videomt_fast.apps.demo", "segment a synthetic clip with the packaged demo model, offline"),
 }
 
 
