@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -61,6 +62,35 @@ def device_reason(*tensors: torch.Tensor) -> str | None:
     if first.type == "cpu" and interpreting():
         return None
     return f"tensors on {first.type}; triton kernels need CUDA (or TRITON_INTERPRET=1)"
+
+
+def launch_device(device: torch.device):
+    """The context every launcher wraps its ``kernel[grid](...)`` in: ``device`` made current.
+
+    Triton launches on ``torch.cuda.current_device()`` and that device's current stream, not on the
+    tensors' device, so tensors on ``cuda:1`` with ``cuda:0`` current would be read by a kernel on the
+    wrong GPU. CPU tensors (the interpreter) need nothing.
+    """
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+INDEX_MARGIN = 256  # the last block of a launch indexes up to one block (<= 256 rows or words) past the end
+
+
+def int32_offsets_ok(*extents: int) -> bool:
+    """True when every index a kernel computes in 32-bit arithmetic (each ``extent``: the largest such
+    index + 1) fits in int32 with :data:`INDEX_MARGIN` to spare; the kernels form offsets that scale with
+    the batch or the row count in int64, so those are not passed here."""
+    return all(0 <= e <= 2**31 - INDEX_MARGIN for e in extents)
+
+
+def span(t: torch.Tensor, dims: slice = slice(None)) -> int:
+    """1 + the largest element offset of ``t`` over dimensions ``dims`` (0 for an empty tensor)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape[dims], t.stride()[dims]))
 
 
 def dtype_reason(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:

@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import cast_to, device_reason, dot_precision, interp_bf16, dtype_reason, first_reason
+from ._common import (cast_to, device_reason, dot_precision, dtype_reason, first_reason, int32_offsets_ok, interp_bf16,
+                      launch_device, span)
 
 _LOG2E = 1.4426950408889634
 
@@ -56,7 +57,7 @@ def _attention_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    batch = pid_bh // num_heads
+    batch = (pid_bh // num_heads).to(tl.int64)  # batch offsets in int64: a clip of frames may pass 2**31 elements
     head = pid_bh % num_heads
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -156,32 +157,33 @@ def attention_launch(
     has_mask = mask_bits is not None and num_queries > 0
     bits = mask_bits if has_mask else qkv  # dummy pointer when unmasked, never read
     grid = (triton.cdiv(seq_len, block_m), batch * num_heads)
-    _attention_kernel[grid](
-        qkv,
-        out,
-        bits,
-        qkv.stride(0),
-        qkv.stride(1),
-        out.stride(0),
-        out.stride(1),
-        bits.stride(0) if has_mask else 0,
-        bits.stride(1) if has_mask else 0,
-        seq_len,
-        dim,
-        num_heads,
-        num_queries if has_mask else 0,
-        num_prefix,
-        head_dim**-0.5 * _LOG2E,
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        HAS_MASK=has_mask,
-        PRECISION=dot_precision(qkv.dtype),
-        INTERP_BF16=interp_bf16(qkv.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    with launch_device(qkv.device):
+        _attention_kernel[grid](
+            qkv,
+            out,
+            bits,
+            qkv.stride(0),
+            qkv.stride(1),
+            out.stride(0),
+            out.stride(1),
+            bits.stride(0) if has_mask else 0,
+            bits.stride(1) if has_mask else 0,
+            seq_len,
+            dim,
+            num_heads,
+            num_queries if has_mask else 0,
+            num_prefix,
+            head_dim**-0.5 * _LOG2E,
+            HEAD_DIM=head_dim,
+            BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            HAS_MASK=has_mask,
+            PRECISION=dot_precision(qkv.dtype),
+            INTERP_BF16=interp_bf16(qkv.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     return out
 
 
@@ -243,6 +245,7 @@ def attention_guard(
             return f"mask_bits shape {tuple(mask_bits.shape)} (needs {(batch, num_queries, words)})"
         if num_queries > 0 and mask_bits.stride(2) != 1:
             return "mask_bits last dim is not contiguous"
-    if (batch - 1) * qkv.stride(0) + (seq_len - 1) * qkv.stride(1) + three_d >= 2**31 or qkv.numel() >= 2**31:
-        return "qkv too large for 32-bit offsets"
+    # offsets within one batch entry are int32 in the kernel (batch offsets are int64)
+    if not int32_offsets_ok(span(qkv, slice(1, None)), seq_len * (three_d // 3)):
+        return f"one batch entry of qkv {tuple(qkv.shape)} spans 2**31 elements or more (32-bit offsets within it)"
     return None

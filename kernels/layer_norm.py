@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, cast_to, device_reason, first_reason, interp_bf16
+from ._common import FLOAT_DTYPES, cast_to, device_reason, first_reason, int32_offsets_ok, interp_bf16, launch_device
 
 _MAX_DIM = 8192
 
@@ -79,25 +79,26 @@ def _launch(x2, f2, scale, weight, bias, x_out, y, eps):
         return
     block_d, rows, num_warps = _config(dim)
     has_residual = f2 is not None
-    _layer_norm_kernel[(triton.cdiv(num_rows, rows),)](
-        x2,
-        f2 if has_residual else x2,
-        scale if has_residual else weight,
-        weight,
-        bias,
-        x_out if has_residual else y,
-        y,
-        num_rows,
-        dim,
-        x2.stride(0),
-        f2.stride(0) if has_residual else 0,
-        float(eps),
-        BLOCK_D=block_d,
-        ROWS=rows,
-        HAS_RESIDUAL=has_residual,
-        INTERP_BF16=interp_bf16(x2.dtype),
-        num_warps=num_warps,
-    )
+    with launch_device(x2.device):
+        _layer_norm_kernel[(triton.cdiv(num_rows, rows),)](
+            x2,
+            f2 if has_residual else x2,
+            scale if has_residual else weight,
+            weight,
+            bias,
+            x_out if has_residual else y,
+            y,
+            num_rows,
+            dim,
+            x2.stride(0),
+            f2.stride(0) if has_residual else 0,
+            float(eps),
+            BLOCK_D=block_d,
+            ROWS=rows,
+            HAS_RESIDUAL=has_residual,
+            INTERP_BF16=interp_bf16(x2.dtype),
+            num_warps=num_warps,
+        )
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -156,8 +157,9 @@ def _rows_reason(name: str, t: torch.Tensor) -> str | None:
         t.view(-1, t.shape[-1])
     except RuntimeError:
         return f"{name} rows are not evenly strided (needs a (M, D) view)"
-    if t.numel() >= 2**31:
-        return f"{name} too large"
+    # row offsets are int64 in the kernel; the row index itself is int32
+    if t.shape[-1] and not int32_offsets_ok(t.numel() // t.shape[-1]):
+        return f"{name} has {t.numel() // t.shape[-1]} rows (at most 2**31 - 1)"
     return None
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import cast_to, device_reason, dot_precision, env_flag, first_reason, interp_bf16
+from ._common import cast_to, device_reason, dot_precision, env_flag, first_reason, int32_offsets_ok, interp_bf16, launch_device
 
 GEMM_CHOICES = ("cublas", "triton")
 
@@ -144,37 +144,38 @@ def gemm_launch(
     block_m, block_n, block_k, num_warps, num_stages = _gemm_config(out.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     w = weight if weight is not None else out
-    _linear_kernel[grid](
-        x,
-        w,
-        bias if bias is not None else out,
-        scale if scale is not None else out,
-        add if add is not None else out,
-        out,
-        m,
-        n,
-        k,
-        rows,
-        x.stride(0) if x.shape[0] > 1 else 0,
-        x.stride(1),
-        w.stride(0),
-        add.stride(0) if add is not None and add.shape[0] > 1 else 0,
-        add.stride(1) if add is not None else 0,
-        out.stride(0),
-        out.stride(1),
-        HAS_BIAS=bias is not None,
-        GELU=gelu,
-        HAS_SCALE=scale is not None,
-        HAS_ADD=add is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        GROUP_M=8,
-        PRECISION=dot_precision(out.dtype),
-        INTERP_BF16=interp_bf16(out.dtype),
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    with launch_device(out.device):
+        _linear_kernel[grid](
+            x,
+            w,
+            bias if bias is not None else out,
+            scale if scale is not None else out,
+            add if add is not None else out,
+            out,
+            m,
+            n,
+            k,
+            rows,
+            x.stride(0) if x.shape[0] > 1 else 0,
+            x.stride(1),
+            w.stride(0),
+            add.stride(0) if add is not None and add.shape[0] > 1 else 0,
+            add.stride(1) if add is not None else 0,
+            out.stride(0),
+            out.stride(1),
+            HAS_BIAS=bias is not None,
+            GELU=gelu,
+            HAS_SCALE=scale is not None,
+            HAS_ADD=add is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=8,
+            PRECISION=dot_precision(out.dtype),
+            INTERP_BF16=interp_bf16(out.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
     return out
 
 
@@ -220,21 +221,22 @@ def epilogue_launch(y: torch.Tensor, scale: torch.Tensor | None = None, residual
     block_n = min(triton.next_power_of_2(n), 256)
     block_m = max(1, 2048 // block_n)
     res3 = as_3d(residual) if residual is not None else y2.unsqueeze(0)
-    _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-        y2,
-        scale if scale is not None else y2,
-        res3,
-        m,
-        n,
-        res3.shape[1],
-        res3.stride(0) if res3.shape[0] > 1 else 0,
-        res3.stride(1),
-        RESIDUAL=residual is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        INTERP_BF16=interp_bf16(y.dtype),
-        num_warps=4,
-    )
+    with launch_device(y.device):
+        _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
+            y2,
+            scale if scale is not None else y2,
+            res3,
+            m,
+            n,
+            res3.shape[1],
+            res3.stride(0) if res3.shape[0] > 1 else 0,
+            res3.stride(1),
+            RESIDUAL=residual is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            INTERP_BF16=interp_bf16(y.dtype),
+            num_warps=4,
+        )
     return y
 
 
@@ -330,9 +332,10 @@ def rows_reason(name: str, t: torch.Tensor) -> str | None:
             t.view(-1, t.shape[-1])
         except RuntimeError:
             return f"{name} rows are not evenly strided (needs 3-D or a (M, K) view)"
-    span = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
-    if t.numel() >= 2**31 or span >= 2**31:
-        return f"{name} too large for 32-bit offsets"
+    # row offsets (batch and row strides) are int64 in the kernels; the row index itself is int32
+    rows = t.numel() // t.shape[-1] if t.shape[-1] else 0
+    if not int32_offsets_ok(rows):
+        return f"{name} has {rows} rows (at most 2**31 - 1)"
     return None
 
 

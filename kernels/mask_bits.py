@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import device_reason, dtype_reason, first_reason
+from ._common import device_reason, dtype_reason, first_reason, int32_offsets_ok, launch_device, span
 
 
 @triton.jit
@@ -88,21 +88,22 @@ def mask_bits_launch(mask_logits: torch.Tensor, grid: tuple[int, int]) -> torch.
         return bits
     words_per_program = min(8, triton.next_power_of_2(num_words))
     launch_grid = (batch * queries, triton.cdiv(num_words, words_per_program))
-    _mask_bits_kernel[launch_grid](
-        mask_logits,
-        bits,
-        queries,
-        in_h,
-        in_w,
-        out_h,
-        out_w,
-        num_words,
-        *mask_logits.stride(),
-        float(np.float32(in_h) / np.float32(out_h)),  # the fp32 ratio PyTorch computes
-        float(np.float32(in_w) / np.float32(out_w)),
-        WORDS=words_per_program,
-        num_warps=4,
-    )
+    with launch_device(mask_logits.device):
+        _mask_bits_kernel[launch_grid](
+            mask_logits,
+            bits,
+            queries,
+            in_h,
+            in_w,
+            out_h,
+            out_w,
+            num_words,
+            *mask_logits.stride(),
+            float(np.float32(in_h) / np.float32(out_h)),  # the fp32 ratio PyTorch computes
+            float(np.float32(in_w) / np.float32(out_w)),
+            WORDS=words_per_program,
+            num_warps=4,
+        )
     return bits
 
 
@@ -136,7 +137,8 @@ def mask_bits_guard(mask_logits: torch.Tensor, grid: tuple[int, int]) -> str | N
         return f"grid {grid!r} must be positive"
     if min(mask_logits.shape[2:]) <= 0:
         return "mask_logits has an empty spatial size"
-    span = sum((s - 1) * abs(st) for s, st in zip(mask_logits.shape, mask_logits.stride())) + 1
-    if span >= 2**31 or mask_logits.shape[0] * mask_logits.shape[1] * out_h * out_w >= 2**31:
-        return "mask_logits too large for 32-bit offsets"
+    # (batch, query) offsets are int64 in the kernel; offsets within one map and the bit index are int32
+    if not int32_offsets_ok(span(mask_logits, slice(2, None)), out_h * out_w + 31,
+                            mask_logits.shape[0] * mask_logits.shape[1]):
+        return f"one mask of {tuple(mask_logits.shape)} or the grid {out_h}x{out_w} needs offsets over 32 bits"
     return None

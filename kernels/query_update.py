@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import device_reason, first_reason
+from ._common import device_reason, first_reason, int32_offsets_ok
 from .linear import gemm_launch, vector_reason
 
 
@@ -71,8 +71,8 @@ def query_update_guard(out, table, prev=None, weight=None, bias=None) -> str | N
         return f"table dtype {table.dtype} differs from out {out.dtype}"
     if out.stride(2) != 1 or table.stride(1) != 1:
         return "out and table need a contiguous last dim"
-    if out.numel() >= 2**31:
-        return "out too large for 32-bit offsets"
+    if not int32_offsets_ok(batch * num_queries):  # the GEMM's row index (row offsets are int64)
+        return f"{batch * num_queries} query rows (at most 2**31 - 1)"
     if prev is None:
         return None
     if not isinstance(weight, torch.Tensor):

@@ -144,3 +144,27 @@ def test_guard_reasons():
         # a rejected input still gets the right answer (from the reference)
         x = torch.randn(1, 20, 3 * 2 * 24)
         torch.testing.assert_close(ops.call("attention", x, 2), reference.attention_ref(x, 2))
+
+
+def test_no_32_bit_limit_across_the_batch():
+    """Batch offsets are int64 in the kernel, so a clip of frames over 2**31 elements keeps the kernel;
+    offsets within one frame stay int32 and bound one batch entry (expanded views give the shapes
+    without allocating them)."""
+    from videomt_fast.kernels._common import INDEX_MARGIN
+
+    heads, head_dim = 16, 64
+    d = heads * head_dim
+    seq = 1605
+    frames = 2**31 // (seq * 3 * d) + 10  # ViT-L frames whose fused QKV passes 2**31 elements
+    qkv = torch.randn(1, seq, 3 * d, dtype=torch.bfloat16).expand(frames, seq, 3 * d)
+    assert qkv.numel() > 2**31 and qkv.stride(0) == 0
+    with ops.use_backend("triton"):
+        assert ops.explain("attention", qkv, heads) == "attention: triton (preconditions met)"
+        # one batch entry at the int32 boundary: its output rows span seq * d elements
+        most = (2**31 - INDEX_MARGIN) // d
+        for rows, accepted in ((most, True), (most + 1, False)):
+            one = torch.randn(1, 1, 3 * d, dtype=torch.bfloat16).expand(1, rows, 3 * d)
+            backend, _, why = ops.choose("attention", one, heads)
+            assert (backend == "triton") == accepted, (rows, why)
+            if not accepted:
+                assert "one batch entry" in why, why

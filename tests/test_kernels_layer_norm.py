@@ -96,3 +96,22 @@ def test_guard_reasons():
         }.items():
             backend, _, why = ops.choose("residual_layer_norm", *args)
             assert backend == "reference" and needle in why, (needle, why)
+
+
+def test_no_32_bit_limit_on_elements_only_on_rows():
+    """Row offsets are int64 in the kernel: over 2**31 elements the kernel is kept; the int32 row index
+    is the bound (expanded views give the shapes without allocating them)."""
+    from videomt_fast.kernels._common import INDEX_MARGIN
+
+    d = 1024
+    w, b = torch.randn(d), torch.randn(d)
+    most = 2**31 - INDEX_MARGIN
+    for rows, accepted in ((most, True), (most + 1, False)):
+        x = torch.randn(1, d).expand(rows, d)
+        with ops.use_backend("triton"):
+            backend, _, why = ops.choose("layer_norm", x, w, b, 1e-6)
+            assert (backend == "triton") == accepted, (rows, why)
+            backend2, _, why2 = ops.choose("residual_layer_norm", x, x, w, w, b, 1e-6)
+            assert backend2 == backend, why2
+        if not accepted:
+            assert f"{rows} rows" in why, why

@@ -143,3 +143,25 @@ def test_real_vit_shapes_on_gpu(impl, dtype, dim):
     out = torch.ops.videomt_fast.linear_residual(h, weight2, bias2, scale, residual, impl == "triton")
     truth = reference.linear_residual_ref(*(t.double() for t in (h, weight2, bias2, scale, residual)))
     assert_close(out, truth, reference.linear_residual_ref(h, weight2, bias2, scale, residual), what="fc2")
+
+
+def test_no_32_bit_limit_on_elements_only_on_rows():
+    """Row offsets are int64 in both GEMM-epilogue kernels, so a clip whose activations pass 2**31
+    elements (ViT-L fc1 output over ~326 frames at 640x640) keeps the kernel; only the int32 row index
+    bounds the size. Expanded (stride-0) views give the shapes without allocating them."""
+    from videomt_fast.kernels._common import INDEX_MARGIN
+
+    k, n = 64, 32
+    weight, bias, scale = torch.randn(n, k), torch.randn(n), torch.randn(n)
+    most = 2**31 - INDEX_MARGIN
+    for rows, accepted in ((most, True), (most + 1, False)):
+        x = torch.randn(1, 1, k).expand(rows, 1, k)  # rows * k elements, far over 2**31
+        residual = torch.randn(1, 1, n).expand(rows, 1, n)
+        for name, args in (("linear_gelu", (x, weight, bias)), ("linear_residual", (x, weight, bias, scale, residual))):
+            with ops.use_backend("triton"):
+                backend, _, why = ops.choose(name, *args)
+            assert (backend == "triton") == accepted, (name, rows, why)
+            if not accepted:
+                assert f"{rows} rows" in why, why
+    # ViT-L at 640x640 (1 + 4 + 1600 tokens, fc1 to 4096 features) passes 2**31 elements from 327 frames
+    assert 327 * 1605 * 4096 > 2**31 and 327 * 1605 <= most

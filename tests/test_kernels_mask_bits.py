@@ -86,3 +86,18 @@ def test_guard_reasons():
         }.items():
             backend, _, why = ops.choose("mask_bits", *args)
             assert backend == "reference" and needle in why, (needle, why)
+
+
+def test_no_32_bit_limit_across_masks():
+    """(batch, query) offsets are int64 in the kernel: many masks over 2**31 elements in all keep the
+    kernel; one mask map and the bit index of one grid stay int32 (expanded views, nothing allocated)."""
+    from videomt_fast.kernels._common import INDEX_MARGIN
+
+    logits = torch.randn(1, 1, 160, 160).expand(500, 200, 160, 160)
+    assert logits.numel() > 2**31
+    with ops.use_backend("triton"):
+        assert ops.explain("mask_bits", logits, (40, 40)) == "mask_bits: triton (preconditions met)"
+        most = 2**31 - INDEX_MARGIN - 31  # the grid's bits, rounded up to whole words, index in int32
+        for width, accepted in ((most, True), (most + 1, False)):
+            backend, _, why = ops.choose("mask_bits", logits[:1, :1], (1, width))
+            assert (backend == "triton") == accepted, (width, why)

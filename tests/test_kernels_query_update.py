@@ -84,3 +84,14 @@ def test_guard_reasons():
         }.items():
             backend, _, why = ops.choose("query_update", *args)
             assert backend == "reference" and needle in why, (needle, why)
+
+
+def test_no_32_bit_limit_on_the_token_buffer():
+    """The token buffer of a clip may pass 2**31 elements: row offsets are int64 (expanded views)."""
+    dim, seq, queries = 1024, 1805, 200
+    frames = 2**31 // (seq * dim) + 10
+    out = torch.randn(1, seq, dim).expand(frames, seq, dim)
+    table = torch.randn(queries, dim)
+    assert out.numel() > 2**31
+    with ops.use_backend("triton"):
+        assert ops.explain("query_update", out, table) == "query_update: triton (preconditions met)"

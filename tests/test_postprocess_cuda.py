@@ -1,12 +1,21 @@
-"""CUDA post-processing kernels vs the references and transformers (GPU only; skipped without CUDA)."""
+"""CUDA post-processing kernels vs the references and transformers (GPU only; skipped without CUDA).
+
+Every comparison is against an independent computation (the PyTorch reference backend, transformers'
+processor, ATen's ``F.interpolate``), never the kernels against themselves. Pixel for pixel, with one
+tolerance: the kernels compute ATen's bilinear expression, but nvcc may contract it into FMAs
+differently, so a pixel may differ where the decision sits within rounding of its threshold:
+``|upsampled logit| < 1e-5`` for a mask (``> 0``, and ``sigmoid >= 0.5``), a gap below ``1e-5`` between
+the two best classes for the semantic argmax. The mask-bit kernel tests use the same rule.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import hf_oracle
-from test_postprocess import assert_segments_equal, random_outputs
+from helpers import random_outputs
 from videomt_fast import ops
 from videomt_fast.ops import _ext
 from videomt_fast.ops import postprocess as pp
@@ -35,6 +44,51 @@ def _cpu(results):
 
 
 SIZES = [[(97, 131), (12, 9), (161, 75)], [(480, 854)], [(33, 200), (200, 33), (1, 5)]]
+NEAR = 1e-5  # a decision this close to its threshold may go either way (see the module docstring)
+
+
+def _upsampled(maps: torch.Tensor, size) -> torch.Tensor:
+    """(C, h, w) -> (C, H, W) float32 with ATen's bilinear upsampling (transformers' arithmetic)."""
+    return F.interpolate(maps[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+def near_mask_threshold(out, sizes) -> list[torch.Tensor]:
+    """Per frame, (H, W) bool: pixels where some query's upsampled mask logit is within NEAR of 0."""
+    masks = out.masks_queries_logits.float()
+    return [(_upsampled(masks[f], size).abs() < NEAR).any(0).cpu() for f, size in enumerate(sizes)]
+
+
+def near_class_tie(out, sizes) -> list[torch.Tensor]:
+    """Per frame, (H, W) bool: pixels whose two best upsampled semantic class scores are within NEAR."""
+    mixed = pp.semantic_mix(out.class_queries_logits.float(), out.masks_queries_logits.float())
+    near = []
+    for f, size in enumerate(sizes):
+        top = _upsampled(mixed[f], size).topk(2, dim=0).values
+        near.append(((top[0] - top[1]) < NEAR).cpu())
+    return near
+
+
+def assert_maps_match(expected: torch.Tensor, got: torch.Tensor, tolerated: torch.Tensor, what: str = "") -> None:
+    """``got == expected`` at every pixel outside ``tolerated``."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype, what
+    diff = got.cpu() != expected.cpu()
+    bad = diff & ~tolerated
+    if bad.any():
+        y, x = (int(i) for i in bad.nonzero()[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} pixels differ away from a threshold ({int(diff.sum())} in all); "
+                             f"first at ({y}, {x}): got {got[y, x].item()}, want {expected[y, x].item()}")
+
+
+def assert_segments_match(expected, got, tolerated, tol=1e-5):
+    """Segment maps equal outside the ``tolerated`` pixels; segments (ids, labels, scores) equal."""
+    assert len(expected) == len(got)
+    for f, (e, o) in enumerate(zip(expected, got)):
+        assert o["segmentation"].dtype == torch.long
+        assert_maps_match(e["segmentation"], o["segmentation"], tolerated[f], f"frame {f}")
+        ei, oi = e["segments_info"], o["segments_info"]
+        assert [(s["id"], s["label_id"]) for s in oi] == [(s["id"], s["label_id"]) for s in ei], f"frame {f}"
+        for s_e, s_o in zip(ei, oi):
+            assert abs(s_e["score"] - s_o["score"]) <= tol, (f, s_e, s_o)
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
@@ -49,9 +103,10 @@ def test_instance_kernels_match(ext, sizes):
     with ops.use_backend("reference"):
         ref = proc.post_process_instance_segmentation(out, sizes, threshold=0.4)
     assert sum(len(r["segments_info"]) for r in ref) >= len(sizes)
-    assert_segments_equal(_cpu(ref), _cpu(got))
+    near = near_mask_threshold(out, sizes)
+    assert_segments_match(_cpu(ref), _cpu(got), near)
     oracle = hf_oracle.load().processor.post_process_instance_segmentation(out, sizes, threshold=0.4)
-    assert_segments_equal(_cpu(oracle), _cpu(got))
+    assert_segments_match(_cpu(oracle), _cpu(got), near)
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
@@ -64,7 +119,7 @@ def test_panoptic_kernels_match(ext, sizes, fuse):
         got = proc.post_process_panoptic_segmentation(out, sizes, **kw)
     oracle = hf_oracle.load().processor.post_process_panoptic_segmentation(out, sizes, **kw)
     assert sum(len(r["segments_info"]) for r in oracle) >= len(sizes)
-    assert_segments_equal(_cpu(oracle), _cpu(got))
+    assert_segments_match(_cpu(oracle), _cpu(got), near_mask_threshold(out, sizes))
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")
@@ -75,13 +130,14 @@ def test_semantic_kernels_match(ext, sizes, with_scores):
     with ops.use_backend("cuda"):
         got = proc.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
     oracle = hf_oracle.load().processor.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
-    for e, o in zip(oracle, got):
+    near = near_class_tie(out, sizes)
+    for f, (e, o) in enumerate(zip(oracle, got)):
         if with_scores:
-            assert torch.equal(o.segmentation, e.segmentation)
+            assert_maps_match(e.segmentation, o.segmentation, near[f], f"frame {f}")
             # same arithmetic as ATen's kernel; allow one ulp in case nvcc contracts differently
             torch.testing.assert_close(o.segmentation_scores, e.segmentation_scores, rtol=1e-6, atol=1e-6)
         else:
-            assert torch.equal(o, e)
+            assert_maps_match(e, o, near[f], f"frame {f}")
 
 
 def test_raw_kernels_overwrite_poisoned_outputs(ext):
@@ -90,7 +146,8 @@ def test_raw_kernels_overwrite_poisoned_outputs(ext):
     Q, h, w, H, W = 37, 20, 24, 77, 91
     masks = (torch.randn(Q, h, w, device="cuda") * 4).contiguous()
     stream = torch.cuda.current_stream().cuda_stream
-    up = torch.nn.functional.interpolate(masks[None], size=(H, W), mode="bilinear", align_corners=False)[0]
+    up = _upsampled(masks, (H, W))
+    near = (up.abs() < NEAR).any(0).cpu()  # pixels where a mask decision may flip (module docstring)
     cand = torch.rand(Q, device="cuda") < 0.6
     tiles = (H + ext.STATS_ROWS - 1) // ext.STATS_ROWS
     cnt = torch.full((Q, tiles), -7, dtype=torch.int32, device="cuda")
@@ -108,12 +165,13 @@ def test_raw_kernels_overwrite_poisoned_outputs(ext):
     rank = torch.arange(1, Q + 1, device="cuda")[:, None, None]
     last = torch.where(hits, rank, 0).amax(0)
     expected = torch.where(last > 0, ids.long()[(last - 1).clamp(min=0)], -1)
-    assert torch.equal(out, expected)
+    assert_maps_match(expected, out, near, "instance_paint")
     sem_out = torch.full((H, W), -5, dtype=torch.long, device="cuda")
     scores = torch.full((Q, H, W), float("nan"), device="cuda")
     ext.semantic_argmax(masks, sem_out, scores, stream)
     torch.testing.assert_close(scores, up, rtol=1e-6, atol=1e-6)
-    assert torch.equal(sem_out, up.argmax(0))
+    top = up.topk(2, dim=0).values
+    assert_maps_match(up.argmax(0), sem_out, ((top[0] - top[1]) < NEAR).cpu(), "semantic_argmax")
     code = torch.full((H, W), 12345, dtype=torch.int32, device="cuda")
     areas = torch.zeros(3, Q, dtype=torch.int32, device="cuda")
     probs = torch.rand(Q, device="cuda")
@@ -122,9 +180,15 @@ def test_raw_kernels_overwrite_poisoned_outputs(ext):
     weighted = torch.where(keep[:, None, None], probs[:, None, None] * prob_up, -1.0)
     win = weighted.argmax(0)
     win_prob = prob_up.gather(0, win[None])[0]
-    assert torch.equal(code.long(), torch.where(win_prob >= 0.5, win, -1))
-    assert torch.equal(areas[0].long(), torch.where(keep, (prob_up >= 0.5).flatten(1).sum(1), 0))
-    assert torch.equal(areas[1].long(), torch.bincount(win.flatten(), minlength=Q))
+    top = weighted.topk(2, dim=0).values
+    tie = ((top[0] - top[1]) < NEAR).cpu()  # the winner itself may go either way
+    assert_maps_match(torch.where(win_prob >= 0.5, win, -1), code.long(), near | tie, "panoptic_assign")
+    # areas: off by at most the pixels where that query's decision (or the winner) may flip
+    near_q = (up.abs() < NEAR).flatten(1).sum(1)
+    want = torch.where(keep, (prob_up >= 0.5).flatten(1).sum(1), 0)
+    assert ((areas[0].long() - want).abs() <= near_q).all(), (areas[0], want)
+    want = torch.bincount(win.flatten(), minlength=Q)
+    assert (areas[1].long() - want).abs().sum() <= 2 * int((near | tie).sum()), (areas[1], want)
 
 
 @pytest.mark.parametrize("task", ["instance", "panoptic", "semantic"])
@@ -152,7 +216,8 @@ def test_memory_1080p_200_queries(ext, task):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_logits_take_the_kernels_widened(ext, dtype):
-    """The fast path's bf16/fp16 outputs go through the CUDA kernels, as their float32 widening would."""
+    """The fast path's bf16/fp16 outputs go through the CUDA kernels and give what the PyTorch reference
+    gives on their float32 widening (the reference backend: independent of the kernels)."""
     sizes = [(97, 131), (161, 75)]
     out = _cuda(random_outputs(len(sizes), 45, 7, 40, 48, seed=3))
     low = type(out)(class_queries_logits=out.class_queries_logits.to(dtype),
@@ -164,6 +229,9 @@ def test_low_precision_logits_take_the_kernels_widened(ext, dtype):
     proc = VideomtVideoProcessor()
     for task, kwargs in (("instance", dict(threshold=0.4)), ("panoptic", dict(threshold=0.3))):
         method = f"post_process_{task}_segmentation"
-        got = getattr(proc, method)(low, sizes, **kwargs)
-        want = getattr(proc, method)(wide, sizes, **kwargs)
-        assert_segments_equal(_cpu(want), _cpu(got))
+        with ops.use_backend("cuda"):
+            got = getattr(proc, method)(low, sizes, **kwargs)
+        with ops.use_backend("reference"):
+            want = getattr(proc, method)(wide, sizes, **kwargs)
+        assert sum(len(r["segments_info"]) for r in want) >= 1, task
+        assert_segments_match(_cpu(want), _cpu(got), near_mask_threshold(wide, sizes))

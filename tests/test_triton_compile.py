@@ -181,6 +181,50 @@ def test_no_kernel_wrapper_escapes_the_capture():
     cc.assert_no_unsupported_wrappers()
 
 
+def test_every_launch_is_made_on_its_tensors_device(monkeypatch):
+    """Triton launches on ``torch.cuda.current_device()``, not on the tensors' device: every launcher
+    must wrap its launch in ``launch_device(<its tensors' device>)``. Each kernel module's
+    ``launch_device`` is replaced by a recorder; every captured launch must happen inside it, with the
+    device of the launch's tensors."""
+    import contextlib
+
+    from videomt_fast.kernels import _common
+
+    active: list[torch.device] = []
+
+    def recorder(device):
+        @contextlib.contextmanager
+        def ctx():
+            active.append(device)
+            try:
+                yield
+            finally:
+                active.pop()
+
+        return ctx()
+
+    for mod in cc.KERNEL_MODULES.values():
+        if hasattr(mod, "launch_device"):
+            monkeypatch.setattr(mod, "launch_device", recorder)
+    seen = []
+    record = cc._recording_run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+        seen.append((cc._params(self)[2].__name__, list(active), devices))
+        return record(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(cc, "_recording_run", run)
+    cc.capture(cc.launch_cases(("vit-s",), (1,), ("bf16",)))
+    assert {name for name, _, _ in seen} == KERNELS
+    for name, devices_entered, tensor_devices in seen:
+        assert devices_entered == list(tensor_devices), (name, devices_entered, tensor_devices)
+    # the real context: a CUDA device made current (built, not entered: no GPU here), nothing for the CPU
+    ctx = _common.launch_device(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(_common.launch_device(torch.device("cpu")), contextlib.nullcontext)
+
+
 def test_guard_refusal_is_an_error():
     (case,) = [c for c in cc.launch_cases(("vit-s",), (1,), ("fp32",)) if c.op == "mask_bits"]
     bad = cc.Case(case.op, case.label, lambda: (torch.empty(1, 2, 8, 8, dtype=torch.int32), (4, 4)), case.call,

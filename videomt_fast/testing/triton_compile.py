@@ -293,7 +293,8 @@ class Case:
 
 
 def launch_cases(models: Sequence[str] = MODELS, batches: Sequence[int] = BATCHES,
-                 dtypes: Sequence[str] = tuple(DTYPES), image_size: int = IMAGE_SIZE) -> list[Case]:
+                 dtypes: Sequence[str] = tuple(DTYPES), image_size: int = IMAGE_SIZE,
+                 device: str | torch.device = "cpu") -> list[Case]:
     """The op calls of VidEoMT / EoMT forwards at these shapes, as in :mod:`videomt_fast.model.modeling`.
 
     Per model/batch/dtype: LayerNorm and residual LayerNorm on the query-free (1 + R + P tokens) and the
@@ -301,14 +302,27 @@ def launch_cases(models: Sequence[str] = MODELS, batches: Sequence[int] = BATCHE
     masks off) and with EoMT's mask bits; mask bits of the (B, Q, 4 gh, 4 gw) mask logits; fc1 + GELU and
     fc2 + residual of the MLP and the mask head's GELU layers on the strided query rows, each through
     both GEMM epilogues (``cublas`` and ``triton``); the query update of EoMT (table only) and of
-    VidEoMT (frame 0 and frame t > 0, previous queries strided and contiguous).
+    VidEoMT (frame 0 and frame t > 0, previous queries strided and contiguous). ``make()`` allocates on
+    ``device``, uninitialized (``bench/gpu_smoke.py`` fills the tensors and runs the cases on the GPU).
     """
     return [case for model in models for batch in batches for dtype in dtypes
-            for case in _model_cases(model, batch, dtype, image_size)]
+            for case in _model_cases(model, batch, dtype, image_size, device)]
 
 
-def _model_cases(model: str, batch: int, dtype: str, image_size: int) -> list[Case]:
-    cfg = config_from_preset(model, EomtConfig, image_size=image_size)
+# a model with the published structure at toy sizes (head dim 32, 8 queries): the op calls of a forward
+# in seconds under the CPU interpreter (``bench/gpu_smoke.py --dry``)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_blocks=1, num_queries=8)
+
+
+def model_config(model: str, image_size: int) -> EomtConfig:
+    """The config of a preset (``vit-s``, ``vit-b``, ``vit-l``) or of ``tiny`` at this image size."""
+    if model == "tiny":
+        return EomtConfig(**TINY, image_size=image_size)
+    return config_from_preset(model, EomtConfig, image_size=image_size)
+
+
+def _model_cases(model: str, batch: int, dtype: str, image_size: int, device: str | torch.device = "cpu") -> list[Case]:
+    cfg = model_config(model, image_size)
     d, heads, nq = cfg.hidden_size, cfg.num_attention_heads, cfg.num_queries
     gh, gw = cfg.grid_size
     patches = gh * gw
@@ -323,7 +337,7 @@ def _model_cases(model: str, batch: int, dtype: str, image_size: int) -> list[Ca
     cases: list[Case] = []
 
     def e(*shape: int) -> torch.Tensor:
-        return torch.empty(*shape, dtype=dt)
+        return torch.empty(*shape, dtype=dt, device=device)
 
     def add(op: str, variant: str, make: Callable[[], tuple], call: Callable, guard: Callable) -> None:
         cases.append(Case(op, f"{tag} | {variant}", make, call, guard))
@@ -354,7 +368,8 @@ def _model_cases(model: str, batch: int, dtype: str, image_size: int) -> list[Ca
     add("attention", f"unmasked N={s_q} (EoMT, masks off)",
         lambda: (e(batch, s_q, 3 * d), heads, None, nq, nq + prefix), *att)
     add("attention", f"masked N={s_q} (EoMT mask bits)",
-        lambda: (e(batch, s_q, 3 * d), heads, torch.empty(batch, nq, words, dtype=torch.int32), nq, nq + prefix),
+        lambda: (e(batch, s_q, 3 * d), heads, torch.empty(batch, nq, words, dtype=torch.int32, device=device), nq,
+                 nq + prefix),
         *att)
     add("mask_bits", f"logits ({batch},{nq},{up * gh},{up * gw}) -> grid {gh}x{gw}",
         lambda: (e(batch, nq, up * gh, up * gw), (gh, gw)), mask_bits.mask_bits, mask_bits.mask_bits_guard)
