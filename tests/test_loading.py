@@ -139,7 +139,7 @@ def test_config_json_mismatching_weights(tmp_path):
     data["num_hidden_layers"] = 5
     json.dump(data, open(tmp_path / "config.json", "w"))
     with pytest.raises(CheckpointError, match=r"missing keys .*layers\.4\."):
-        VideomtForUniversalSegmentation.from_pretrained(tmp_path)
+        VideomtForUniversalSegmentation.from_pretrained(tmp_path, strict=True)
 
 
 def test_missing_and_unexpected_keys_named(tmp_path):
@@ -151,7 +151,7 @@ def test_missing_and_unexpected_keys_named(tmp_path):
     state["extra.head.weight"] = torch.zeros(3)
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointError, match="class_predictor.bias") as info:
-        VideomtForUniversalSegmentation.from_pretrained(tmp_path)
+        VideomtForUniversalSegmentation.from_pretrained(tmp_path, strict=True)
     assert "extra.head.weight" in str(info.value)
 
 

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: names every key (or config field) that is missing,
+    unexpected, misshapen or invalid."""
 
 
 def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
@@ -17,9 +23,65 @@ def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
-@dataclass
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+# field -> (check, what is expected); checked on construction, so a bad config.json fails at load
+_FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "num_hidden_layers": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "num_attention_heads": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "hidden_act": (lambda v: v == "gelu", "'gelu' (exact erf)"),
+    "layer_norm_eps": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
+    "image_size": (
+        lambda v: (_is_int(v) and v > 0)
+        or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
+        "a positive int or a (height, width) pair of positive ints",
+    ),
+    "patch_size": (
+        lambda v: (_is_int(v) and v > 0)
+        or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v)),
+        "a positive int or a (height, width) pair of positive ints",
+    ),
+    "num_channels": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "mlp_ratio": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "layerscale_value": (_is_number, "a finite number"),
+    "num_upscale_blocks": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "use_swiglu_ffn": (lambda v: isinstance(v, bool), "true or false"),
+    "num_blocks": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "num_queries": (lambda v: _is_int(v) and v >= 1, "an int >= 1"),
+    "num_register_tokens": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "return_dict": (lambda v: isinstance(v, bool), "true or false"),
+    "output_hidden_states": (lambda v: isinstance(v, bool), "true or false"),
+    "output_attentions": (lambda v: isinstance(v, bool), "true or false"),
+}
+for _name in ("hidden_dropout_prob", "initializer_range", "drop_path_rate", "attention_dropout", "no_object_weight",
+              "class_weight", "mask_weight", "dice_weight", "oversample_ratio", "importance_sample_ratio"):
+    _FIELD_RULES[_name] = (_is_number, "a finite number")
+_FIELD_RULES["train_num_points"] = (_is_int, "an int")
+
+
+def _label_key(key: Any) -> int:
+    if _is_int(key):
+        return key
+    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        return int(key)
+    raise ValueError(key)
+
+
+@dataclass(eq=False, repr=False)
 class _SegmenterConfig:
-    """Fields shared by VidEoMT and EoMT (transformers' ``EomtConfig``), same names and defaults."""
+    """Fields shared by VidEoMT and EoMT (transformers' ``EomtConfig``), same names and defaults.
+
+    ``num_labels`` behaves as in transformers: setting it to a new count rebuilds ``id2label`` /
+    ``label2id`` (``LABEL_0`` ...). Invalid values raise a ``ValueError`` naming the field, the value
+    and what is expected (a :class:`CheckpointError` naming the file when read from ``config.json``).
+    """
 
     model_type: ClassVar[str] = ""
 
@@ -49,7 +111,10 @@ class _SegmenterConfig:
     importance_sample_ratio: float = 0.75
     num_queries: int = 200
     num_register_tokens: int = 4
-    num_labels: int | None = None
+    # transformers' PreTrainedConfig switches, read by forward() when its arguments leave them unset
+    return_dict: bool = True
+    output_hidden_states: bool = False
+    output_attentions: bool = False
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json fields, kept for round trips
@@ -59,48 +124,80 @@ class _SegmenterConfig:
         for f in fields(self):
             if f.name == "extra":
                 continue
-            default = f.default
-            setattr(self, f.name, kwargs.pop(f.name, default))
+            setattr(self, f.name, kwargs.pop(f.name, f.default))
+        num_labels = kwargs.pop("num_labels", None)
         self.extra = dict(kwargs.pop("extra", {}) or {})
-        for key in ("model_type", "transformers_version"):
+        for key in ("model_type", "transformers_version", "_name_or_path", "use_return_dict"):
             kwargs.pop(key, None)
         self.extra.update({k: v for k, v in kwargs.items() if k not in names})
-        self._finish_labels()
+        self._finish_labels(num_labels)
         self.validate()
 
-    def _finish_labels(self) -> None:
+    def _finish_labels(self, num_labels: Any) -> None:
+        if num_labels is not None and not (_is_int(num_labels) and num_labels >= 1):
+            raise ValueError(f"invalid {type(self).__name__}: num_labels = {num_labels!r}; expected an int >= 1")
         if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
-            if self.num_labels is not None and self.num_labels != len(self.id2label):
+            if not isinstance(self.id2label, dict):
                 raise ValueError(
-                    f"num_labels={self.num_labels} does not match id2label, which has {len(self.id2label)} entries"
+                    f"invalid {type(self).__name__}: id2label = {self.id2label!r}; expected a mapping "
+                    "{class index: name}"
                 )
-            self.num_labels = len(self.id2label)
+            try:
+                self.id2label = {_label_key(k): v for k, v in self.id2label.items()}
+            except ValueError as exc:
+                raise ValueError(
+                    f"invalid {type(self).__name__}: id2label has the key {exc.args[0]!r}; expected integer class "
+                    "indices"
+                ) from None
+            if num_labels is not None and num_labels != len(self.id2label):
+                raise ValueError(
+                    f"num_labels={num_labels} does not match id2label, which has {len(self.id2label)} entries"
+                )
         else:
-            self.num_labels = 2 if self.num_labels is None else int(self.num_labels)
-            self.id2label = {i: f"LABEL_{i}" for i in range(self.num_labels)}
+            self.id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
         if self.label2id is None:
             self.label2id = {v: k for k, v in self.id2label.items()}
+        elif not isinstance(self.label2id, dict):
+            raise ValueError(
+                f"invalid {type(self).__name__}: label2id = {self.label2id!r}; expected a mapping {{name: class index}}"
+            )
         else:
-            self.label2id = {k: int(v) for k, v in self.label2id.items()}
+            try:
+                self.label2id = {k: _label_key(v) for k, v in self.label2id.items()}
+            except ValueError as exc:
+                raise ValueError(
+                    f"invalid {type(self).__name__}: label2id has the value {exc.args[0]!r}; expected integer class "
+                    "indices"
+                ) from None
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, value: int) -> None:
+        if not (_is_int(value) and value >= 1):
+            raise ValueError(f"num_labels = {value!r}; expected an int >= 1")
+        if self.id2label is None or len(self.id2label) != value:
+            self.id2label = {i: f"LABEL_{i}" for i in range(value)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
 
     def validate(self) -> None:
+        name = type(self).__name__
+        for key, (ok, expected) in _FIELD_RULES.items():
+            value = getattr(self, key)
+            if not ok(value):
+                raise ValueError(f"invalid {name}: {key} = {value!r}; expected {expected}")
         checks = [
-            (self.hidden_size > 0, "hidden_size must be positive"),
-            (self.num_attention_heads > 0, "num_attention_heads must be positive"),
             (
-                self.hidden_size % max(self.num_attention_heads, 1) == 0,
+                self.hidden_size % self.num_attention_heads == 0,
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})",
             ),
             (
-                1 <= self.num_blocks <= self.num_hidden_layers,
+                self.num_blocks <= self.num_hidden_layers,
                 f"num_blocks ({self.num_blocks}) must be in [1, num_hidden_layers={self.num_hidden_layers}]",
             ),
-            (self.num_queries >= 1, "num_queries must be at least 1"),
-            (self.num_register_tokens >= 0, "num_register_tokens must be >= 0"),
-            (self.num_upscale_blocks >= 1, "num_upscale_blocks must be at least 1"),
-            (self.hidden_act in ("gelu",), f"hidden_act must be 'gelu' (exact erf), got {self.hidden_act!r}"),
         ]
         image, patch = _pair(self.image_size), _pair(self.patch_size)
         checks.append(
@@ -111,7 +208,7 @@ class _SegmenterConfig:
         )
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"invalid {type(self).__name__}: {message}")
+                raise ValueError(f"invalid {name}: {message}")
 
     # ------------------------------------------------------------------ derived sizes
     @property
@@ -161,15 +258,41 @@ class _SegmenterConfig:
         return cls(**data)
 
     @classmethod
+    def coerce(cls, config: Any) -> "_SegmenterConfig":
+        """``config`` as this class: itself, or converted from transformers' config of the same model type
+        (any object with ``to_dict()`` and a matching ``model_type``; its values are copied)."""
+        if isinstance(config, cls):
+            return config
+        to_dict = getattr(config, "to_dict", None)
+        if getattr(config, "model_type", None) == cls.model_type and callable(to_dict):
+            data = {k: v for k, v in to_dict().items() if not k.startswith("_") and v is not None}
+            # transformers keeps these switches on the config object, not always in to_dict()
+            for key in ("return_dict", "output_hidden_states", "output_attentions"):
+                if hasattr(config, key):
+                    data[key] = getattr(config, key)
+            return cls.from_dict(data)
+        raise TypeError(
+            f"needs a {cls.__name__} (ours or transformers'), got {type(config).__name__} "
+            f"with model_type {getattr(config, 'model_type', None)!r}"
+        )
+
+    @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "_SegmenterConfig":
+        """Read ``config.json``; a field that is missing its type or range raises :class:`CheckpointError`
+        naming the file, the field, the value and what is expected."""
         try:
             with open(path, encoding="utf-8") as handle:
                 data = json.load(handle)
         except FileNotFoundError:
             raise FileNotFoundError(f"config file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"config file {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"config file {path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise CheckpointError(f"config file {path} holds a {type(data).__name__}; expected a JSON object")
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"config file {path}: {exc}") from None
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs: Any) -> "_SegmenterConfig":
@@ -193,7 +316,13 @@ class _SegmenterConfig:
         return f"{type(self).__name__}({inner}, ...)"
 
     def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.to_dict() == other.to_dict()  # type: ignore[union-attr]
+        """Same type and same fields; bookkeeping that saving adds (``architectures``) is not compared."""
+        if type(self) is not type(other):
+            return False
+        mine, theirs = self.to_dict(), other.to_dict()  # type: ignore[union-attr]
+        for data in (mine, theirs):
+            data.pop("architectures", None)
+        return mine == theirs
 
 
 class VideomtConfig(_SegmenterConfig):
