@@ -64,16 +64,37 @@ def device_reason(*tensors: torch.Tensor) -> str | None:
     return f"tensors on {first.type}; triton kernels need CUDA (or TRITON_INTERPRET=1)"
 
 
-def launch_device(device: torch.device):
+# VIDEOMT_FAST_CHECK_LAUNCHES=1 (read at import): wait for every kernel after its launch, so that a kernel
+# that faults is named in the error instead of surfacing in whatever CUDA call comes next (debugging only)
+CHECK_LAUNCHES = os.environ.get("VIDEOMT_FAST_CHECK_LAUNCHES", "0") == "1"
+
+
+def launch_device(device: torch.device, kernel: str = ""):
     """The context every launcher wraps its ``kernel[grid](...)`` in: ``device`` made current.
 
     Triton launches on ``torch.cuda.current_device()`` and that device's current stream, not on the
     tensors' device, so tensors on ``cuda:1`` with ``cuda:0`` current would be read by a kernel on the
-    wrong GPU. CPU tensors (the interpreter) need nothing.
+    wrong GPU. CPU tensors (the interpreter) need nothing. With :data:`CHECK_LAUNCHES` the launch is also
+    synchronized (outside graph capture) and a failure names ``kernel``.
     """
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    if CHECK_LAUNCHES:
+        return _checked_launch(device, kernel)
+    return torch.cuda.device(device)
+
+
+@contextlib.contextmanager
+def _checked_launch(device: torch.device, kernel: str):
+    with torch.cuda.device(device):
+        yield
+        if torch.cuda.is_current_stream_capturing():
+            return
+        try:
+            torch.cuda.current_stream(device).synchronize()
+        except RuntimeError as exc:
+            raise RuntimeError(f"videomt_fast Triton kernel {kernel} failed on {device} "
+                               f"(VIDEOMT_FAST_CHECK_LAUNCHES=1): {exc}") from exc
 
 
 INDEX_MARGIN = 256  # the last block of a launch indexes up to one block (<= 256 rows or words) past the end

@@ -157,7 +157,7 @@ def attention_launch(
     has_mask = mask_bits is not None and num_queries > 0
     bits = mask_bits if has_mask else qkv  # dummy pointer when unmasked, never read
     grid = (triton.cdiv(seq_len, block_m), batch * num_heads)
-    with launch_device(qkv.device):
+    with launch_device(qkv.device, "_attention_kernel"):
         _attention_kernel[grid](
             qkv,
             out,

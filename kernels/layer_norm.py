@@ -79,7 +79,7 @@ def _launch(x2, f2, scale, weight, bias, x_out, y, eps):
         return
     block_d, rows, num_warps = _config(dim)
     has_residual = f2 is not None
-    with launch_device(x2.device):
+    with launch_device(x2.device, "_layer_norm_kernel"):
         _layer_norm_kernel[(triton.cdiv(num_rows, rows),)](
             x2,
             f2 if has_residual else x2,

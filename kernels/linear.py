@@ -144,7 +144,7 @@ def gemm_launch(
     block_m, block_n, block_k, num_warps, num_stages = _gemm_config(out.dtype)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     w = weight if weight is not None else out
-    with launch_device(out.device):
+    with launch_device(out.device, "_linear_kernel"):
         _linear_kernel[grid](
             x,
             w,
@@ -221,7 +221,7 @@ def epilogue_launch(y: torch.Tensor, scale: torch.Tensor | None = None, residual
     block_n = min(triton.next_power_of_2(n), 256)
     block_m = max(1, 2048 // block_n)
     res3 = as_3d(residual) if residual is not None else y2.unsqueeze(0)
-    with launch_device(y.device):
+    with launch_device(y.device, "_epilogue_kernel"):
         _epilogue_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
             y2,
             scale if scale is not None else y2,

@@ -88,7 +88,7 @@ def mask_bits_launch(mask_logits: torch.Tensor, grid: tuple[int, int]) -> torch.
         return bits
     words_per_program = min(8, triton.next_power_of_2(num_words))
     launch_grid = (batch * queries, triton.cdiv(num_words, words_per_program))
-    with launch_device(mask_logits.device):
+    with launch_device(mask_logits.device, "_mask_bits_kernel"):
         _mask_bits_kernel[launch_grid](
             mask_logits,
             bits,

@@ -192,10 +192,10 @@ def test_every_launch_is_made_on_its_tensors_device(monkeypatch):
 
     active: list[torch.device] = []
 
-    def recorder(device):
+    def recorder(device, kernel):
         @contextlib.contextmanager
         def ctx():
-            active.append(device)
+            active.append((device, kernel))
             try:
                 yield
             finally:
@@ -217,8 +217,8 @@ def test_every_launch_is_made_on_its_tensors_device(monkeypatch):
     monkeypatch.setattr(cc, "_recording_run", run)
     cc.capture(cc.launch_cases(("vit-s",), (1,), ("bf16",)))
     assert {name for name, _, _ in seen} == KERNELS
-    for name, devices_entered, tensor_devices in seen:
-        assert devices_entered == list(tensor_devices), (name, devices_entered, tensor_devices)
+    for name, entered, tensor_devices in seen:
+        assert entered == [(d, name) for d in tensor_devices], (name, entered, tensor_devices)
     # the real context: a CUDA device made current (built, not entered: no GPU here), nothing for the CPU
     ctx = _common.launch_device(torch.device("cuda", 1))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
