@@ -60,6 +60,25 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def resized_hf_oracle(hf, grid):
+    """transformers' own model (VidEoMT or EoMT) run at another patch grid: its position table resized as
+    timm/DINOv2 do (bicubic, antialiased) and its head told the new grid. transformers itself only runs
+    its native size."""
+    import copy
+
+    big = copy.deepcopy(hf)
+    gh0 = hf.config.image_size // hf.config.patch_size
+    weight = hf.embeddings.position_embeddings.weight.detach()
+    table = weight.reshape(1, gh0, gh0, -1).permute(0, 3, 1, 2)
+    table = torch.nn.functional.interpolate(table, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    big.embeddings.position_embeddings = torch.nn.Embedding.from_pretrained(
+        table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
+    )
+    big.embeddings.position_ids = torch.arange(grid[0] * grid[1])[None]
+    big.grid_size = tuple(grid)
+    return big
+
+
 def video(batch=1, frames=2, height=48, width=48, seed=1):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(batch, frames, 3, height, width, generator=gen)

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import videomt_fast
 from videomt_fast import VideomtForUniversalSegmentation
 
-from helpers import agreement, hf_videomt, max_abs, randomize_, rel_err, video
+from helpers import agreement, hf_videomt, max_abs, randomize_, rel_err, resized_hf_oracle, video
 
 pytest.importorskip("transformers")
 
@@ -81,30 +80,12 @@ def test_chunked_clip_equals_one_pass(chunk):
         assert max_abs(getattr(whole, field), getattr(chunked, field)) < 1e-5
 
 
-def _resized_hf_oracle(hf, grid):
-    """transformers' own model run at another grid: its position table resized as timm/DINOv2 do
-    (bicubic, antialiased) and its head told the new grid. transformers itself only runs its native size."""
-    import copy
-
-    big = copy.deepcopy(hf)
-    gh0 = hf.config.image_size // hf.config.patch_size
-    weight = hf.embeddings.position_embeddings.weight.detach()
-    table = weight.reshape(1, gh0, gh0, -1).permute(0, 3, 1, 2)
-    table = F.interpolate(table, size=grid, mode="bicubic", antialias=True, align_corners=False)
-    big.embeddings.position_embeddings = torch.nn.Embedding.from_pretrained(
-        table.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], -1)
-    )
-    big.embeddings.position_ids = torch.arange(grid[0] * grid[1])[None]
-    big.grid_size = tuple(grid)
-    return big
-
-
 @pytest.mark.parametrize("size", [(32, 80), (64, 48), (16, 16)])
 def test_non_native_sizes(size):
     hf = randomize_(hf_videomt())
     model = videomt_fast.from_transformers(hf)
     grid = (size[0] // 16, size[1] // 16)
-    oracle = _resized_hf_oracle(hf, grid)
+    oracle = resized_hf_oracle(hf, grid)
     x = video(batch=1, frames=2, height=size[0], width=size[1])
     with torch.no_grad():
         out = model(pixel_values_videos=x)
