@@ -1,5 +1,7 @@
 """The benchmark and the profiler: FLOP model, arguments, tiny CPU runs end to end, atomic results."""
 
+import collections
+import contextlib
 import glob
 import json
 import math
@@ -7,6 +9,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("transformers")
 
@@ -77,14 +80,121 @@ def test_percentile_and_agreement():
     assert benchmark.agreement(ref, ref)["mask_sign"] == 1.0
 
 
+# ------------------------------------------------------------------ the arithmetic, on a stubbed clock
+
+# hand-computed FLOPs of one TINY_CONFIG frame at 32x32 (d=64, 2 early + 2 query layers, Q=8, 5 labels, 4 registers):
+# 2x2 patches, 9 tokens (17 with the queries); upscale 2x2 -> 4x4 -> 8x8
+TINY_FRAME_FLOPS = (
+    2 * 4 * 64 * 3 * 16 * 16  # patch embedding             393,216
+    + 2 * (24 * 9 * 64**2 + 4 * 9**2 * 64)  # early layers  1,810,944
+    + 2 * 8 * 64 * 64  # query update                        65,536
+    + 2 * (24 * 17 * 64**2 + 4 * 17**2 * 64)  # query layers 3,490,304
+    + 2 * 8 * (3 * 64 * 64 + 64 * 6)  # head                 202,752
+    + 2 * (16 + 64) * 64 * (64 + 9)  # upscale               747,520
+    + 2 * 8 * 64 * 8 * 8  # mask product                     65,536
+)
+
+
+class StubClock:
+    """Seconds that move only when a stubbed provider runs: each call spends the next scheduled milliseconds."""
+
+    def __init__(self, schedule_ms):
+        self.now, self.schedule = 0.0, iter(schedule_ms)
+
+    def __call__(self):
+        return self.now
+
+    def spend(self):
+        self.now += next(self.schedule) / 1e3
+
+
+def _stub_row(name, mode, schedule_ms, extra=()):
+    """One Case of a stub provider whose calls take the scheduled times: warm-up (1 call sequence) and the
+    agreement call first (untimed), then 3 timed repeats."""
+    args = benchmark.parse_args(["--tiny", "--device", "cpu", "--warmup", "1", "--repeats", "3", "--num-inputs", "1",
+                                 "--frames", "4", "--online-frames", "2", "--agree-frames", "1", *extra])
+    bench = benchmark.Bench(args)
+    clock = StubClock(schedule_ms)
+
+    def call(x):
+        clock.spend()
+        return torch.ones(1, 8, 8, 8), torch.ones(1, 8, 6)
+
+    runner = benchmark.Runner(name, "videomt", torch.float32, "stub", offline=call, new_online=lambda: call)
+    case = benchmark.Case(bench, runner, mode, (32, 32))
+    case.timer = benchmark.Timer(torch.device("cpu"), clock=clock)
+    case.warm()
+    for r in range(args.repeats):
+        case.repeat(r)
+    row = case.finish(None)
+    assert next(clock.schedule, None) is None, "every scheduled call ran"
+    return args, bench, row
+
+
+def test_offline_arithmetic_on_known_times():
+    """Clips of 4 frames timed at 100, 200 and 400 ms: 40, 20 and 10 FPS."""
+    _, _, row = _stub_row("fast", "offline", [999, 999, 100, 200, 400], ["--peak-tflops", "0.001"])
+    assert row["repeats"] == 3 and row["frames_per_call"] == 4
+    assert row["fps"] == pytest.approx(20.0) and row["fps_min"] == pytest.approx(10.0) and row["fps_max"] == pytest.approx(40.0)
+    assert row["fps_spread"] == pytest.approx(0.75)  # (40 - 10) / 2 / 20
+    assert row["latency_ms_p50"] == pytest.approx(200.0) and row["latency_ms_min"] == pytest.approx(100.0)
+    assert row["latency_ms_p90"] == pytest.approx(360.0)  # 200 + 0.8 * (400 - 200)
+    assert row["frame_ms_p50"] == pytest.approx(50.0)
+    assert row["gflop_per_frame"] == pytest.approx(TINY_FRAME_FLOPS / 1e9) == pytest.approx(0.006775808)
+    assert row["achieved_tflops"] == pytest.approx(TINY_FRAME_FLOPS * 20 / 1e12)
+    assert row["mfu"] == pytest.approx(0.13551616)  # 6,775,808 FLOP x 20 FPS / 1e9 FLOP/s
+
+
+def test_online_arithmetic_on_known_times():
+    """Two frames per repeat, per-frame times (10, 30), (20, 20), (50, 50) ms: sequences of 40, 40 and 100 ms,
+    so 50, 50 and 20 FPS; latency percentiles are per frame."""
+    warm = [999] * 4  # a warm-up sequence and the agreement sequence, 2 frames each
+    _, _, row = _stub_row("fast", "online", warm + [10, 30, 20, 20, 50, 50], ["--peak-tflops", "0.001"])
+    assert row["frames_per_call"] == 1 and row["repeats"] == 3
+    assert row["fps"] == pytest.approx(50.0) and row["fps_min"] == pytest.approx(20.0)
+    assert row["fps_spread"] == pytest.approx(0.3)  # (50 - 20) / 2 / 50
+    assert row["latency_ms_p50"] == pytest.approx(25.0)  # frames 10 20 20 30 50 50
+    assert row["latency_ms_p90"] == pytest.approx(50.0)
+    assert row["mfu"] == pytest.approx(0.3387904)
+
+
+def test_speedups_and_table_on_known_times():
+    """Speed-up = FPS over the baseline's (20 / 8 = 2.5); the table shows the dtype that ran, leaves out the
+    columns that are empty on a CPU (MFU, memory, baselines that did not run), explains every column it
+    shows, and prints the warnings."""
+    args, bench, fast = _stub_row("fast", "offline", [9, 9, 100, 200, 400])
+    _, _, eager = _stub_row("hf-eager-fp32", "offline", [9, 9, 500, 500, 500])
+    _, _, sdpa = _stub_row("hf-sdpa-bf16", "offline", [9, 9, 250, 250, 250])
+    rows = [eager, sdpa, fast]
+    benchmark._add_speedups(rows)
+    assert fast["speedup"] == {"hf-eager-fp32": pytest.approx(2.5), "hf-sdpa-bf16": pytest.approx(1.25)}
+    assert eager["fps"] == pytest.approx(8.0) and eager["fps_spread"] == 0.0 and fast["mfu"] is None
+    for row in rows:
+        row["peak_mem_mb"] = None
+    report = benchmark._report(args, bench, rows)
+    assert "plan" in report and report["plan"] is None
+    assert any("±75%" in w and "fast-fp32" in w for w in report["warnings"])
+    table = benchmark.format_table(report)
+    assert "hf-sdpa-fp32" in table and "hf-sdpa-bf16" not in table and "fast-fp32" in table
+    header = table.splitlines()[1].split()
+    assert header[:4] == ["provider", "mode", "size", "FPS"] and "spread" in header
+    assert "MFU" not in header and "mem" not in header and "compile" not in header
+    fast_line = next(line for line in table.splitlines() if line.startswith("fast-fp32"))
+    assert fast_line.split()[3:8] == ["20.00", "±75%", "200.00", "360.00", "2.50"], fast_line
+    lines = table.splitlines()
+    for name, *_ in benchmark.COLUMNS:  # a legend line for every column shown, none for those left out
+        assert (name in lines[1]) == any(line.startswith(f"  {name} ") for line in lines), name
+    assert any(line.startswith("warning: ") and "±75%" in line for line in table.splitlines())
+
+
 # ------------------------------------------------------------------ arguments
 
 
 def test_parse_defaults_on_cpu():
     args = benchmark.parse_args(["--device", "cpu"])
     assert args.arch == "vit-s" and args.sizes == [(224, 224)] and args.modes == list(benchmark.MODES)
-    assert "hf-compile" not in args.providers and set(args.providers) == set(benchmark.PROVIDERS) - {"hf-compile"}
-    assert args.peers == ["mask2former-swin-t"]
+    # a short CPU default that still sets the fast path against transformers in every mode
+    assert args.providers == ["hf-eager-fp32", "hf-sdpa-bf16", "fast"] and args.peers == []
     assert args.dtype == torch.float32 and args.peak_tflops is None and args.threshold == 0.0
     assert args.compile_mode == "default" and args.interleave is True
 
@@ -111,7 +221,7 @@ def test_parse_rejects(bad, capsys):
 def test_parse_eomt():
     args = benchmark.parse_args(["--device", "cpu", "--model", "eomt"])
     assert args.model == "eomt" and args.num_labels == 133 and args.sizes == [(224, 224)]
-    assert args.peers == ["mask2former-swin-t"] and args.frames == 2 and args.masked_attention == "model"
+    assert args.peers == [] and args.frames == 2 and args.masked_attention == "model"
     assert benchmark.parse_args(["--device", "cpu"]).num_labels == 40
     for bad in (["--masked-attention", "on"], ["--model", "eomt", "--peers", "edgetam-video"],
                 ["--model", "eomt", "--masked-attention", "sometimes"]):
@@ -153,7 +263,7 @@ def _rows(report, provider, size="32x32"):
 
 def test_tiny_report_keys(tiny_report):
     for key in ("environment", "config", "dtype", "modes", "sizes", "settings", "rows", "flop_model_gflop_per_frame",
-                "notes", "created_utc", "peak_tflops"):
+                "notes", "warnings", "plan", "created_utc", "peak_tflops"):
         assert key in tiny_report, key
     env = tiny_report["environment"]
     for key in ("device_name", "driver", "torch", "triton", "transformers", "cpu"):
@@ -169,6 +279,8 @@ def test_tiny_rows_and_agreement(tiny_report):
         assert set(rows) == set(benchmark.MODES), (provider, rows)
         for mode, row in rows.items():
             assert row["status"] == "ok", row
+            assert row["label"] == benchmark.provider_label(provider, torch.float32)
+            assert row["fps_min"] <= row["fps"] <= row["fps_max"] and row["fps_spread"] >= 0
             assert row["fps"] > 0 and math.isfinite(row["fps"])
             assert 0 < row["latency_ms_p50"] <= row["latency_ms_p90"]
             assert row["mfu"] is None and row["gflop_per_frame"] > 0
@@ -192,13 +304,16 @@ def test_tiny_non_square_size_skips_transformers(tiny_report):
     assert all(r["status"] == "ok" and "agreement" not in r and r["speedup"] == {} for r in fast.values())
 
 
-def test_stateless_transformers_online_does_not_carry_queries(tmp_path):
+def test_stateless_transformers_online_does_not_carry_queries(tmp_path, capsys):
     """With --hf-online stateless the reference forgets the queries each frame, so the session that carries
     them (fast-ref) disagrees after frame 0; with the default (carry) they agree exactly (tiny_report)."""
     rc = benchmark.main(TINY_RUN + ["--mode", "online", "--providers", "hf-eager-fp32,fast-ref", "--hf-online",
                                     "stateless", "--out-dir", str(tmp_path), "--peers", "none", "--no-interleave"])
     assert rc == 0
     (path,) = glob.glob(str(tmp_path / "*.json"))
+    printed = capsys.readouterr()
+    assert f"results: {path}" in printed.out  # the absolute path of the JSON
+    assert "hf-eager-fp32 online 32x32" in printed.err and "ETA" in printed.err  # progress
     with open(path, encoding="utf-8") as fh:
         report = json.load(fh)
     assert report["settings"]["hf_online"] == "stateless" and report["settings"]["interleaved"] is False
@@ -257,7 +372,6 @@ def test_profiler_tiny(tmp_path, capsys):
     assert list(report["stages"]) == list(profiler.STAGES)
     for stage in report["stages"].values():
         assert stage["median_ms"] > 0
-    assert sum(s["percent"] for s in report["stages"].values()) == pytest.approx(100.0)
     assert report["session_step_ms_median"] > 0
     events = json.loads(trace.read_text())["traceEvents"]
     names = {e.get("name") for e in events}
@@ -267,16 +381,56 @@ def test_profiler_tiny(tmp_path, capsys):
     assert "early_layers" in printed and "%" in printed
 
 
-def test_profiler_stages_compute_what_a_session_step_computes():
-    """The profiler splits a frame into stages itself; its split must stay the model's own step."""
-    args = profiler.parse_args(["--tiny", "--device", "cpu", "--no-postprocess"])
+class _OpRecorder(TorchDispatchMode):
+    """The aten ops that run while ``active()`` is true."""
+
+    def __init__(self, active=lambda: True):
+        super().__init__()
+        self.active, self.ops = active, collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active():
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+class _RecordingClock(profiler.StageClock):
+    """A stage clock that knows whether a stage is open."""
+
+    inside = False
+
+    @contextlib.contextmanager
+    def stage(self, name):
+        with super().stage(name):
+            self.inside = True
+            try:
+                yield
+            finally:
+                self.inside = False
+
+
+@pytest.mark.parametrize("provider", ["fast-ref", "fast"])
+def test_profiler_stages_compute_what_a_session_step_computes(provider):
+    """The profiler splits a frame into stages itself; its split must stay the model's own step: the same
+    mask logits, class logits and carried queries as session.step, bit for bit, and inside its stages
+    exactly the ops of one step (nothing left out of the stages, nothing timed twice)."""
+    args = profiler.parse_args(["--tiny", "--device", "cpu", "--no-postprocess", "--provider", provider])
     model, _ = profiler.build_model(args)
+    model.check_finite = False  # session.step's input scan is not a stage
     frame_fn = profiler._frame_fn(model, None, args)
     frames = [torch.randn(1, 3, 32, 32) for _ in range(3)]
     session = model.new_session(batch_size=1)
     prev = None
     with torch.inference_mode():
-        for frame in frames:
-            prev = frame_fn(frame, prev, None)
-            session.step(frame)
-            assert (prev - session.propagated_queries).abs().max().item() < 1e-5
+        for t, frame in enumerate(frames):
+            clock = _RecordingClock(torch.device("cpu"))
+            with _OpRecorder(lambda: clock.inside) as staged:
+                masks, classes, prev = frame_fn(frame, prev, clock)
+            with _OpRecorder() as stepped:
+                out = session.step(frame)
+            assert torch.equal(masks, out.masks_queries_logits), t
+            assert torch.equal(classes, out.class_queries_logits), t
+            assert torch.equal(prev, session.propagated_queries), t
+            assert list(clock.milliseconds()[0]) == ["patch_embed", "early_layers", "query_layers", "head_upscale"]
+            assert staged.ops == stepped.ops, (t, staged.ops - stepped.ops, stepped.ops - staged.ops)
+            assert sum(stepped.ops.values()) > 20

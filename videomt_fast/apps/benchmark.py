@@ -4,11 +4,16 @@ Every provider runs the same inputs (several random clips, rotated between repea
 the same device, one after the other, each built fresh and freed after its rows:
 
     hf-eager-fp32   transformers, attn_implementation="eager", float32 (the agreement reference)
-    hf-sdpa-bf16    transformers, attn_implementation="sdpa", the low-precision dtype (bf16 on CUDA)
+    hf-sdpa-bf16    transformers, attn_implementation="sdpa", the low-precision dtype (bf16 on CUDA; on a
+                    CPU the default dtype is float32 and its rows are labelled hf-sdpa-fp32)
     hf-compile      torch.compile(transformers sdpa model), mode="max-autotune" (CUDA; opt-in on CPU)
     fast-ref        videomt_fast, float32, every op forced to the reference backend
     fast            videomt_fast after model.optimize() (bf16, Triton/CUDA kernels, CUDA-graph sessions)
     peers           Mask2Former Swin-T (per frame) and EdgeTAM video (streaming): FPS only
+
+On a CPU the default run is short (about a minute or two): transformers eager and SDPA against
+videomt_fast, no fast-ref (on a CPU ``fast`` runs the very same reference ops) and no peers; name them
+with ``--providers`` and ``--peers`` to add them.
 
 Modes: ``online`` (batch 1, one frame per call, queries carried between calls), ``offline`` (one clip
 of T frames per call) and ``end-to-end`` (uint8 frames of the video's own size in, instance maps out:
@@ -26,7 +31,9 @@ exactly the loop body of its clip forward, carrying the raw last-layer query row
 one ``d x d`` Linear, and the outputs equal its clip forward (``--hf-online stateless`` times the bare
 one-frame forward instead, which cannot carry queries).
 
-Each run prints a table and writes ``bench/results/<arch>_<modes>_<device>_<time>.json`` atomically.
+Each run prints progress with an ETA (stderr), then the table with a legend and any warnings, and
+writes ``<out-dir>/<arch>_<modes>_<device>_<time>.json`` atomically (``--out-dir`` defaults to
+``bench/results`` under the current directory) and prints its path.
 """
 
 from __future__ import annotations
@@ -56,7 +63,11 @@ BASELINES = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile")
 PEERS = ("mask2former-swin-t", "edgetam-video")
 MODES = ("online", "offline", "end-to-end")
 REFERENCE = "hf-eager-fp32"
-SCHEMA_VERSION = 1
+# A CPU's default: the fast path against transformers, nothing that repeats work (on a CPU "fast" runs the
+# reference ops, so fast-ref would time the same code twice; hf-compile and the peers take minutes there).
+CPU_PROVIDERS = ("hf-eager-fp32", "hf-sdpa-bf16", "fast")
+SCHEMA_VERSION = 2  # 2: rows carry label, fps_min/fps_max/fps_spread; report carries warnings and plan
+NOISY_SPREAD = 0.10  # a row whose per-repeat FPS spreads wider than +-10% of its median gets a warning
 
 # The --tiny model: small enough for tests to run every provider and mode in seconds on a CPU.
 TINY_CONFIG = dict(
@@ -209,10 +220,10 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=MODES, action="append", default=None,
                    help="repeatable (default: all three)")
     p.add_argument("--providers", type=_names(PROVIDERS, "providers"), default=None,
-                   help=f"comma list from {','.join(PROVIDERS)} (default: all; hf-compile only on CUDA)")
+                   help=f"comma list from {','.join(PROVIDERS)} (default: all on CUDA; on CPU "
+                        f"{','.join(CPU_PROVIDERS)})")
     p.add_argument("--peers", type=_names(PEERS, "peers"), default=None,
-                   help=f"comma list from {','.join(PEERS)}, or none (default: both on CUDA, "
-                        "mask2former-swin-t on CPU)")
+                   help=f"comma list from {','.join(PEERS)}, or none (default: both on CUDA, none on CPU)")
     p.add_argument("--frames", type=int, default=None, help="offline clip length (default 64 on CUDA, 4 on CPU)")
     p.add_argument("--online-frames", type=int, default=None,
                    help="frames per online repeat, state carried (default 16 on CUDA, 4 on CPU)")
@@ -233,7 +244,9 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
                    help="torch.compile mode of hf-compile (default max-autotune on CUDA, default on CPU)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: 790 on H100/H200, by device name; none on CPU)")
-    p.add_argument("--out-dir", default=os.path.join("bench", "results"), help="where the JSON goes")
+    p.add_argument("--out-dir", default=os.path.join("bench", "results"),
+                   help="folder for the JSON file with every row, setting and the environment (default: "
+                        "bench/results under the current directory); its path is printed at the end")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="build every provider first and alternate them repeat by repeat, so a noisy machine "
@@ -256,10 +269,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.interleave is None:
         args.interleave = not cuda
     if args.providers is None:
-        args.providers = [p for p in PROVIDERS if cuda or p != "hf-compile"]
+        args.providers = list(PROVIDERS if cuda else CPU_PROVIDERS)
     if args.peers is None:
         video_peers = [p for p in PEERS if not eomt or p == "mask2former-swin-t"]  # EdgeTAM is a video model
-        args.peers = [] if args.tiny else (video_peers if cuda else ["mask2former-swin-t"])
+        args.peers = video_peers if cuda and not args.tiny else []
     elif eomt and "edgetam-video" in args.peers:
         parser.error("--peers edgetam-video is a video model; with --model eomt use mask2former-swin-t")
     defaults = dict(frames=(16, 2) if eomt else (64, 4), online_frames=(16, 4), e2e_frames=(8, 2),
@@ -283,10 +296,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 class Timer:
-    """Per-call wall times: CUDA events on a GPU (read after one sync at the end), perf_counter on a CPU."""
+    """Per-call wall times: CUDA events on a GPU (read after one sync at the end), ``clock`` (seconds,
+    default ``time.perf_counter``) on a CPU."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, clock: Callable[[], float] | None = None):
         self.cuda = device.type == "cuda"
+        self.clock = clock or time.perf_counter
         self._pairs: list[tuple[Any, Any]] = []
 
     @contextlib.contextmanager
@@ -298,9 +313,9 @@ class Timer:
             end.record()
             self._pairs.append((start, end))
         else:
-            start = time.perf_counter()
+            start = self.clock()
             yield
-            self._pairs.append((start, time.perf_counter()))
+            self._pairs.append((start, self.clock()))
 
     def milliseconds(self) -> list[float]:
         if self.cuda:
@@ -460,6 +475,20 @@ class Runner:
     input_size: tuple[int, int] | None = None  # peers with a fixed input size
     context: Callable[[], Any] = contextlib.nullcontext
 
+    @property
+    def label(self) -> str:
+        return provider_label(self.name, self.dtype)
+
+
+_SHORT_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def provider_label(name: str, dtype: torch.dtype) -> str:
+    """What the table calls a provider: its name ending in the dtype that ran (``hf-sdpa-bf16`` runs float32
+    on a CPU by default and is shown as ``hf-sdpa-fp32``; ``fast`` in bf16 is ``fast-bf16``)."""
+    short = _SHORT_DTYPES.get(dtype, str(dtype).replace("torch.", ""))
+    return f"{re.sub(r'-(fp32|bf16|fp16)$', '', name)}-{short}"
+
 
 def _hf_config(config: Any, attn: str):
     import transformers
@@ -503,6 +532,11 @@ class Bench:
         self._hf_master: dict[tuple[int, int], Any] = {}
         self._hf_pp = None
         self._fast_pp_cls = None
+        self.warnings: list[str] = []  # printed under the table and kept in the JSON
+        self.progress: Progress | None = None  # set by run()
+        # The execution plan the fast provider ran (per op: the implementation chosen, every candidate's
+        # time and error). The runtime's plans fill it; it goes into the JSON as "plan".
+        self.plan: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ the weight source
     def model_config(self, size: tuple[int, int]):
@@ -803,8 +837,8 @@ class Bench:
                 return batch["pixel_values"].to(self.device)
             except Exception as exc:  # noqa: BLE001 - fall back to ours, and say so in the notes
                 self._hf_pre_failed = True
-                self.notes.append(f"transformers' pre-processing failed ({type(exc).__name__}: {exc}); "
-                                  "its end-to-end rows use videomt_fast's pre-processing")
+                self.warnings.append(f"transformers' pre-processing failed ({type(exc).__name__}: {exc}); "
+                                     "its end-to-end rows use videomt_fast's pre-processing")
         processor = self.eomt_fast_processor(size)
         return processor(images_uint8, return_tensors="pt", device=self.device)["pixel_values"]
 
@@ -831,8 +865,8 @@ class Bench:
                 return batch["pixel_values_videos"].to(self.device)
             except Exception as exc:  # noqa: BLE001 - fall back to ours, and say so in the notes
                 self._hf_pre_failed = True
-                self.notes.append(f"transformers' pre-processing failed ({type(exc).__name__}: {exc}); "
-                                  "its end-to-end rows use videomt_fast's pre-processing")
+                self.warnings.append(f"transformers' pre-processing failed ({type(exc).__name__}: {exc}); "
+                                     "its end-to-end rows use videomt_fast's pre-processing")
         cls, _ = self.fast_processor_cls()
         return cls(size={"height": size[0], "width": size[1]})(frames_uint8[None], device=self.device).pixel_values_videos
 
@@ -871,7 +905,7 @@ class Case:
         self.input_hw = runner.input_size or size
         h, w = self.input_hw
         self.row: dict[str, Any] = {
-            "provider": runner.name, "kind": runner.kind, "mode": mode, "size": f"{size[0]}x{size[1]}",
+            "provider": runner.name, "label": runner.label, "kind": runner.kind, "mode": mode, "size": f"{size[0]}x{size[1]}",
             "input_size": f"{h}x{w}", "batch": 1, "dtype": str(runner.dtype).replace("torch.", ""),
             "backend": runner.backend, "notes": list(runner.notes),
         }
@@ -964,7 +998,8 @@ class Case:
             fps_values = [frames * 1e3 / t for t in times]
         fps = percentile(fps_values, 50)
         row.update(
-            repeats=repeats, warmup=args.warmup, fps=fps,
+            repeats=repeats, warmup=args.warmup, fps=fps, fps_min=min(fps_values), fps_max=max(fps_values),
+            fps_spread=(max(fps_values) - min(fps_values)) / (2 * fps),
             latency_ms_p50=percentile(times, 50), latency_ms_p90=percentile(times, 90), latency_ms_min=min(times),
             frame_ms_p50=1e3 / fps,
         )
@@ -990,20 +1025,67 @@ def _load() -> list[float] | None:
         return None
 
 
+def _clock(seconds: float) -> str:
+    seconds = max(int(round(seconds)), 0)
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def case_frames(args: argparse.Namespace, mode: str) -> int:
+    """Frames one call sequence of ``mode`` processes (the unit of work for the ETA)."""
+    return {"online": args.online_frames, "offline": args.frames, "end-to-end": args.e2e_frames}[mode]
+
+
+class Progress:
+    """Progress lines on stderr: what runs now, the time so far, and an ETA from the frames processed so
+    far (every case of every provider counts its warm-up, agreement and timed frames)."""
+
+    def __init__(self, args: argparse.Namespace, cases: int, stream: Any = None):
+        self.args = args
+        self.stream = stream if stream is not None else sys.stderr
+        per_case = sum(case_frames(args, m) for m in args.modes) / max(len(args.modes), 1)
+        self.total = cases * per_case * (args.warmup + 1 + args.repeats)
+        self.done = 0.0
+        self.started = time.perf_counter()
+
+    def units(self, mode: str, calls: int) -> float:
+        return calls * case_frames(self.args, mode)
+
+    def drop(self, mode: str) -> None:
+        """A case that will not run (skipped provider or mode): take its work out of the total."""
+        self.total -= self.units(mode, self.args.warmup + 1 + self.args.repeats)
+
+    def advance(self, units: float) -> None:
+        self.done += units
+
+    def say(self, what: str) -> None:
+        elapsed = time.perf_counter() - self.started
+        if self.done > 0:
+            left = max(self.total - self.done, 0.0) * elapsed / self.done
+            eta = f"ETA {_clock(left)}"
+        else:
+            eta = "ETA after the first case"
+        share = 100.0 * self.done / self.total if self.total > 0 else 100.0
+        print(f"  [{share:3.0f}%] {what:48s} {_clock(elapsed)} elapsed, {eta}", file=self.stream, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     bench = Bench(args)
     bench.load_start = _load()
-    rows: list[dict[str, Any]] = []
+    names_by_size = []
     for size in args.sizes:
         names = list(args.providers)
         if REFERENCE in names:  # the reference goes first so every other row can be compared with it
             names.remove(REFERENCE)
             names.insert(0, REFERENCE)
+        names_by_size.append((size, names + list(args.peers)))
+    bench.progress = Progress(args, sum(len(names) for _, names in names_by_size) * len(args.modes))
+    rows: list[dict[str, Any]] = []
+    for size, names in names_by_size:
         if any(n.startswith(("hf-", "fast")) for n in names):
+            bench.progress.say(f"building the shared weights ({size[0]}x{size[1]})")
             bench.hf_master(size)  # the shared CPU weight source exists before any provider's memory is probed
-        names += list(args.peers)
         if args.interleave:
             rows += _run_interleaved(bench, names, size)
         else:
@@ -1019,10 +1101,13 @@ def _build_or_rows(bench: Bench, name: str, size: tuple[int, int]) -> tuple[Runn
     try:
         return bench.build(name, size), []
     except Skip as exc:
-        return None, [_skipped(name, mode, size, str(exc)) for mode in bench.args.modes]
+        rows = [_skipped(name, mode, size, str(exc)) for mode in bench.args.modes]
     except Exception as exc:  # noqa: BLE001 - a provider that cannot be built is a row, not a crash
         why = f"build failed: {type(exc).__name__}: {exc}"
-        return None, [_skipped(name, mode, size, why, "error") for mode in bench.args.modes]
+        rows = [_skipped(name, mode, size, why, "error") for mode in bench.args.modes]
+    for mode in bench.args.modes:
+        bench.progress.drop(mode)
+    return None, rows
 
 
 def _case_error(name: str, mode: str, size: tuple[int, int], exc: BaseException) -> dict[str, Any]:
@@ -1035,27 +1120,31 @@ def _run_sequential(bench: Bench, names: list[str], size: tuple[int, int]) -> li
     """One provider at a time, built fresh and freed after its cases; peak memory per case."""
     rows: list[dict[str, Any]] = []
     references: dict[str, Outputs] = {}
+    progress, args = bench.progress, bench.args
     for name in names:
         memory = MemoryProbe(bench.device)
         memory.start()
+        progress.say(f"building {name} ({size[0]}x{size[1]})")
         runner, skipped = _build_or_rows(bench, name, size)
         rows += skipped
         if runner is None:
             continue
-        for mode in bench.args.modes:
-            print(f"  {name:20s} {mode:10s} {size[0]}x{size[1]} ...", file=sys.stderr, flush=True)
+        for mode in args.modes:
+            progress.say(f"{runner.label} {mode} {size[0]}x{size[1]}")
             memory.reset_peak()
             try:
                 case = Case(bench, runner, mode, size)
                 case.warm()
-                for r in range(bench.args.repeats):
+                for r in range(args.repeats):
                     case.repeat(r)
                 row = case.finish(references.get(mode))
                 row["peak_mem_mb"], row["peak_mem_kind"] = memory.peak_mb(), memory.kind
                 if name == REFERENCE:
                     references[mode] = case.outputs
+                progress.advance(progress.units(mode, args.warmup + 1 + args.repeats))
             except Exception as exc:  # noqa: BLE001 - a failing case is a row, not a crash
                 row = _case_error(name, mode, size, exc)
+                progress.drop(mode)
             rows.append(row)
             case = None
         del runner
@@ -1070,38 +1159,44 @@ def _run_interleaved(bench: Bench, names: list[str], size: tuple[int, int]) -> l
     or throttling machine, slow spells hit all providers alike. Peak memory is not measured here."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     cases: list[Case] = []
+    progress, args = bench.progress, bench.args
     for name in names:
+        progress.say(f"building {name} ({size[0]}x{size[1]})")
         runner, skipped = _build_or_rows(bench, name, size)
         for row in skipped:
             rows[(name, row["mode"])] = row
         if runner is None:
             continue
-        for mode in bench.args.modes:
-            print(f"  {name:20s} {mode:10s} {size[0]}x{size[1]} warm-up ...", file=sys.stderr, flush=True)
+        for mode in args.modes:
+            progress.say(f"{runner.label} {mode} {size[0]}x{size[1]} warm-up")
             try:
                 case = Case(bench, runner, mode, size)
                 case.warm()
                 cases.append(case)
+                progress.advance(progress.units(mode, args.warmup + 1))
             except Exception as exc:  # noqa: BLE001
                 rows[(name, mode)] = _case_error(name, mode, size, exc)
-    for r in range(bench.args.repeats):
-        print(f"  repeat {r + 1}/{bench.args.repeats} of {len(cases)} cases ...", file=sys.stderr, flush=True)
+                progress.drop(mode)
+    for r in range(args.repeats):
+        progress.say(f"timed repeat {r + 1}/{args.repeats} of {len(cases)} cases ({size[0]}x{size[1]})")
         for case in list(cases):
             try:
                 case.repeat(r)
+                progress.advance(progress.units(case.mode, 1))
             except Exception as exc:  # noqa: BLE001
                 rows[(case.runner.name, case.mode)] = _case_error(case.runner.name, case.mode, size, exc)
                 cases.remove(case)
+                progress.advance(progress.units(case.mode, args.repeats - r))
     references = {c.mode: c.outputs for c in cases if c.runner.name == REFERENCE}
     for case in cases:
         row = case.finish(references.get(case.mode))
         row["peak_mem_mb"], row["peak_mem_kind"] = None, "not measured (interleaved run)"
         rows[(case.runner.name, case.mode)] = row
-    return [rows[(n, m)] for n in names for m in bench.args.modes if (n, m) in rows]
+    return [rows[(n, m)] for n in names for m in args.modes if (n, m) in rows]
 
 
 def _skipped(name: str, mode: str, size: tuple[int, int], why: str, status: str = "skipped") -> dict[str, Any]:
-    return {"provider": name, "kind": "peer" if name in PEERS else "model", "mode": mode,
+    return {"provider": name, "label": name, "kind": "peer" if name in PEERS else "model", "mode": mode,
             "size": f"{size[0]}x{size[1]}", "status": status, "reason": why}
 
 
@@ -1234,10 +1329,25 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
             if not bench._hf_pp[1].startswith("transformers.") or getattr(bench, "_hf_pre_failed", False):
                 notes.append("transformers end-to-end: pre-processing by videomt_fast's processor (transformers' "
                              "needs torchvision; ours gives the same resized uint8 values)")
-    load = getattr(bench, "load_start", None)
-    if bench.device.type == "cpu" and load and load[0] > (os.cpu_count() or 1) * 0.75:
-        notes.append(f"the machine was busy (1-min load {load[0]} on {os.cpu_count()} cores at the start): CPU "
-                     "timings are noisy; --threads 1 and --interleave make ratios steadier")
+    warnings = list(bench.warnings)
+    load_end = _load()
+    busy = [(when, load[0]) for when, load in (("start", getattr(bench, "load_start", None)), ("end", load_end))
+            if load and load[0] > (os.cpu_count() or 1) * 0.75]
+    if bench.device.type == "cpu" and busy:
+        when = " and ".join(f"{load} at the {w}" for w, load in busy)
+        warnings.append(f"the machine was busy (1-minute load {when}, {os.cpu_count()} cores): CPU timings are "
+                        "noisy; --threads 1 and --interleave make ratios steadier")
+    noisy = [r for r in rows if r.get("status") == "ok" and r.get("fps_spread", 0) > NOISY_SPREAD]
+    if noisy:
+        worst = max(noisy, key=lambda r: r["fps_spread"])
+        warnings.append(f"{len(noisy)} row(s) varied more than ±{NOISY_SPREAD:.0%} between repeats (worst: "
+                        f"{worst['label']} {worst['mode']} ±{worst['fps_spread']:.0%}); a speed-up within the "
+                        "spread of its two rows is noise (more --repeats, --threads 1)")
+    for row in rows:
+        if (row.get("agreement") or {}).get("nonfinite"):
+            warnings.append(f"{row['label']} {row['mode']} {row['size']}: non-finite outputs or errors in the agreement")
+        if row.get("status") == "error":
+            warnings.append(f"{row['label']} {row['mode']} {row['size']} failed: {row['reason']}")
     if not args.checkpoint:
         notes.append("random weights: class logits are nearly tied, so class_argmax agreement of low-precision "
                      "rows understates what a trained checkpoint gives")
@@ -1251,7 +1361,7 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
         "argv": list(getattr(args, "argv", [])),
         "created_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "environment": {**environment(bench.device), "load_avg_1_5_15_start": getattr(bench, "load_start", None),
-                        "load_avg_1_5_15_end": _load()},
+                        "load_avg_1_5_15_end": load_end},
         "model": args.model,
         "arch": args.arch,
         "checkpoint": args.checkpoint,
@@ -1270,7 +1380,9 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
         },
         "peak_tflops": args.peak_tflops,
         "flop_model_gflop_per_frame": flop_model,
+        "plan": bench.plan,
         "notes": notes,
+        "warnings": warnings,
         "rows": rows,
     }
 
@@ -1308,35 +1420,87 @@ def write_json_atomic(path: str, data: Any) -> None:
         raise
 
 
-def _fmt(value: Any, spec: str) -> str:
+def _agree(key: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda row: (row.get("agreement") or {}).get(key)
+
+
+def _speedup(base: str) -> Callable[[dict[str, Any]], Any]:
+    return lambda row: (row.get("speedup") or {}).get(base)
+
+
+def _spread(row: dict[str, Any]) -> str | None:
+    spread = row.get("fps_spread")
+    return None if spread is None or not math.isfinite(spread) else f"±{spread:.0%}"
+
+
+# (header, value of an "ok" row, format, legend). Columns empty in every row (e.g. MFU and memory on a
+# CPU, x compile without hf-compile) are left out of the table and of its legend.
+COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any], str, str], ...] = (
+    ("provider", lambda r: r["label"] + (" (peer)" if r["kind"] == "peer" else ""), "",
+     "hf-* = transformers (eager attention, SDPA, torch.compile), fast-ref = videomt_fast on its reference "
+     "ops, fast = videomt_fast after optimize(); the suffix is the dtype that ran"),
+    ("mode", lambda r: r["mode"], "",
+     "online = one frame per call, queries carried; offline = one clip per call; end-to-end = uint8 frames "
+     "in, segmentation maps out (pre- and post-processing timed)"),
+    ("size", lambda r: r["size"], "", "model input height x width"),
+    ("FPS", lambda r: r["fps"], ".2f", "frames (EoMT: images) per second, median over the timed repeats"),
+    ("spread", _spread, "",
+     "half the min-max range of the repeats' FPS, relative to FPS: a ratio within the spread of its two rows is noise"),
+    ("p50 ms", lambda r: r["latency_ms_p50"], ".2f", "median latency of one call (online: a frame; otherwise a clip)"),
+    ("p90 ms", lambda r: r["latency_ms_p90"], ".2f", "90th percentile latency of one call"),
+    ("x eager", _speedup("hf-eager-fp32"), ".2f", "FPS over the hf-eager-fp32 row's (same mode and size)"),
+    ("x sdpa", _speedup("hf-sdpa-bf16"), ".2f", "FPS over the hf-sdpa row's (its dtype as in its label)"),
+    ("x compile", _speedup("hf-compile"), ".2f", "FPS over the hf-compile row's"),
+    ("MFU", lambda r: r.get("mfu"), ".1%", "model FLOP/s (DESIGN.md FLOP model) over the device's peak (--peak-tflops)"),
+    ("mem MB", lambda r: r.get("peak_mem_mb"), ".0f", "peak memory of the case (CUDA allocated, or CPU peak RSS rise)"),
+    ("mask agree", _agree("mask_sign"), ".4f",
+     "fraction of mask-logit pixels whose sign equals hf-eager-fp32's on the same input"),
+    ("cls agree", _agree("class_argmax"), ".3f", "fraction of queries whose argmax class equals hf-eager-fp32's"),
+    ("map agree", lambda r: _agree("instance_map")(r) if _agree("instance_map")(r) is not None
+     else _agree("panoptic_map")(r), ".4f",
+     "end-to-end: fraction of pixels of the instance (EoMT: panoptic) maps equal to hf-eager-fp32's"),
+)
+
+
+def _cell(value: Any, spec: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        width = re.match(r"\d*", spec).group(0)
-        return format("-", f">{width}") if width else "-"
-    return format(value, spec)
+        return "-"
+    return format(value, spec) if spec else str(value)
 
 
-def format_table(report: dict[str, Any]) -> str:
-    head = (f"{'provider':20s} {'mode':10s} {'size':9s} {'dtype':8s} {'FPS':>9s} {'p50 ms':>9s} {'p90 ms':>9s} "
-            f"{'x eager':>8s} {'x sdpa':>7s} {'x comp':>7s} {'MFU':>6s} {'mem MB':>8s} {'mask=':>7s} {'cls=':>6s}")
-    lines = [f"device: {report['environment']['device_name']}   model: {report.get('model', 'videomt')}   "
-             f"arch: {report['arch'] or report['checkpoint']}",
-             head, "-" * len(head)]
-    for row in report["rows"]:
-        if row.get("status") != "ok":
-            lines.append(f"{row['provider']:20s} {row['mode']:10s} {row['size']:9s} {row['status']}: {row['reason']}")
-            continue
-        sp = row.get("speedup", {})
-        agree = row.get("agreement") or {}
-        label = row["provider"] + (" (peer)" if row["kind"] == "peer" else "")
-        lines.append(
-            f"{label:20s} {row['mode']:10s} {row['size']:9s} {row['dtype']:8s} {_fmt(row['fps'], '9.2f')} "
-            f"{_fmt(row['latency_ms_p50'], '9.2f')} {_fmt(row['latency_ms_p90'], '9.2f')} "
-            f"{_fmt(sp.get('hf-eager-fp32'), '8.2f')} {_fmt(sp.get('hf-sdpa-bf16'), '7.2f')} "
-            f"{_fmt(sp.get('hf-compile'), '7.2f')} {_fmt(row.get('mfu'), '6.1%')} "
-            f"{_fmt(row.get('peak_mem_mb'), '8.0f')} {_fmt(agree.get('mask_sign'), '7.4f')} "
-            f"{_fmt(agree.get('class_argmax'), '6.3f')}"
-        )
-    return "\n".join(lines)
+def format_table(report: dict[str, Any], legend: bool = True) -> str:
+    """The rows as an aligned table, a legend of the columns shown, then the warnings."""
+    rows = report["rows"]
+    ok = [r for r in rows if r.get("status") == "ok"]
+    columns = [c for i, c in enumerate(COLUMNS) if i < 4 or any(c[1](r) is not None for r in ok)]
+    cells = [[_cell(get(r), spec) for _, get, spec, _ in columns] for r in ok]
+    widths = [max([len(c[0])] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    label_width = max([widths[0]] + [len(r.get("label", r["provider"])) for r in rows])
+    widths[0] = label_width
+
+    def line(values: list[str]) -> str:
+        parts = [v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        return "  ".join(parts).rstrip()
+
+    env = report["environment"]
+    settings = report.get("settings", {})
+    head = line([c[0] for c in columns])
+    out = [f"device: {env['device_name']}   model: {report.get('model', 'videomt')}   "
+           f"arch: {report['arch'] or report['checkpoint']}   torch threads: {env.get('torch_threads')}   "
+           f"repeats: {settings.get('repeats')}", head, "-" * len(head)]
+    cell_iter = iter(cells)
+    for row in rows:
+        if row.get("status") == "ok":
+            out.append(line(next(cell_iter)))
+        else:
+            fixed = line([row.get("label", row["provider"]), row["mode"], row["size"]])
+            out.append(f"{fixed}  {row['status']}: {row['reason']}")
+    if legend:
+        out.append("")
+        out += [f"  {name:10s} {text}" for name, _, _, text in columns]
+    for warning in report.get("warnings", []):
+        out.append(f"warning: {warning}")
+    return "\n".join(out)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1347,9 +1511,10 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print(format_table(report))
     if not args.no_save:
-        path = result_path(args, report)
+        path = os.path.abspath(result_path(args, report))
         write_json_atomic(path, report)
-        print(f"wrote {path}")
+        print(f"results: {path}\n  (every row, setting and note, and the environment; --out-dir DIR to put it "
+              "elsewhere, --no-save to skip)")
     failed = [r for r in report["rows"] if r.get("status") == "error" and r["kind"] != "peer"]
     return 1 if failed else 0
 

@@ -126,8 +126,9 @@ class StageClock:
         return [{n: (e - s) * 1e3 for n, s, e in frame} for frame in self.frames]
 
 
-def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock | None], Any]:
-    """One frame through the stages; returns the queries to carry."""
+def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock | None], tuple[Any, Any, Any]]:
+    """One frame through the stages, computing exactly what ``session.step`` computes (tests/test_bench.py
+    checks outputs and ops); returns ``(mask logits, class logits, queries to carry)``."""
     from videomt_fast import ops
 
     grid = model.grid_for(*args.size)
@@ -153,9 +154,9 @@ def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock
                 for layer in model.layers[model.query_start:]:
                     tokens = layer(tokens)
                 sequence = model._final_norm(tokens)
+                queries = tokens[:, : model.config.num_queries]
             with stage(clock, "head_upscale"):
                 masks, classes = model.predict(sequence, grid)
-            queries = tokens[:, : model.config.num_queries]
         else:  # a model without the split points: query layers and head as one stage
             with stage(clock, "query_layers+head"):
                 masks, classes, sequence, queries = model.query_step(hidden, prev, grid)
@@ -164,7 +165,7 @@ def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock
                 processor.post_process_instance_segmentation(
                     {"class_queries_logits": classes, "masks_queries_logits": masks}, target_sizes=target,
                     threshold=args.threshold)
-        return queries
+        return masks, classes, queries
 
     return frame
 
@@ -191,11 +192,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode(), context:
         prev = None
         for i in range(args.warmup):
-            prev = step_fn(frames[i % len(frames)], prev, None)
+            prev = step_fn(frames[i % len(frames)], prev, None)[2]
         clock = StageClock(device)
         prev = None
         for i in range(args.frames):
-            prev = step_fn(frames[i % len(frames)], prev, clock)
+            prev = step_fn(frames[i % len(frames)], prev, clock)[2]
         per_frame = clock.milliseconds()
 
         # the whole session step (graph-captured when the model was optimized that way), for comparison
@@ -261,7 +262,7 @@ def _write_trace(args: argparse.Namespace, step_fn, frames) -> str:
         prev = None
         for i in range(args.trace_frames):
             with torch.profiler.record_function(f"frame_{i}"):
-                prev = step_fn(frames[i % len(frames)], prev, clock)
+                prev = step_fn(frames[i % len(frames)], prev, clock)[2]
         if args.device.type == "cuda":
             torch.cuda.synchronize()
     path = os.path.abspath(args.trace)
