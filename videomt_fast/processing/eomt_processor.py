@@ -52,17 +52,17 @@ Post-processing has transformers' three methods, signatures and outputs:
   score, threshold and paint without a per-query Python loop. ``segments_info`` comes from one host
   transfer per image.
 
-Where we differ from transformers on purpose: the panoptic map of an image with no kept query is int64 on
-the logits' device (transformers returns a float32 CPU tensor of -1 there); every other map has
-transformers' dtype (instance maps float32, panoptic maps int64, semantic maps int64).
+Every map has transformers' dtype and device: instance maps float32, panoptic maps int64, semantic maps
+int64 on the logits' device; an image where no query passes the threshold gets transformers' empty result
+(``segments_info`` ``[]`` and a map of -1: float32 on the logits' device for instance, float32 on the CPU
+for panoptic, as transformers returns there).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-from typing import Any, Sequence
+import warnings
+from typing import Any, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -70,7 +70,7 @@ import torch.nn.functional as F
 
 from videomt_fast import ops
 from videomt_fast.ops import postprocess as _pp  # noqa: F401  (defines the fused post-processing ops)
-from videomt_fast.processing.video_processor import BatchFeature
+from videomt_fast.processing.video_processor import BatchFeature, ProcessorConfigMixin, per_channel
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -331,98 +331,98 @@ def _segments(flags: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor) -
     return [{"id": i, "label_id": int(label), "score": round(score, 6)} for i, (_, label, score) in enumerate(rows)]
 
 
-class EomtImageProcessor:
-    """Drop-in for ``transformers.EomtImageProcessor`` (pre- and post-processing), no torchvision needed."""
+class EomtImageProcessorKwargs(TypedDict, total=False):
+    """Keyword arguments ``EomtImageProcessor`` takes at construction and per call: transformers'
+    ``ImagesKwargs`` plus ``do_split_image`` and ``ignore_index`` (its ``EomtImageProcessorKwargs``)."""
 
+    do_convert_rgb: bool | None
+    do_resize: bool | None
+    size: int | list[int] | tuple[int, ...] | dict[str, int] | None
+    default_to_square: bool | None
+    crop_size: int | list[int] | tuple[int, ...] | dict[str, int] | None
+    resample: Any
+    do_rescale: bool | None
+    rescale_factor: float | None
+    do_normalize: bool | None
+    image_mean: float | list[float] | tuple[float, ...] | None
+    image_std: float | list[float] | tuple[float, ...] | None
+    do_pad: bool | None
+    pad_size: int | list[int] | tuple[int, ...] | dict[str, int] | None
+    do_center_crop: bool | None
+    data_format: str | None
+    input_data_format: str | None
+    device: str | torch.device | None
+    return_tensors: str | None
+    disable_grouping: bool | None
+    do_split_image: bool
+    ignore_index: int | None
+
+
+class EomtImageProcessor(ProcessorConfigMixin):
+    """Drop-in for ``transformers.EomtImageProcessor`` (pre- and post-processing), no torchvision needed.
+
+    Configuration (constructor arguments, ``to_dict``, ``save_pretrained`` / ``from_pretrained`` with
+    ``preprocessor_config.json``) follows transformers: both libraries load each other's files. Like
+    transformers' EoMT processor, it does not center-crop: ``do_center_crop`` / ``crop_size`` / ``pad_size``
+    are kept in the configuration and a call that asks for them warns that they have no effect.
+    """
+
+    valid_kwargs = EomtImageProcessorKwargs
     model_input_names = ["pixel_values"]
-    _KEYS = (
-        "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
-        "image_std", "do_split_image", "do_pad", "ignore_index", "do_convert_rgb",
-    )
+    _config_file = "preprocessor_config.json"
+    _read_files = ("preprocessor_config.json",)
+    _nested_key = "image_processor"
+    _type_key = "image_processor_type"
 
-    def __init__(
-        self,
-        do_resize: bool = True,
-        size: dict | None = None,
-        resample: Any = 2,
-        do_rescale: bool = True,
-        rescale_factor: float = 1 / 255,
-        do_normalize: bool = True,
-        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        do_split_image: bool = False,
-        do_pad: bool = False,
-        ignore_index: int | None = None,
-        do_convert_rgb: bool | None = None,
-        **kwargs: Any,
-    ) -> None:
-        self.do_resize = bool(do_resize)
-        self.size = _check_size(dict(size) if size is not None else {"shortest_edge": 640, "longest_edge": 640})
-        self.resample = _resample_code(resample)
-        self.do_rescale = bool(do_rescale)
-        self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
-        self.image_mean = self._channel_values(image_mean, "image_mean")
-        self.image_std = self._channel_values(image_std, "image_std")
-        if any(s == 0 for s in self.image_std):
-            raise ValueError(f"image_std must not contain zeros, got {self.image_std}")
-        self.do_split_image = bool(do_split_image)
-        self.do_pad = bool(do_pad)
-        self.ignore_index = ignore_index
-        self.do_convert_rgb = do_convert_rgb
-        self.extra = {k: v for k, v in kwargs.items() if not k.startswith("_")}
+    # transformers' defaults (class attributes, as there: to_dict keeps a None only over a non-None default)
+    default_to_square = False
+    do_resize = True
+    size = {"shortest_edge": 640, "longest_edge": 640}
+    resample = 2
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    do_split_image = False
+    do_pad = False
+    ignore_index = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._set_config(kwargs)
+        self._check_options(self.__dict__)
 
     @staticmethod
-    def _channel_values(values: Any, name: str) -> tuple[float, ...]:
-        if isinstance(values, (int, float)):
-            return (float(values),) * 3
-        try:
-            out = tuple(float(v) for v in values)
-        except TypeError:
-            raise ValueError(f"{name} must be a float or 3 floats, got {values!r}") from None
-        if len(out) != 3:
-            raise ValueError(f"{name} must hold 3 values (one per RGB channel), got {len(out)}")
-        return out
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self._KEYS} | {"image_processor_type": "EomtImageProcessor"}
-
-    def __repr__(self) -> str:
-        return f"EomtImageProcessor({json.dumps(self.to_dict(), default=str)})"
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "EomtImageProcessor":
-        """Read ``preprocessor_config.json`` from a folder or the Hub; ``kwargs`` override its values."""
-        path = None
-        if os.path.isdir(name_or_path):
-            candidate = os.path.join(name_or_path, "preprocessor_config.json")
-            path = candidate if os.path.isfile(candidate) else None
-        else:
-            from huggingface_hub import hf_hub_download
-
-            hub_args = {k: kwargs.pop(k) for k in ("revision", "token", "cache_dir") if k in kwargs}
-            try:
-                path = hf_hub_download(str(name_or_path), "preprocessor_config.json", **hub_args)
-            except Exception as exc:
-                raise FileNotFoundError(f"no preprocessor_config.json for {name_or_path!r}: {exc}") from exc
-        if path is None:
-            raise FileNotFoundError(f"no preprocessor_config.json in {name_or_path!r}")
-        with open(path, encoding="utf-8") as fh:
-            values = json.load(fh)
-        args = {k: v for k, v in values.items() if k in cls._KEYS}
-        args.update(kwargs)
-        return cls(**args)
+    def _check_options(opts: dict) -> None:
+        if opts.get("size") is not None:
+            _check_size(opts["size"])
+        if opts.get("resample") is not None:
+            _resample_code(opts["resample"])
+        for key in ("image_mean", "image_std"):
+            values = opts.get(key)
+            if isinstance(values, tuple) and len(values) != 3:
+                raise ValueError(f"{key} must be one float or 3 (one per RGB channel), got {len(values)} values")
+        std = opts.get("image_std")
+        if std is not None and any(v == 0 for v in ((std,) if isinstance(std, float) else std)):
+            raise ValueError(f"image_std must not contain zeros, got {std}")
 
     # -------------------------------------------------------------------------- pre-processing
 
     def _options(self, kwargs: dict) -> dict:
-        opts = {k: kwargs.pop(k, getattr(self, k)) for k in self._KEYS}
-        if kwargs:
-            raise TypeError(f"preprocess() got unexpected arguments {sorted(kwargs)}")
+        opts = self._call_options(kwargs)
+        self._check_options(opts)
+        if opts["size"] is None:
+            raise ValueError("size must be set: {'shortest_edge': int, 'longest_edge': int or None}")
         opts["size"] = _check_size(dict(opts["size"]))
-        opts["resample"] = _resample_code(opts["resample"])
-        opts["image_mean"] = self._channel_values(opts["image_mean"], "image_mean")
-        opts["image_std"] = self._channel_values(opts["image_std"], "image_std")
+        opts["resample"] = _resample_code(opts["resample"] if opts["resample"] is not None else 2)
+        ignored = [k for k in ("do_center_crop", "pad_size") if opts.get(k)]
+        if ignored:
+            warnings.warn(
+                f"EomtImageProcessor: {ignored} have no effect (transformers' EoMT processor does not center-crop "
+                "and pads to size when do_pad=True)", stacklevel=3,
+            )
+        if opts["data_format"] not in (None, "channels_first") and str(opts["data_format"]).lower() not in ("channeldimension.first", "first"):
+            raise ValueError(f"data_format must be channels_first, got {opts['data_format']!r}")
         return opts
 
     def preprocess(
@@ -446,6 +446,8 @@ class EomtImageProcessor:
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         opts = self._options(dict(kwargs))
+        device = device if device is not None else opts["device"]
+        input_data_format = input_data_format if input_data_format is not None else opts["input_data_format"]
         items = _image_list(images)
         prepared = []
         for i, (img, channels_last) in enumerate(items):
@@ -526,12 +528,11 @@ class EomtImageProcessor:
     @staticmethod
     def _rescale_normalize(img: torch.Tensor, opts: dict) -> torch.Tensor:
         if opts["do_normalize"]:
-            mean = torch.tensor(opts["image_mean"], device=img.device)
-            std = torch.tensor(opts["image_std"], device=img.device)
+            mean = per_channel(opts["image_mean"], img.shape[0], "image_mean", img.device)
+            std = per_channel(opts["image_std"], img.shape[0], "image_std", img.device)
             if opts["do_rescale"]:  # transformers' fused form
-                mean = mean * (1.0 / opts["rescale_factor"])
-                std = std * (1.0 / opts["rescale_factor"])
-            return (img.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+                mean, std = mean * (1.0 / opts["rescale_factor"]), std * (1.0 / opts["rescale_factor"])
+            return (img.to(torch.float32) - mean) / std
         if opts["do_rescale"]:
             return img * opts["rescale_factor"]
         return img
@@ -739,7 +740,10 @@ class EomtImageProcessor:
         def paint(cls: torch.Tensor, kept: torch.Tensor, target: tuple[int, int]):
             return ops.call("instance_segmentation", cls, kept, [target], threshold)
 
-        return self._segment_kept_queries(outputs, target_sizes, size, candidates, paint, -1.0, torch.float32)
+        def empty(target: tuple[int, int], device: torch.device) -> torch.Tensor:
+            return torch.full(target, -1.0, dtype=torch.float32, device=device)  # transformers': float32 -1 on device
+
+        return self._segment_kept_queries(outputs, target_sizes, size, candidates, paint, empty, torch.float32)
 
     def post_process_panoptic_segmentation(
         self,
@@ -766,9 +770,12 @@ class EomtImageProcessor:
             return ops.call("panoptic_segmentation", cls, kept, [target], float(threshold), float(mask_threshold),
                             float(overlap_mask_area_threshold), fuse)
 
-        return self._segment_kept_queries(outputs, target_sizes, size, competing, paint, -1, torch.long)
+        def empty(target: tuple[int, int], device: torch.device) -> torch.Tensor:
+            return torch.zeros(target) - 1  # transformers' empty panoptic map: float32 -1 on the CPU
 
-    def _segment_kept_queries(self, outputs, target_sizes, size, select, paint, empty_id, seg_dtype) -> list[dict]:
+        return self._segment_kept_queries(outputs, target_sizes, size, competing, paint, empty, torch.long)
+
+    def _segment_kept_queries(self, outputs, target_sizes, size, select, paint, empty, seg_dtype) -> list[dict]:
         """Shared by instance and panoptic: ``select(cls) -> (B, Q) bool`` picks each image's queries, whose
         masks are upsampled to the padded size and cropped to the image's resized size; ``paint(cls (1, K, C+1),
         masks (1, K, h, w), target)`` returns the op's ``(segs, flags, labels, scores)`` at ``target``."""
@@ -779,12 +786,11 @@ class EomtImageProcessor:
         keep_all = select(cls)
         results = []
         for i, target in enumerate(sizes):
+            if not bool(keep_all[i].any()):  # no query passes: transformers' empty result, nothing upsampled
+                results.append({"segmentation": empty(target, masks.device), "segments_info": []})
+                continue
             crop = resized_size(target, size["shortest_edge"], size["longest_edge"])
             kept = self._kept_queries(masks, i, keep_all[i], output_size, crop)
-            if kept.shape[0] == 0:
-                seg = torch.full(target, empty_id, dtype=seg_dtype, device=masks.device)
-                results.append({"segmentation": seg, "segments_info": []})
-                continue
             segs, flags, labels, scores = paint(cls[i, keep_all[i]][None], kept[None], target)
             results.append({"segmentation": segs[0].to(seg_dtype), "segments_info": _segments(flags[0], labels[0], scores[0])})
         return results

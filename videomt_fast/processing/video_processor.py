@@ -17,9 +17,11 @@ frames' ``segments_info``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from typing import Any, Iterable, Sequence
+import warnings
+from typing import Any, Iterable, Sequence, TypedDict
 
 import numpy as np
 import torch
@@ -73,72 +75,338 @@ def _logits(outputs) -> tuple[torch.Tensor, torch.Tensor]:
     return cls, masks
 
 
-class VideomtVideoProcessor:
-    """Drop-in for ``transformers.VideomtVideoProcessor`` (pre- and post-processing)."""
+class VideomtVideoProcessorKwargs(TypedDict, total=False):
+    """Keyword arguments ``VideomtVideoProcessor`` takes at construction and per call: transformers'
+    ``VideosKwargs`` (same names, same meaning)."""
 
-    model_input_names = ["pixel_values_videos"]
+    do_convert_rgb: bool | None
+    do_resize: bool | None
+    size: int | list[int] | tuple[int, ...] | dict[str, int] | None
+    default_to_square: bool | None
+    resample: int | None
+    do_rescale: bool | None
+    rescale_factor: float | None
+    do_normalize: bool | None
+    image_mean: float | list[float] | tuple[float, ...] | None
+    image_std: float | list[float] | tuple[float, ...] | None
+    do_center_crop: bool | None
+    do_pad: bool | None
+    crop_size: int | list[int] | tuple[int, ...] | dict[str, int] | None
+    data_format: str | None
+    input_data_format: str | None
+    device: str | torch.device | None
+    do_sample_frames: bool | None
+    video_metadata: Any
+    fps: int | float | None
+    num_frames: int | None
+    return_metadata: bool | None
+    return_tensors: str | None
 
-    def __init__(
-        self,
-        do_resize: bool = True,
-        size: dict | None = None,
-        resample: int = 2,  # PIL BILINEAR, the only mode supported here
-        do_rescale: bool = True,
-        rescale_factor: float = 1 / 255,
-        do_normalize: bool = True,
-        image_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        image_std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        do_convert_rgb: bool = True,
-        **kwargs: Any,
-    ) -> None:
-        size = dict(size) if size is not None else {"height": 640, "width": 640}
-        if set(size) != {"height", "width"}:
-            raise ValueError(f"size must be a dict with 'height' and 'width', got {size}")
-        if resample not in (2, "bilinear"):
-            raise ValueError(f"resample must be bilinear (2); got {resample!r}")
-        self.do_resize = do_resize
-        self.size = size
-        self.resample = 2
-        self.do_rescale = do_rescale
-        self.rescale_factor = rescale_factor
-        self.do_normalize = do_normalize
-        self.image_mean = tuple(float(v) for v in image_mean)
-        self.image_std = tuple(float(v) for v in image_std)
-        self.do_convert_rgb = do_convert_rgb
-        self.extra = {k: v for k, v in kwargs.items() if not k.startswith("_")}
 
-    # ------------------------------------------------------------------ loading
+def size_dict(size: Any, default_to_square: bool = True, name: str = "size") -> dict | None:
+    """transformers' ``get_size_dict``: an int is a square (``default_to_square``) or the short side, a
+    ``(height, width)`` pair is the two sides, a dict is kept (its keys checked)."""
+    if size is None or isinstance(size, dict):
+        out = None if size is None else dict(size)
+    elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
+        out = {"height": int(size), "width": int(size)} if default_to_square else {"shortest_edge": int(size)}
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        out = {"height": int(size[0]), "width": int(size[1])}
+    else:
+        raise ValueError(f"{name} must be an int, a (height, width) pair or a dict, got {size!r}")
+    if out is not None and set(out) not in _SIZE_KEYS:
+        raise ValueError(f"{name} must have one of the key sets {[sorted(k) for k in _SIZE_KEYS]}, got {sorted(out)}")
+    return out
+
+
+_SIZE_KEYS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"}, {"longest_edge"},
+              {"max_height", "max_width"})
+
+
+def channel_values(values: Any, name: str) -> float | tuple[float, ...]:
+    """``image_mean`` / ``image_std`` as transformers keeps them: a float (all channels) or a tuple."""
+    if isinstance(values, (int, float, np.integer, np.floating)) and not isinstance(values, bool):
+        return float(values)
+    try:
+        out = tuple(float(v) for v in values)
+    except TypeError:
+        raise ValueError(f"{name} must be a float or one float per channel, got {values!r}") from None
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    return out
+
+
+def per_channel(values: float | Sequence[float], channels: int, name: str, device: Any) -> torch.Tensor:
+    """A ``(channels, 1, 1)`` float32 tensor of ``values`` (a float applies to every channel)."""
+    if isinstance(values, float):
+        values = (values,) * channels
+    if len(values) != channels:
+        raise ValueError(f"{name} has {len(values)} values but the images have {channels} channels")
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None, None]
+
+
+def center_crop(images: torch.Tensor, crop: dict) -> torch.Tensor:
+    """transformers' (torchvision backend) center crop of ``(..., H, W)``: zero-pad to the crop size where the
+    image is smaller, then take the window at ``int((H - h) / 2), int((W - w) / 2)``."""
+    if set(crop) != {"height", "width"}:
+        raise ValueError(f"crop_size must have 'height' and 'width', got {sorted(crop)}")
+    ch, cw = int(crop["height"]), int(crop["width"])
+    h, w = images.shape[-2:]
+    if cw > w or ch > h:
+        left, top = ((cw - w) // 2, (ch - h) // 2)
+        right, bottom = ((cw - w + 1) // 2, (ch - h + 1) // 2)
+        images = F.pad(images, (max(left, 0), max(right, 0), max(top, 0), max(bottom, 0)), value=0)
+        h, w = images.shape[-2:]
+    top, left = int((h - ch) / 2.0), int((w - cw) / 2.0)
+    return images[..., top : top + ch, left : left + cw]
+
+
+class ProcessorConfigMixin:
+    """transformers' processor configuration surface, without transformers: attributes from keyword arguments
+    and class defaults, ``to_dict`` / ``to_json_string`` / ``to_json_file``, ``from_dict`` / ``from_json_file``,
+    ``save_pretrained`` / ``from_pretrained``, with transformers' JSON files and rules (``None`` values whose
+    class default is ``None`` are left out; unknown entries are kept as attributes), so either library loads
+    the other's files."""
+
+    valid_kwargs: type = dict
+    default_to_square = True
+    _config_file = ""  # what save_pretrained writes
+    _read_files: tuple[str, ...] = ()  # what from_pretrained reads, first found wins
+    _nested_key = ""  # this processor's entry in a processor_config.json
+    _type_key = ""
+
+    def _set_config(self, kwargs: dict) -> None:
+        kwargs = dict(kwargs)
+        for key in ("feature_extractor_type", "processor_class", "image_processor_type", "video_processor_type"):
+            kwargs.pop(key, None)
+        valid = self.valid_kwargs.__annotations__
+        for key, value in kwargs.items():
+            if key in valid:
+                continue
+            if key.startswith("_") or callable(getattr(type(self), key, None)):
+                raise ValueError(f"{type(self).__name__}: {key!r} cannot be a configuration entry")
+            setattr(self, key, value)  # transformers keeps entries it does not know as attributes
+        for key in valid:
+            if key == "default_to_square":
+                continue
+            value = kwargs[key] if key in kwargs else copy.deepcopy(getattr(type(self), key, None))
+            setattr(self, key, value)
+        self.size = size_dict(self.size, self.default_to_square)
+        self.crop_size = size_dict(self.crop_size, True, "crop_size")
+        for key in ("image_mean", "image_std"):
+            if getattr(self, key) is not None:
+                setattr(self, key, channel_values(getattr(self, key), key))
+
+    def _call_options(self, kwargs: dict, call_only: Sequence[str] = ()) -> dict:
+        """The instance's settings overridden by a call's keyword arguments (unknown names raise)."""
+        valid = self.valid_kwargs.__annotations__
+        unknown = sorted(k for k in kwargs if k not in valid and k not in call_only)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unexpected arguments {unknown}; valid ones are {sorted(valid)}")
+        opts = {k: (kwargs[k] if k in kwargs else getattr(self, k, None)) for k in valid if k != "default_to_square"}
+        opts.update({k: kwargs[k] for k in call_only if k in kwargs})
+        opts["size"] = size_dict(opts["size"], kwargs.get("default_to_square", self.default_to_square))
+        opts["crop_size"] = size_dict(opts["crop_size"], True, "crop_size")
+        for key in ("image_mean", "image_std"):
+            if opts[key] is not None:
+                opts[key] = channel_values(opts[key], key)
+        return opts
+
+    # -------------------------------------------------------------- serialization
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {}
+        for key, value in self.__dict__.items():
+            if key.startswith("_") or (value is None and getattr(type(self), key, None) is None):
+                continue
+            out[key] = copy.deepcopy(value)
+        out[self._type_key] = type(self).__name__
+        return out
+
+    def to_json_string(self) -> str:
+        values = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in self.to_dict().items()}
+        return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, json_file_path: str | os.PathLike) -> None:
+        text = self.to_json_string()
+        tmp = f"{os.fspath(json_file_path)}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, json_file_path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> list[str]:
+        """Write ``<save_directory>/{video_,}preprocessor_config.json`` (transformers' name and format)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported here: save_pretrained, then upload the folder with huggingface_hub")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {os.fspath(save_directory)!r} is a file; a directory was expected")
+        os.makedirs(save_directory, exist_ok=True)
+        path = os.path.join(save_directory, self._config_file)
+        self.to_json_file(path)
+        return [path]
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> "VideomtVideoProcessor":
-        """Read ``video_preprocessor_config.json`` (or ``preprocessor_config.json``) from a folder or the Hub."""
-        config = None
-        names = ("video_preprocessor_config.json", "preprocessor_config.json")
-        if os.path.isdir(name_or_path):
-            for name in names:
-                path = os.path.join(name_or_path, name)
-                if os.path.isfile(path):
-                    config = path
-                    break
-        else:
-            from huggingface_hub import hf_hub_download
+    def from_dict(cls, config: dict[str, Any], **kwargs: Any):
+        """A processor from a configuration dict; ``kwargs`` override it (``return_unused_kwargs=True`` also
+        returns the arguments that were neither settings nor attributes)."""
+        config = dict(config)
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        valid = cls.valid_kwargs.__annotations__
+        config.update({k: kwargs.pop(k) for k in list(kwargs) if k in valid})
+        processor = cls(**config)
+        for key in list(kwargs):
+            if key in processor.__dict__:
+                setattr(processor, key, kwargs.pop(key))
+        if return_unused:
+            return processor, kwargs
+        if kwargs:
+            warnings.warn(f"{cls.__name__}.from_dict: ignored arguments {sorted(kwargs)} (not settings of this processor)", stacklevel=2)
+        return processor
 
-            for name in names:
-                try:
-                    config = hf_hub_download(str(name_or_path), name, **{k: kwargs.pop(k) for k in ("revision", "token") if k in kwargs})
-                    break
-                except Exception:
-                    continue
-        if config is None:
-            raise FileNotFoundError(f"no {names[0]} or {names[1]} found for {name_or_path!r}")
-        with open(config, encoding="utf-8") as fh:
-            values = json.load(fh)
-        known = {"do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb"}
-        args = {k: v for k, v in values.items() if k in known}
-        args.update(kwargs)
-        return cls(**args)
+    @classmethod
+    def from_json_file(cls, json_file: str | os.PathLike):
+        with open(json_file, encoding="utf-8") as fh:
+            return cls(**json.load(fh))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, cache_dir: str | None = None,
+                        force_download: bool = False, local_files_only: bool = False, token: Any = None,
+                        revision: str | None = None, subfolder: str = "", **kwargs: Any):
+        """Load from a folder, a JSON file or a Hub repository, as transformers does: ``processor_config.json``'s
+        nested entry first, then the processor's own file names; ``kwargs`` override the loaded values."""
+        config = cls._load_config(os.fspath(pretrained_model_name_or_path), cache_dir=cache_dir, force_download=force_download,
+                                  local_files_only=local_files_only, token=token, revision=revision, subfolder=subfolder or "")
+        return cls.from_dict(config, **kwargs)
+
+    @classmethod
+    def _load_config(cls, source: str, subfolder: str, **hub: Any) -> dict:
+        names = ("processor_config.json",) + tuple(cls._read_files)
+        if os.path.isfile(source):
+            return cls._read_json(source)
+        if os.path.isdir(source):
+            folder = os.path.join(source, subfolder)
+            found = {n: os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))}
+        else:
+            found = cls._hub_files(source, names, subfolder, hub)
+        nested = found.pop("processor_config.json", None)
+        if nested is not None:
+            values = cls._read_json(nested)
+            if isinstance(values.get(cls._nested_key), dict):
+                return values[cls._nested_key]
+        for name in cls._read_files:
+            if name in found:
+                return cls._read_json(found[name])
+        raise OSError(f"{cls.__name__}.from_pretrained: no {' or '.join(cls._read_files)} in {os.path.join(source, subfolder)!r}")
+
+    @staticmethod
+    def _read_json(path: str) -> dict:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                values = json.load(fh)
+        except json.JSONDecodeError as exc:
+            raise OSError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise OSError(f"{path} must hold a JSON object, got {type(values).__name__}")
+        return values
+
+    @staticmethod
+    def _hub_files(repo: str, names: Sequence[str], subfolder: str, hub: dict) -> dict[str, str]:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        found = {}
+        for name in names:
+            try:
+                found[name] = hf_hub_download(repo, name, subfolder=subfolder or None, **hub)
+            except EntryNotFoundError:
+                continue
+            except Exception as exc:  # a missing repository, no network: name the source
+                raise OSError(f"cannot load a processor from {repo!r}: {type(exc).__name__}: {exc}") from exc
+        return found
+
+
+class VideomtVideoProcessor(ProcessorConfigMixin):
+    """Drop-in for ``transformers.VideomtVideoProcessor`` (pre- and post-processing)."""
+
+    valid_kwargs = VideomtVideoProcessorKwargs
+    model_input_names = ["pixel_values_videos"]
+    _config_file = "video_preprocessor_config.json"
+    _read_files = ("video_preprocessor_config.json", "preprocessor_config.json")
+    _nested_key = "video_processor"
+    _type_key = "video_processor_type"
+
+    # transformers' defaults (class attributes, as there: to_dict keeps a None only over a non-None default)
+    default_to_square = True
+    do_resize = True
+    size = {"height": 640, "width": 640}
+    resample = 2  # PIL BILINEAR, the only mode supported here
+    do_center_crop = False
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    do_convert_rgb = True
+    do_sample_frames = False
+    return_metadata = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        self._set_config(kwargs)
+        self._check_resample(self.resample)
+
+    @staticmethod
+    def _check_resample(resample: Any) -> None:
+        if getattr(resample, "value", resample) not in (2, "bilinear", None):
+            raise ValueError(f"resample must be bilinear (2); got {resample!r}")
+
+    # ------------------------------------------------------------------ frame sampling
+
+    def sample_frames(self, metadata: Any, num_frames: int | None = None, fps: int | float | None = None, **kwargs: Any) -> np.ndarray:
+        """Indices of the frames to keep (transformers' ``default_sample_indices_fn``): ``num_frames`` evenly
+        spread, or ``fps`` frames per second of the video's duration (needs the metadata's ``fps``); all
+        frames when neither is set. ``num_frames`` and ``fps`` are mutually exclusive."""
+        if fps is not None and num_frames is not None:
+            raise ValueError("`num_frames` and `fps` are mutually exclusive arguments, please use only one!")
+        num_frames = num_frames if num_frames is not None else getattr(self, "num_frames", None)
+        fps = fps if fps is not None else getattr(self, "fps", None)
+        total = _meta(metadata, "total_num_frames")
+        if total is None:
+            raise ValueError("video metadata needs total_num_frames to sample frames")
+        if num_frames is None and fps is not None:
+            video_fps = _meta(metadata, "fps")
+            if video_fps is None:
+                raise ValueError(
+                    f"cannot sample fps={fps} frames per second: the video metadata has no fps; pass video_metadata "
+                    "with fps, or num_frames"
+                )
+            num_frames = max(1, int(total / video_fps * fps))
+        if num_frames is None:
+            return np.arange(0, total, dtype=int)
+        if num_frames > total:
+            raise ValueError(
+                f"cannot sample num_frames={num_frames} frames from a video of total_num_frames={total}; "
+                "set num_frames or fps smaller"
+            )
+        return np.arange(num_frames, dtype=int) * total // num_frames
+
+    @staticmethod
+    def _metadata(video_metadata: Any, videos: list[torch.Tensor]) -> list[dict]:
+        if video_metadata is None:
+            return [{"total_num_frames": len(v), "fps": None, "duration": None, "frames_indices": list(range(len(v)))}
+                    for v in videos]
+        items = video_metadata if isinstance(video_metadata, (list, tuple)) else [video_metadata]
+        if items and isinstance(items[0], (list, tuple)):
+            items = [m for group in items for m in group]
+        out = [_as_dict(m) for m in items]
+        if len(out) != len(videos):
+            raise ValueError(f"video_metadata: got {len(out)} entries for {len(videos)} videos; pass one per video")
+        return out
 
     # ------------------------------------------------------------------ pre-processing
+
 
     @staticmethod
     def _as_tensor(x: Any) -> torch.Tensor:
@@ -197,52 +465,74 @@ class VideomtVideoProcessor:
             out = out.round_().clamp_(0, 255).to(video.dtype)
         return out
 
-    def preprocess(
-        self,
-        videos: Any,
-        return_tensors: str | None = "pt",
-        device: str | torch.device | None = None,
-        input_data_format: str | None = None,
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """Frames -> ``pixel_values_videos`` ``(B, T, 3, H, W)`` float32 on the frames' device (or ``device``)."""
-        opts = {k: kwargs.pop(k, getattr(self, k)) for k in ("do_resize", "size", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")}
-        if kwargs:
-            unknown = sorted(k for k in kwargs if k not in ("resample", "do_sample_frames", "do_center_crop"))
-            if unknown:
-                raise TypeError(f"preprocess() got unexpected arguments {unknown}")
-        size = (int(opts["size"]["height"]), int(opts["size"]["width"]))
+    def preprocess(self, videos: Any, **kwargs: Any) -> BatchFeature:
+        """Frames -> ``pixel_values_videos`` ``(B, T, 3, H, W)`` float32 on the frames' device (or ``device``).
+
+        Keyword arguments are transformers' (``VideomtVideoProcessorKwargs``) and override the instance's
+        settings for this call: frame sampling (``do_sample_frames`` with ``num_frames`` or ``fps`` and
+        ``video_metadata``), RGB conversion, resize, center crop (``do_center_crop``, ``crop_size``), rescale
+        and normalize (``image_mean`` / ``image_std`` one float or one per channel). ``return_tensors="pt"``
+        (the default here) stacks the videos, ``None`` returns a list; ``return_metadata=True`` adds
+        ``video_metadata`` (dicts, ``frames_indices`` filled in).
+        """
+        opts = self._call_options(kwargs)
+        self._check_resample(opts["resample"])
+        return_tensors = kwargs.get("return_tensors", "pt")
+        if return_tensors not in ("pt", None):
+            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
+        if opts["data_format"] not in (None, "channels_first") and str(opts["data_format"]).lower() not in ("channeldimension.first", "first"):
+            raise ValueError(f"data_format must be channels_first, got {opts['data_format']!r}")
+        if opts["do_resize"] and (opts["size"] is None or set(opts["size"]) != {"height", "width"}):
+            raise ValueError(f"size must be a dict with 'height' and 'width', got {opts['size']}")
+        if opts["do_center_crop"] and opts["crop_size"] is None:
+            raise ValueError("do_center_crop=True needs crop_size ({'height': h, 'width': w})")
+        videos = self._split_videos(videos)
+        metadata = self._metadata(opts["video_metadata"], videos)
+        if opts["do_sample_frames"]:
+            for i, video in enumerate(videos):
+                indices = self.sample_frames(metadata[i], num_frames=opts["num_frames"], fps=opts["fps"])
+                metadata[i]["frames_indices"] = [int(j) for j in indices]
+                videos[i] = video[torch.as_tensor(indices, dtype=torch.long, device=video.device)]
         out = []
-        for video in self._split_videos(videos):
-            if device is not None:
-                video = video.to(device)
-            video = self._channels_first(video, input_data_format)
+        for video in videos:
+            if opts["device"] is not None:
+                video = video.to(opts["device"])
+            video = self._channels_first(video, opts["input_data_format"])
             if opts["do_convert_rgb"]:
                 if video.shape[1] == 1:
                     video = video.expand(-1, 3, -1, -1)
                 elif video.shape[1] == 4:
                     video = video[:, :3]
-            if video.shape[1] != 3:
-                raise ValueError(f"videos: expected 3 channels after RGB conversion, got {video.shape[1]}")
             video = video.contiguous()
             if opts["do_resize"]:
-                video = self._resize(video, size)
-            if opts["do_rescale"] and opts["do_normalize"]:  # transformers' fused form
-                mean = torch.tensor(opts["image_mean"], device=video.device) * (1.0 / opts["rescale_factor"])
-                std = torch.tensor(opts["image_std"], device=video.device) * (1.0 / opts["rescale_factor"])
-                video = video.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
-            elif opts["do_normalize"]:
-                mean = torch.tensor(opts["image_mean"], device=video.device)
-                std = torch.tensor(opts["image_std"], device=video.device)
-                video = video.to(torch.float32).sub_(mean[:, None, None]).div_(std[:, None, None])
-            elif opts["do_rescale"]:
-                video = video * opts["rescale_factor"]
-            out.append(video)
-        if return_tensors in ("pt", None) and len({tuple(v.shape) for v in out}) == 1:
-            return BatchFeature(pixel_values_videos=torch.stack(out))
+                video = self._resize(video, (int(opts["size"]["height"]), int(opts["size"]["width"])))
+            if opts["do_center_crop"]:
+                video = center_crop(video, opts["crop_size"])
+            out.append(self._rescale_normalize(video, opts))
         if return_tensors == "pt":
-            raise ValueError(f"videos of different shapes cannot be stacked: {[tuple(v.shape) for v in out]}")
-        return BatchFeature(pixel_values_videos=out)
+            shapes = {tuple(v.shape) for v in out}
+            if len(shapes) > 1:
+                raise ValueError(f"videos of different shapes cannot be stacked: {sorted(shapes)}; pass return_tensors=None")
+            result = BatchFeature(pixel_values_videos=torch.stack(out))
+        else:
+            result = BatchFeature(pixel_values_videos=out)
+        if opts["return_metadata"]:
+            result["video_metadata"] = metadata
+        return result
+
+    @staticmethod
+    def _rescale_normalize(video: torch.Tensor, opts: dict) -> torch.Tensor:
+        """transformers' fused rescale + normalize (``(x - mean / factor) / (std / factor)`` in float32)."""
+        if opts["do_normalize"]:
+            channels = video.shape[-3]
+            mean = per_channel(opts["image_mean"], channels, "image_mean", video.device)
+            std = per_channel(opts["image_std"], channels, "image_std", video.device)
+            if opts["do_rescale"]:
+                mean, std = mean * (1.0 / opts["rescale_factor"]), std * (1.0 / opts["rescale_factor"])
+            return video.to(torch.float32).sub_(mean).div_(std)
+        if opts["do_rescale"]:
+            return video * opts["rescale_factor"]
+        return video
 
     def __call__(self, videos: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(videos, **kwargs)
@@ -286,6 +576,25 @@ class VideomtVideoProcessor:
         return _with_segments(segs, new, labels, scores)
 
 
+def _meta(metadata: Any, key: str) -> Any:
+    if isinstance(metadata, dict):
+        return metadata.get(key)
+    return getattr(metadata, key, None)
+
+
+def _as_dict(metadata: Any) -> dict:
+    """One video's metadata (a dict, a mapping such as transformers' ``VideoMetadata``, or an object) as a dict."""
+    if isinstance(metadata, dict):
+        return dict(metadata)
+    try:
+        return dict(metadata.items()) if hasattr(metadata, "items") else {k: getattr(metadata, k) for k in metadata}
+    except TypeError:
+        pass
+    if hasattr(metadata, "total_num_frames"):
+        return {k: v for k, v in vars(metadata).items() if not k.startswith("_")}
+    raise TypeError(f"video_metadata entries must be dicts or VideoMetadata, got {type(metadata).__name__}")
+
+
 def _with_segments(segs, flags, labels, scores) -> list[dict]:
     """Build ``segments_info`` for every frame from ``(F, Q)`` tables with one host transfer."""
     table = torch.stack([flags.double(), labels.double(), scores.double()], dim=-1).cpu()
@@ -297,4 +606,4 @@ def _with_segments(segs, flags, labels, scores) -> list[dict]:
     return results
 
 
-__all__ = ["VideomtVideoProcessor", "BatchFeature"]
+__all__ = ["VideomtVideoProcessor", "VideomtVideoProcessorKwargs", "ProcessorConfigMixin", "BatchFeature"]
