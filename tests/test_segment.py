@@ -303,7 +303,7 @@ def test_instance_tracks_rle_and_id_maps_equal_model(workspace, tmp_path):
     painted = np.zeros((7, 51, 71), np.int64)
     for ann, score, index in sorted(zip(anns, top.tolist(), flat.tolist()), key=lambda x: x[1]):
         query, label = divmod(index, 5)
-        assert (ann["id"], ann["category_id"]) == (query + 1, label)
+        assert (ann["id"], ann["category_id"], ann["label_id"]) == (query + 1, label + 1, label)  # YouTube-VIS ids are 1-based
         assert abs(ann["score"] - score) < 1e-5
         assert ann["video_id"] == "odd" and len(ann["segmentations"]) == 7
         for t, rle in enumerate(ann["segmentations"]):

@@ -230,3 +230,80 @@ def test_finalize_equals_reference_implementation(average, monkeypatch):
     for inst, (_, _, _, rles) in zip(got, expected):
         assert inst.rles == rles
         assert all(type(r["counts"]) is list for r in inst.rles)
+
+
+# ---------------------------------------------------------------------------------------------
+# a synthetic clip with known moving objects, fed in uneven chunks
+# ---------------------------------------------------------------------------------------------
+
+# (query, label, class logit boost, centre (y, x) at frame 0 and its velocity per frame, radius), all in
+# pixels of the 48x64 output; query 5 leaves the picture after frame 4 (its mask is then empty)
+OBJECTS = [(1, 2, 6.0, (14.0, 12.0), (1.5, 4.0), 7.0), (3, 0, 5.0, (34.0, 50.0), (-2.0, -3.0), 8.0),
+           (5, 1, 4.0, (24.0, 30.0), (0.0, 2.5), 6.0)]
+CLIP_FRAMES, CLIP_QUERIES, CLIP_LABELS, OUT_SIZE, LOW = 9, 8, 4, (48, 64), (12, 16)
+
+
+def _centre(obj, t):
+    _, _, _, (y0, x0), (vy, vx), _ = obj
+    return y0 + vy * t, x0 + vx * t
+
+
+def _synthetic_clip():
+    """Mask logits on the 12x16 grid (model output resolution) of cones ``radius - distance`` measured in
+    output pixels (a low-res cell centre u is output pixel (u + 0.5) * 4 - 0.5, as bilinear upsampling
+    with align_corners=False places it), so each upsampled mask > 0 is a disk around the known centre."""
+    scale = OUT_SIZE[0] / LOW[0]
+    yy = (torch.arange(LOW[0], dtype=torch.float64) + 0.5) * scale - 0.5
+    xx = (torch.arange(LOW[1], dtype=torch.float64) + 0.5) * scale - 0.5
+    masks = torch.full((CLIP_FRAMES, CLIP_QUERIES, *LOW), -5.0, dtype=torch.float64)
+    cls = torch.zeros(CLIP_FRAMES, CLIP_QUERIES, CLIP_LABELS + 1, dtype=torch.float64)
+    cls[..., -1] = 3.0  # every query says "no object" unless it is one of the objects
+    for obj in OBJECTS:
+        query, label, boost, _, _, radius = obj
+        cls[:, query, label] = boost
+        for t in range(CLIP_FRAMES):
+            if query == 5 and t > 4:
+                continue  # gone
+            cy, cx = _centre(obj, t)
+            masks[t, query] = radius - ((yy[:, None] - cy) ** 2 + (xx[None, :] - cx) ** 2).sqrt()
+    return cls.float(), masks.float()
+
+
+def test_synthetic_clip_in_uneven_chunks_tracks_the_moving_objects():
+    cls, masks = _synthetic_clip()
+    acc = VideoInstanceAccumulator(top_k=3)
+    start = 0
+    for size in (1, 4, 2, 2):  # uneven chunks, as segment's chunk engine sends them
+        chunk = SimpleNamespace(class_queries_logits=cls[start : start + size], masks_queries_logits=masks[start : start + size])
+        acc.update(chunk, [OUT_SIZE] * size)
+        start += size
+    assert start == CLIP_FRAMES
+    got = acc.finalize()
+    # ids are the query indices, stable through the video; best score first (the larger class boost)
+    assert [(i.track_id, i.label_id) for i in got] == [(q, label) for q, label, *_ in OBJECTS]
+    assert all(a.score > b.score for a, b in zip(got, got[1:]))
+    ys, xs = np.mgrid[0 : OUT_SIZE[0], 0 : OUT_SIZE[1]]
+    for inst, obj in zip(got, OBJECTS):
+        assert len(inst.rles) == CLIP_FRAMES
+        for t, rle in enumerate(inst.rles):
+            mask = rle_decode(rle)
+            assert rle["size"] == list(OUT_SIZE)
+            if inst.track_id == 5 and t > 4:
+                assert not mask.any(), f"frame {t}: the object that left is still painted"
+                continue
+            radius = obj[-1]
+            cy, cx = _centre(obj, t)
+            assert abs(mask.sum() - np.pi * radius**2) < 0.2 * np.pi * radius**2, (t, mask.sum())
+            got_centre = (ys[mask].mean(), xs[mask].mean())
+            assert np.hypot(got_centre[0] - cy, got_centre[1] - cx) < 0.75, (inst.track_id, t, got_centre, (cy, cx))
+
+
+def test_youtube_vis_category_ids_are_one_based():
+    """YouTube-VIS numbers its categories from 1 (``{"id": 1, "name": "person"}``, ...); its evaluation
+    (ytvoseval, and the research code's ytvis_eval mapping contiguous label l to dataset id l + 1)
+    matches results by ``category_id``. Label 0 must therefore be written as category 1."""
+    cls, masks = _synthetic_clip()
+    acc = VideoInstanceAccumulator(top_k=3)
+    acc.update(SimpleNamespace(class_queries_logits=cls, masks_queries_logits=masks), [OUT_SIZE] * CLIP_FRAMES)
+    entries = acc.to_youtube_vis("clip", label_to_category={label: label + 1 for label in range(CLIP_LABELS)})
+    assert [e["category_id"] for e in entries] == [label + 1 for _, label, *_ in OBJECTS] == [3, 1, 2]

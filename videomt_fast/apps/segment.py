@@ -9,7 +9,7 @@ relative paths resolved from the list's folder).
 Per video the outputs go to ``OUT/<video name>/``:
 
 * ``instance``: ``instances.json`` (YouTube-VIS style results: one entry per track with a score, a
-  category and one RLE mask, or null, per frame) and ``instance_ids/<frame>.png`` (track ids, 0 = none);
+  1-based YouTube-VIS category id (label + 1) and one RLE mask, or null, per frame) and ``instance_ids/<frame>.png`` (track ids, 0 = none);
 * ``semantic``: ``semantic/<frame>.png`` (class ids);
 * ``panoptic``: ``panoptic/<frame>.png`` (COCO panoptic colour encoding, ``id = R + 256 G + 256^2 B``,
   0 = void) and ``panoptic.json`` (per-frame ``segments_info``);
@@ -584,10 +584,13 @@ class VideoOutput:
         from videomt_fast.processing.tracks import rle_decode
 
         instances = tracker.finalize()
-        entries = tracker.to_youtube_vis(self.job.name)
+        # YouTube-VIS numbers categories from 1 and its evaluation matches results by category_id: label l
+        # is category l + 1 (as the research code's ytvis_eval unmaps it); label_id keeps the model's label
+        entries = tracker.to_youtube_vis(self.job.name, label_to_category={c["id"]: c["id"] + 1 for c in categories})
         for inst, entry in zip(instances, entries):
             entry["id"] = inst.track_id + 1  # the query index: stable through the video; 0 = background
             entry["label_id"] = inst.label_id
+        categories = [{**c, "id": c["id"] + 1} for c in categories]
         self._json("instances.json", {"video": video, "categories": categories, "annotations": entries})
         # paint: lowest score first, so the best instance wins where masks overlap
         shown = sorted((i for i in instances if i.score >= self.settings.task_threshold()), key=lambda i: i.score)
