@@ -4,18 +4,23 @@ Parameter names follow transformers' so checkpoints map one to one, except that 
 keeps its Q, K and V projections as one fused ``qkv`` Linear (``3d x d``, rows ``[q | k | v]``),
 filled from ``q_proj`` / ``k_proj`` / ``v_proj`` at load time.
 
-The model code never sees a backend: every fused op goes through ``ops.call``.
+The model code never sees a backend: every module that runs fused ops calls them through its ``impl``
+table (:class:`videomt_fast.ops.OpTable`): per-call dispatch by default, the implementations an
+execution plan chose after :meth:`optimize`.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from collections import OrderedDict
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from videomt_fast import ops
 from videomt_fast.ops import reference as _reference  # noqa: F401  (declares the ops)
@@ -25,25 +30,91 @@ from videomt_fast.model.configuration import EomtConfig, VideomtConfig, _Segment
 # outputs
 
 
-class _Output:
-    """Dataclass output with transformers' ``ModelOutput`` access: ``out.x``, ``out["x"]``, ``out[0]``."""
+def _flatten_output(output: "_Output") -> tuple[list[Any], list[str]]:
+    return list(output.values()), list(output.keys())
 
-    def keys(self) -> list[str]:
-        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
-    def items(self) -> list[tuple[str, Any]]:
-        return [(k, getattr(self, k)) for k in self.keys()]
+def _flatten_output_with_keys(output: "_Output") -> tuple[list[tuple[Any, Any]], list[str]]:
+    return [(pytree.MappingKey(k), v) for k, v in output.items()], list(output.keys())
 
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
 
-    def __getitem__(self, key: str | int) -> Any:
+class _Output(OrderedDict):
+    """transformers' ``ModelOutput`` behaviour without transformers: a dataclass that is also an ordered
+    dict of its non-None fields. ``out.x``, ``out["x"]``, ``out[0]``, ``out["x"] = v`` (item assignment
+    sets the attribute too), ``to_tuple()``; each subclass is a registered pytree node (so
+    ``torch.export`` and ``torch.utils._pytree`` flatten it), and instances pickle."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls not in pytree.SUPPORTED_NODES:
+            pytree.register_pytree_node(
+                cls,
+                _flatten_output,
+                lambda values, keys, _cls=cls: _cls(**dict(zip(keys, values))),
+                serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+                flatten_with_keys_fn=_flatten_output_with_keys,
+            )
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = self.__dict__.get(f.name)
+            if value is not None:
+                super().__setitem__(f.name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if value is not None and name in {f.name for f in fields(self)}:
+            super().__setitem__(name, value)
+        super().__setattr__(name, value)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        super().__setattr__(key, value)
+
+    def __getitem__(self, key: str | int | slice) -> Any:
         if isinstance(key, str):
             return dict(self.items())[key]
         return self.to_tuple()[key]
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
+    def __delitem__(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} does not support item deletion")
+
+    def setdefault(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} does not support setdefault")
+
+    def pop(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} does not support pop")
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError(f"{type(self).__name__} does not support update")
+
+    def __reduce__(self):
+        cls = getattr(type(self), "_plain_class", type(self))  # a transformers twin pickles as our class
+        return cls, tuple(getattr(self, f.name) for f in fields(self))
+
+    def to_tuple(self) -> tuple:
+        """The non-None fields, in field order (what ``return_dict=False`` returns)."""
+        return tuple(self[k] for k in self.keys())
+
+
+_TRANSFORMERS_TWINS: dict[type, type] = {}
+
+
+def as_transformers_output(output: _Output) -> _Output:
+    """``output``, also an instance of transformers' ``ModelOutput`` when transformers is already imported
+    (never imported here): its pipelines and helpers test ``isinstance(x, ModelOutput)`` and turn anything
+    else into a plain dict. The object changes class in place to a subclass of both; behaviour is ours."""
+    generic = sys.modules.get("transformers.utils.generic")
+    base = getattr(generic, "ModelOutput", None)
+    if base is None or isinstance(output, base) or torch.compiler.is_compiling():
+        return output
+    cls = type(output)
+    twin = _TRANSFORMERS_TWINS.get(cls)
+    if twin is None:
+        namespace = {"__module__": f"{cls.__module__}.transformers_twin", "__qualname__": cls.__qualname__,
+                     "_plain_class": cls}
+        twin = _TRANSFORMERS_TWINS[cls] = type(base)(cls.__name__, (cls, base), namespace)
+    output.__class__ = twin
+    return output
 
 
 @dataclass
@@ -200,10 +271,11 @@ class MLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.mlp_hidden_size)
         self.fc2 = nn.Linear(config.mlp_hidden_size, config.hidden_size)
+        self.impl = ops.DISPATCH
 
     def forward_residual(self, h: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        m = ops.call("linear_gelu", h, self.fc1.weight, self.fc1.bias)
-        return ops.call("linear_residual", m, self.fc2.weight, self.fc2.bias, scale, residual)
+        m = self.impl.linear_gelu(h, self.fc1.weight, self.fc1.bias)
+        return self.impl.linear_residual(m, self.fc2.weight, self.fc2.bias, scale, residual)
 
 
 class GatedMLP(nn.Module):
@@ -212,10 +284,11 @@ class GatedMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size)
         self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size)
         self.down_proj = nn.Linear(config.mlp_hidden_size, config.hidden_size)
+        self.impl = ops.DISPATCH
 
     def forward_residual(self, h: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         m = F.silu(self.gate_proj(h)) * self.up_proj(h)
-        return ops.call("linear_residual", m, self.down_proj.weight, self.down_proj.bias, scale, residual)
+        return self.impl.linear_residual(m, self.down_proj.weight, self.down_proj.bias, scale, residual)
 
 
 class Layer(nn.Module):
@@ -230,6 +303,7 @@ class Layer(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = GatedMLP(config) if config.use_swiglu_ffn else MLP(config)
         self.layer_scale2 = LayerScale(config)
+        self.impl = ops.DISPATCH
 
     def forward(
         self,
@@ -239,12 +313,12 @@ class Layer(nn.Module):
         num_prefix: int = 0,
     ) -> torch.Tensor:
         attn = self.attention
-        h = ops.call("layer_norm", x, self.norm1.weight, self.norm1.bias, self.eps)
+        h = self.impl.layer_norm(x, self.norm1.weight, self.norm1.bias, self.eps)
         qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
-        a = ops.call("attention", qkv, attn.num_heads, mask_bits, num_queries, num_prefix)
+        a = self.impl.attention(qkv, attn.num_heads, mask_bits, num_queries, num_prefix)
         a = F.linear(a, attn.out_proj.weight, attn.out_proj.bias)
-        x, h = ops.call(
-            "residual_layer_norm", x, a, self.layer_scale1.lambda1, self.norm2.weight, self.norm2.bias, self.eps
+        x, h = self.impl.residual_layer_norm(
+            x, a, self.layer_scale1.lambda1, self.norm2.weight, self.norm2.bias, self.eps
         )
         return self.mlp.forward_residual(h, self.layer_scale2.lambda1, x)
 
@@ -291,11 +365,101 @@ class MaskHead(nn.Module):
         self.fc1 = nn.Linear(d, d)
         self.fc2 = nn.Linear(d, d)
         self.fc3 = nn.Linear(d, d)
+        self.impl = ops.DISPATCH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = ops.call("linear_gelu", x, self.fc1.weight, self.fc1.bias)
-        x = ops.call("linear_gelu", x, self.fc2.weight, self.fc2.bias)
+        x = self.impl.linear_gelu(x, self.fc1.weight, self.fc1.bias)
+        x = self.impl.linear_gelu(x, self.fc2.weight, self.fc2.bias)
         return self.fc3(x)
+
+
+# --------------------------------------------------------------------------------------------
+# output_hidden_states / output_attentions (reference path, hooks on the layers)
+
+
+def attention_maps(
+    layer: "Layer",
+    x: torch.Tensor,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """``(B, heads, N, N)`` attention probabilities of ``layer`` on its input ``x``, as transformers' eager
+    attention returns them (softmax in float32, cast back; masked pairs get probability 0). Plain PyTorch:
+    ``N^2`` memory per head, for inspection only."""
+    attn = layer.attention
+    h = F.layer_norm(x, (x.shape[-1],), layer.norm1.weight, layer.norm1.bias, layer.eps)
+    qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
+    batch, seq_len, three_d = qkv.shape
+    head_dim = three_d // 3 // attn.num_heads
+    q, k, _ = qkv.view(batch, seq_len, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * head_dim**-0.5
+    if mask_bits is not None:
+        allowed = _reference.attention_mask_from_bits(mask_bits, seq_len, num_queries, num_prefix)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+class _Recorder:
+    """Per-layer hidden states and attention maps of one forward, in transformers' order and shapes.
+
+    Hooks on every :class:`Layer` call: hidden states are the first layer's input then each call's output
+    (VidEoMT: the early layers on all frames, then the query layers frame by frame), the last one
+    replaced by ``last_hidden_state``; ``output_hidden_states`` may be an index or a list of indices
+    (others are None), as transformers allows. Attention maps come from :func:`attention_maps`."""
+
+    _ARGS = ("x", "mask_bits", "num_queries", "num_prefix")  # Layer.forward's parameters
+
+    def __init__(self, model: "_Segmenter", hidden_states: Any, attentions: bool):
+        self.layers = model.layers
+        self.want_hidden = hidden_states is not None and hidden_states is not False
+        self.want_attentions = bool(attentions)
+        self.selection = None
+        if self.want_hidden and not isinstance(hidden_states, bool):
+            chosen = [hidden_states] if isinstance(hidden_states, int) else list(hidden_states)
+            total = model.config.num_hidden_layers + 1
+            self.selection = {i % total for i in chosen if -total <= i < total}
+        self.hidden: list[torch.Tensor | None] = []
+        self.attentions: list[torch.Tensor] = []
+        self.handles: list[Any] = []
+
+    @property
+    def active(self) -> bool:
+        return self.want_hidden or self.want_attentions
+
+    def __enter__(self) -> "_Recorder":
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(self._before, with_kwargs=True))
+            if self.want_hidden:
+                self.handles.append(layer.register_forward_hook(self._after))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def _keep(self, value: torch.Tensor) -> None:
+        self.hidden.append(value if self.selection is None or len(self.hidden) in self.selection else None)
+
+    def _before(self, layer: "Layer", args: tuple, kwargs: dict) -> None:
+        call = {**dict(zip(self._ARGS, args)), **kwargs}
+        if self.want_hidden and not self.hidden:
+            self._keep(call["x"])
+        if self.want_attentions:
+            self.attentions.append(attention_maps(layer, call["x"], None,
+                                                  call.get("num_queries", 0), call.get("num_prefix", 0)))
+
+    def _after(self, layer: "Layer", args: tuple, output: torch.Tensor) -> None:
+        self._keep(output)
+
+    def fill(self, output: "_Output") -> None:
+        if self.want_hidden:
+            if self.hidden and self.hidden[-1] is not None:
+                self.hidden[-1] = output.last_hidden_state
+            output.hidden_states = tuple(self.hidden)
+        if self.want_attentions:
+            output.attentions = tuple(self.attentions)
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,8 +474,7 @@ class _Segmenter(nn.Module):
 
     def __init__(self, config: _SegmenterConfig):
         super().__init__()
-        if not isinstance(config, self.config_class):
-            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        config = self.config_class.coerce(config)  # ours, or transformers' config of the same model type
         self.config = config
         self.num_hidden_layers = config.num_hidden_layers
         self.embeddings = Embeddings(config, with_mask_token=self._with_mask_token)
@@ -322,6 +485,7 @@ class _Segmenter(nn.Module):
         self.mask_head = MaskHead(config)
         self.class_predictor = nn.Linear(config.hidden_size, config.num_labels + 1)
         self.register_buffer("attn_mask_probs", torch.ones(config.num_blocks))
+        self.impl = ops.DISPATCH  # query update, final norm, mask bits
         self.check_finite = True  # set False to skip the NaN/inf scan of inputs (one reduction + sync)
         self.register_load_state_dict_post_hook(self._refresh_mask_probs)
         if self.attn_mask_probs.device.type != "meta":
@@ -347,7 +511,7 @@ class _Segmenter(nn.Module):
         return height // ph, width // pw
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.call("layer_norm", x, self.layernorm.weight, self.layernorm.bias, self.layernorm.eps)
+        return self.impl.layer_norm(x, self.layernorm.weight, self.layernorm.bias, self.layernorm.eps)
 
     def _new_token_buffer(self, hidden: torch.Tensor) -> torch.Tensor:
         """``(B, Q + S, d)`` with the patch-side tokens copied in; rows ``[0, Q)`` left for the queries."""
@@ -372,31 +536,90 @@ class _Segmenter(nn.Module):
     @classmethod
     def from_pretrained(
         cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *,
-        config: _SegmenterConfig | None = None,
+        pretrained_model_name_or_path: str | os.PathLike | None,
+        *model_args: Any,
+        config: Any = None,
         dtype: torch.dtype | str | None = "auto",
         device: torch.device | str | None = None,
         fast: bool = False,
         **kwargs: Any,
     ) -> "_Segmenter":
-        """Load a transformers ``save_pretrained`` directory, a hub id, or a research-code ``.pth``.
+        """Load a transformers ``save_pretrained`` directory, a hub id, a research-code ``.pth`` (or a
+        research-style folder: its ``pytorch_model.bin``), or ``None`` with ``config=`` and ``state_dict=``.
+
+        transformers' arguments mean what they mean there: ``config`` (ours or transformers'),
+        ``dtype``/``torch_dtype``, ``device_map`` (``"auto"``, a device, or a dict naming one device:
+        the model is never split), ``subfolder``, ``revision``, ``cache_dir``, ``token``,
+        ``local_files_only``, ``state_dict``, ``output_loading_info`` (returns ``(model, info)``),
+        ``ignore_mismatched_sizes`` and config fields such as ``num_labels``, ``id2label`` or
+        ``output_hidden_states``. Missing weights are initialised and named in a :class:`LoadingWarning`
+        (``strict=True`` raises instead); ``attn_implementation`` is accepted and has no effect (our kernels
+        always run). ``timeout`` (seconds, or ``(connect, read)``) bounds hub requests. Other keywords raise.
 
         ``fast=True`` returns ``model.optimize(...)``: bf16 on CUDA unless ``dtype`` names another; on a
         CPU the loaded dtype (the reference path stays the CPU default).
         """
         from videomt_fast.model.loading import load_pretrained
 
-        model = load_pretrained(cls, pretrained_model_name_or_path, config=config, dtype=dtype, device=device, **kwargs)
+        loaded = load_pretrained(
+            cls, pretrained_model_name_or_path, *model_args, config=config, dtype=dtype, device=device, **kwargs
+        )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         if fast:
             model.optimize(dtype=model.dtype if dtype not in (None, "auto") else "auto")
-        return model
+        return loaded
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in transformers' format (loadable by both)."""
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in transformers' format (loadable by both).
+
+        transformers' ``safe_serialization=True`` and ``is_main_process`` are accepted; other keywords
+        (sharding, hub push) raise."""
         from videomt_fast.model.loading import save_pretrained
 
-        save_pretrained(self, directory)
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise ValueError("save_pretrained writes safetensors only (safe_serialization=False is not supported)")
+        if not kwargs.pop("is_main_process", True):
+            return
+        if kwargs:
+            raise TypeError(f"save_pretrained got unsupported keyword arguments {sorted(kwargs)}")
+        save_pretrained(self, save_directory)
+
+    # ------------------------------------------------------------------ transformers' model surface
+    supports_gradient_checkpointing = False
+    is_gradient_checkpointing = False
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """Refused: videomt_fast runs inference only (transformers' VidEoMT/EoMT do not support it either)."""
+        raise ValueError(
+            f"{type(self).__name__} does not support gradient checkpointing: videomt_fast is inference-only "
+            "(train with transformers' model, then load its checkpoint here)"
+        )
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Nothing to disable: gradient checkpointing is never on."""
+
+    def _output_flags(
+        self, return_dict: bool | None, output_hidden_states: Any, output_attentions: bool | None
+    ) -> tuple[bool, Any, bool]:
+        """The call's arguments, else the config's switches (as transformers resolves them)."""
+        config = self.config
+        if self.class_predictor.out_features != config.num_labels + 1:
+            raise ValueError(
+                f"config.num_labels is {config.num_labels} but the class head predicts "
+                f"{self.class_predictor.out_features - 1} classes (+1 no-object): changing num_labels does not "
+                "re-head a built model; load with from_pretrained(..., num_labels=N, ignore_mismatched_sizes=True) "
+                "for a new, randomly initialised head"
+            )
+        return (
+            config.return_dict if return_dict is None else bool(return_dict),
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.output_attentions if output_attentions is None else bool(output_attentions),
+        )
+
+    def _finish_output(self, output: "_Output", recorder: "_Recorder | None", return_dict: bool):
+        if recorder is not None:
+            recorder.fill(output)
+        return output if return_dict else output.to_tuple()
 
     def optimize(
         self,
@@ -404,22 +627,28 @@ class _Segmenter(nn.Module):
         cuda_graphs: bool = True,
         check_finite: bool | None = None,
         clone_outputs: bool = True,
+        plan: str | None = None,
+        budget_s: float = 60.0,
     ) -> "_Segmenter":
-        """Set the model up for speed, in place; returns it.
+        """Set the model up for its device, in place; returns it (:mod:`videomt_fast.runtime.fast`).
 
-        Casts the weights to ``dtype`` (``"auto"``: bf16 on CUDA, where the kernels accumulate in fp32;
-        elsewhere the current dtype is kept, so a CPU model keeps computing what it did; ``None``: no
-        cast), and on CUDA
-        makes :meth:`new_session` replay one CUDA graph per input shape. ``check_finite=False`` also
-        drops the per-call NaN/inf scan of the input (one reduction and one host sync).
-        ``clone_outputs=False`` lets a graphed session return its static output buffers (valid until
-        the next step) instead of copies.
+        ``dtype``: ``"auto"`` is bf16 on CUDA (the kernels accumulate in fp32); on a CPU it is decided at
+        the first input shape by measurement (bf16 where the CPU computes it natively and it agrees with
+        float32 and is faster, else the current dtype); a torch dtype casts; ``None`` keeps the dtype.
+        Per input shape an execution plan picks, per op site, the implementation verified against the
+        float64 reference and timed fastest here (``plan``: ``"auto"`` uses the on-disk cache,
+        ``"recalibrate"`` measures again, ``"static"`` skips calibration; default ``$VIDEOMT_FAST_PLAN``
+        or ``"auto"``; ``budget_s`` bounds each calibration). On CUDA, :meth:`new_session`, the clip
+        forward's per-frame steps and EoMT's forward replay CUDA graphs (``cuda_graphs=False``: eager).
+        The NaN/inf scan of inputs is off on the fast path (a reduction and a host sync per call);
+        ``check_finite=True`` keeps it. ``clone_outputs=False`` lets graphed calls return their static
+        output buffers (valid until the next call) instead of copies.
         """
         from videomt_fast.runtime.fast import optimize
 
         self._refresh_mask_probs()
         return optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
-                        clone_outputs=clone_outputs)
+                        clone_outputs=clone_outputs, plan=plan, budget_s=budget_s)
 
     def backend_report(self) -> dict[str, dict[str, Any]]:
         """Which backend each op would use on this model's device, and why."""
@@ -436,7 +665,7 @@ class _Segmenter(nn.Module):
         if torch.compiler.is_compiling() and getattr(self, "_mask_probs_value", None) is not None:
             return self._mask_probs_value
         buf = self.attn_mask_probs
-        key = (buf.data_ptr(), buf._version, buf.device)
+        key = (buf.data_ptr(), 0 if buf.is_inference() else buf._version, buf.device)
         if getattr(self, "_mask_probs_key", None) != key:
             self._mask_probs_value = [float(p) for p in buf.detach().cpu().tolist()]
             self._mask_probs_key = key
@@ -477,9 +706,7 @@ class VideomtForUniversalSegmentation(_Segmenter):
         ``(mask logits, class logits, normalized sequence, queries to propagate)``.
         """
         x = self._new_token_buffer(hidden)
-        ops.call(
-            "query_update", x, self.query.weight, prev_queries, self.query_updater.weight, self.query_updater.bias
-        )
+        self.impl.query_update(x, self.query.weight, prev_queries, self.query_updater.weight, self.query_updater.bias)
         for layer in self.layers[self.query_start :]:
             x = layer(x)
         sequence = self._final_norm(x)
@@ -494,17 +721,37 @@ class VideomtForUniversalSegmentation(_Segmenter):
         class_labels: list[torch.Tensor] | None = None,
         patch_offsets: list[torch.Tensor] | None = None,
         chunk_size: int | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> VideomtForUniversalSegmentationOutput:
+    ) -> VideomtForUniversalSegmentationOutput | tuple:
         """``pixel_values_videos`` ``(B, T, 3, H, W)`` -> outputs with frame-major rows (``t * B + b``).
 
         ``chunk_size`` (or ``self.chunk_size``) runs the early layers on that many frames at a time,
         bounding peak activation memory; the result is identical to one pass.
+
+        ``output_hidden_states`` / ``output_attentions`` (or the config's switches) return transformers'
+        per-layer hidden states and attention maps; that call runs the plain reference path in one pass
+        (no CUDA graphs, no chunking) and attention maps cost ``N^2`` memory per head and layer: slow, for
+        inspection. ``return_dict=False`` (or ``config.return_dict = False``) returns ``to_tuple()``.
         """
         if "pixel_values" in kwargs:
-            raise ValueError("VideomtForUniversalSegmentation takes `pixel_values_videos` (B, T, 3, H, W), not `pixel_values`")
+            raise ValueError(
+                "Use `pixel_values_videos` (B, T, 3, H, W) with `VideomtForUniversalSegmentation`, not `pixel_values`"
+            )
+        if isinstance(pixel_values_videos, torch.Tensor) and pixel_values_videos.ndim != 5:
+            raise ValueError(
+                "pixel_values_videos must be 5-D (batch_size, num_frames, channels, height, width), got shape "
+                f"{tuple(pixel_values_videos.shape)}: VideomtForUniversalSegmentation only supports 5D video inputs"
+            )
+        if kwargs:
+            raise TypeError(f"VideomtForUniversalSegmentation.forward got unexpected keyword arguments {sorted(kwargs)}")
         if mask_labels is not None or class_labels is not None:
             raise ValueError("videomt_fast is inference-only: mask_labels / class_labels are not supported")
+        return_dict, output_hidden_states, output_attentions = self._output_flags(
+            return_dict, output_hidden_states, output_attentions
+        )
         if pixel_values_videos is None:
             raise ValueError("pixel_values_videos is required: a (batch_size, num_frames, 3, height, width) tensor")
         check_frames(
@@ -516,40 +763,48 @@ class VideomtForUniversalSegmentation(_Segmenter):
             self.check_finite,
         )
         batch, num_frames, channels, height, width = pixel_values_videos.shape
+        recorder = _Recorder(self, output_hidden_states, output_attentions)
         chunk = chunk_size if chunk_size is not None else self.chunk_size
-        chunk = num_frames if chunk is None else int(chunk)
+        chunk = num_frames if chunk is None or recorder.active else int(chunk)
         if chunk < 1:
             raise ValueError(f"chunk_size must be a positive number of frames, got {chunk}")
         grid = self.grid_for(height, width)
 
         masks, classes, sequences = [], [], []
         prev = None
-        for start in range(0, num_frames, chunk):
-            stop = min(start + chunk, num_frames)
-            frames = pixel_values_videos[:, start:stop].reshape(batch * (stop - start), channels, height, width)
-            hidden = self.encode_frames(frames)
-            hidden = hidden.view(batch, stop - start, *hidden.shape[1:])
-            step = self.query_stepper(hidden[:, 0], grid)
-            for t in range(stop - start):
-                mask_logits, class_logits, sequence, prev = step(hidden[:, t], prev, grid)
-                masks.append(mask_logits)
-                classes.append(class_logits)
-                sequences.append(sequence)
-            del hidden
-        return VideomtForUniversalSegmentationOutput(
+        with recorder:
+            for start in range(0, num_frames, chunk):
+                stop = min(start + chunk, num_frames)
+                frames = pixel_values_videos[:, start:stop].reshape(batch * (stop - start), channels, height, width)
+                encode = self.encode_frames if recorder.active else self.frame_encoder(frames)
+                hidden = encode(frames)
+                hidden = hidden.view(batch, stop - start, *hidden.shape[1:])
+                step = self.query_step if recorder.active else self.query_stepper(hidden[:, 0], grid)
+                for t in range(stop - start):
+                    mask_logits, class_logits, sequence, prev = step(hidden[:, t], prev, grid)
+                    masks.append(mask_logits)
+                    classes.append(class_logits)
+                    sequences.append(sequence)
+                del hidden
+        output = VideomtForUniversalSegmentationOutput(
             class_queries_logits=torch.cat(classes, dim=0),
             masks_queries_logits=torch.cat(masks, dim=0),
             last_hidden_state=torch.cat(sequences, dim=0),
         )
+        return self._finish_output(output, recorder if recorder.active else None, return_dict)
+
+    def frame_encoder(self, frames: torch.Tensor):
+        """What the clip forward calls on a batch of frames: :meth:`encode_frames`, unless a runtime installed
+        ``encode_provider`` (after :meth:`optimize`: the execution plan of that many frames)."""
+        provider = self.__dict__.get("encode_provider")
+        return self.encode_frames if provider is None else provider(frames)
 
     def query_stepper(self, hidden: torch.Tensor, grid: tuple[int, int]):
-        """What to call per frame on ``hidden`` of this shape: :meth:`query_step`, or after :meth:`optimize`
-        on CUDA its CUDA-graph replay (:class:`videomt_fast.runtime.fast.GraphedQueryStep`, same arguments)."""
-        if getattr(self, "fast_settings", None) is None:
-            return self.query_step
-        from videomt_fast.runtime.fast import query_stepper
-
-        return query_stepper(self, hidden, grid)
+        """What the clip forward calls per frame on ``hidden`` of this shape: :meth:`query_step`, unless a
+        runtime installed ``step_provider`` (after :meth:`optimize`: the frame's execution plan, and on CUDA
+        a CUDA-graph replay with the same arguments and results)."""
+        provider = self.__dict__.get("step_provider")
+        return self.query_step if provider is None else provider(hidden, grid)
 
     # ------------------------------------------------------------------ streaming
     def new_session(self, batch_size: int = 1):
@@ -579,12 +834,30 @@ class EomtForUniversalSegmentation(_Segmenter):
         mask_labels: list[torch.Tensor] | None = None,
         class_labels: list[torch.Tensor] | None = None,
         patch_offsets: list[torch.Tensor] | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> EomtForUniversalSegmentationOutput:
+    ) -> EomtForUniversalSegmentationOutput | tuple:
+        """``pixel_values`` ``(B, 3, H, W)`` -> transformers' outputs. ``output_hidden_states`` /
+        ``output_attentions`` / ``return_dict`` as in :meth:`VideomtForUniversalSegmentation.forward`
+        (recording runs the plain reference path)."""
+        if kwargs:
+            raise TypeError(f"EomtForUniversalSegmentation.forward got unexpected keyword arguments {sorted(kwargs)}")
         if mask_labels is not None or class_labels is not None:
             raise ValueError("videomt_fast is inference-only: mask_labels / class_labels are not supported")
+        return_dict, output_hidden_states, output_attentions = self._output_flags(
+            return_dict, output_hidden_states, output_attentions
+        )
         probs = self.check_inputs(pixel_values, self.check_finite)
-        return self._forward(pixel_values, probs, patch_offsets)
+        recorder = _Recorder(self, output_hidden_states, output_attentions)
+        if recorder.active:
+            with recorder:
+                output = self._forward(pixel_values, probs, patch_offsets)
+            return self._finish_output(output, recorder, return_dict)
+        # after optimize(): the runtime's runner (the shape's execution plan; on CUDA a CUDA-graph replay)
+        runner = self.__dict__.get("checked_forward") or self._forward
+        return self._finish_output(runner(pixel_values, probs, patch_offsets), None, return_dict)
 
     def new_predictor(self, max_shapes: int = 4):
         """A callable ``predictor(pixel_values)`` returning what ``self(pixel_values=...)`` returns.
@@ -628,10 +901,10 @@ class EomtForUniversalSegmentation(_Segmenter):
             mask_bits = None
             if idx == self.query_start:
                 x = self._new_token_buffer(x)
-                ops.call("query_update", x, self.query.weight)
+                self.impl.query_update(x, self.query.weight)
             if idx >= self.query_start and probs[idx - self.query_start] > 0:
                 mask_logits, _ = self.predict(self._final_norm(x), grid)
-                mask_bits = ops.call("mask_bits", mask_logits, grid)
+                mask_bits = self.impl.mask_bits(mask_logits, grid)
             x = layer(x, mask_bits, num_queries, num_prefix)
         sequence = self._final_norm(x)
         masks, classes = self.predict(sequence, grid)

@@ -7,16 +7,23 @@ themselves as backends (Triton in ``videomt_fast.kernels``, CUDA in :mod:`.cuda`
 
 from videomt_fast.ops.registry import (  # noqa: F401
     BACKENDS,
+    DISPATCH,
+    OpTable,
     backend_report,
     call,
+    candidates,
     choose,
     define_op,
+    exclude,
+    exclusions,
     explain,
     load_errors,
     op_names,
     preload_backends,
     register_backend_module,
+    register_candidate,
     register_impl,
+    unregister_candidate,
     triton_interpreting,
     use_backend,
 )

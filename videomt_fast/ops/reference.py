@@ -161,6 +161,27 @@ ops.define_op("query_update", query_update_ref, "query_updater(prev) + query tab
 
 ops.register_backend_module("triton", "videomt_fast.kernels")
 
+
+# --------------------------------------------------------------------------------------------
+# library baselines that execution plans also try on CUDA: the reference with one SDPA backend
+
+
+def _sdpa_with(backend_name: str):
+    def attention_sdpa(qkv, num_heads, mask_bits=None, num_queries=0, num_prefix=0):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, backend_name)):
+            return attention_ref(qkv, num_heads, mask_bits, num_queries, num_prefix)
+
+    attention_sdpa.__name__ = f"attention_sdpa_{backend_name.lower()}"
+    attention_sdpa.__doc__ = f":func:`attention_ref` with SDPA restricted to its {backend_name} backend."
+    return attention_sdpa
+
+
+for _label, _backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+                         ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-math", "MATH")):
+    ops.register_candidate("attention", _label, _sdpa_with(_backend))
+
 __all__ = [
     "attention_ref",
     "mask_bits_ref",

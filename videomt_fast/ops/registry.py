@@ -15,6 +15,13 @@ Switches (read on every call, so tests can flip them with ``monkeypatch.setenv``
 
 :func:`explain` answers "which backend runs op X on these inputs, and why";
 :func:`backend_report` answers it for every op on a device.
+
+Per-call dispatch is the path of code that has no execution plan (tests, the CPU reference, an
+unoptimized model). An execution plan (:mod:`videomt_fast.runtime.plans`) instead picks one of
+:func:`candidates` per op site, after verifying and timing each on the device, and installs the chosen
+callables in the modules' :class:`OpTable`: a planned frame calls them directly, with no environment
+read, guard or backend walk. A candidate a plan found wrong is :func:`exclude`-d here, so per-call
+dispatch (post-processing, for one) never picks it either.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ class _Impl:
     guard: Guard | None
     module: str | None  # module that registers the implementation when imported
     load_error: str | None = None
+    devices: tuple[str, ...] = ("cuda",)  # where a plan may try it (plan-only candidates)
 
 
 @dataclass
@@ -51,6 +59,10 @@ class _Op:
 
 
 _OPS: dict[str, _Op] = {}
+# extra implementations only plans choose from: op -> {candidate name: _Impl} (library baselines such as
+# SDPA with one backend, or a kernel's second variant); never picked by per-call dispatch
+_CANDIDATES: dict[str, dict[str, _Impl]] = {}
+_EXCLUDED: dict[tuple[str, str], str] = {}  # (op, backend) -> why a plan excluded it on this machine
 _LOCK = threading.Lock()
 _forced = threading.local()
 
@@ -83,6 +95,97 @@ def register_impl(name: str, backend: str, fn: Callable, guard: Guard | None = N
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _OPS[name].impls[backend] = _Impl(fn=fn, guard=guard, module=None)
+
+
+def register_candidate(name: str, candidate: str, fn: Callable, guard: Guard | None = None,
+                       devices: tuple[str, ...] = ("cuda",)) -> None:
+    """Offer ``fn`` to execution plans as implementation ``candidate`` of op ``name`` on ``devices`` (never
+    used by per-call dispatch). ``guard`` as in :func:`register_impl`."""
+    if name not in _OPS:
+        raise KeyError(f"unknown op {name!r}; known ops: {sorted(_OPS)}")
+    if candidate in _ALL_BACKENDS:
+        raise ValueError(f"candidate name {candidate!r} is a backend name; register it with register_impl")
+    _CANDIDATES.setdefault(name, {})[candidate] = _Impl(fn=fn, guard=guard, module=None, devices=tuple(devices))
+
+
+def unregister_candidate(name: str, candidate: str) -> None:
+    _CANDIDATES.get(name, {}).pop(candidate, None)
+
+
+def candidates(name: str, device: str | torch.device) -> dict[str, tuple[Callable, Guard | None]]:
+    """Every implementation of op ``name`` a plan may try on ``device``: ``{name: (fn, guard)}``, the
+    reference first. Backends and candidates disabled by ``VIDEOMT_FAST_DISABLE`` are left out, and so
+    are the fast ones when ``VIDEOMT_FAST_BACKEND=reference``."""
+    device = torch.device(device)
+    op = _OPS[name]
+    found: dict[str, tuple[Callable, Guard | None]] = {"reference": (op.ref, None)}
+    forced, disabled = _forced_backend(), _disabled()
+    if forced == "reference" or name in disabled:
+        return found
+    for backend in BACKENDS:
+        if backend in disabled or (forced != "auto" and forced != backend):
+            continue
+        if device.type != "cuda" and not (backend == "triton" and triton_interpreting() and forced == "triton"):
+            continue  # off CUDA, Triton only in its interpreter and only when forced (tests)
+        _load_backend(backend)
+        impl = op.impls.get(backend)
+        if impl is not None:
+            found[backend] = (impl.fn, impl.guard)
+    if forced == "auto":
+        for cand, impl in _CANDIDATES.get(name, {}).items():
+            if device.type in impl.devices and cand not in disabled and cand.split("-")[0] not in disabled:
+                found[cand] = (impl.fn, impl.guard)
+    return found
+
+
+def exclude(name: str, backend: str, why: str) -> None:
+    """Keep per-call dispatch off ``backend`` for op ``name`` in this process (a plan found it wrong)."""
+    _EXCLUDED[(name, backend)] = why
+
+
+def exclusions() -> dict[str, str]:
+    """``{"op/backend": why}`` for every implementation excluded in this process."""
+    return {f"{op}/{backend}": why for (op, backend), why in _EXCLUDED.items()}
+
+
+class OpTable:
+    """The op callables one module calls: attribute ``<op name>``.
+
+    :data:`DISPATCH` (every module's default) resolves each call through :func:`call`; an execution
+    plan installs tables whose attributes are the implementations it chose, called directly.
+    """
+
+    def __init__(self, fns: dict[str, Callable] | None = None, label: str = "plan"):
+        self.__dict__.update(fns or {})
+        self._label = label
+
+    def __getattr__(self, name: str) -> Callable:  # only reached for ops the table does not name
+        if name.startswith("_") or name not in _OPS:
+            raise AttributeError(name)
+        fn = _dispatcher(name)
+        self.__dict__[name] = fn
+        return fn
+
+    def __repr__(self) -> str:
+        return f"OpTable({self._label})"
+
+    def __reduce__(self):  # a pickled or copied model dispatches per call: plans belong to a process
+        return (_dispatch_table, ())
+
+
+def _dispatcher(name: str) -> Callable:
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        return call(name, *args, **kwargs)
+
+    dispatch.__name__ = f"dispatch_{name}"
+    return dispatch
+
+
+DISPATCH = OpTable(label="per-call dispatch")
+
+
+def _dispatch_table() -> OpTable:
+    return DISPATCH
 
 
 def _load_backend(backend: str) -> list[str]:
@@ -160,6 +263,9 @@ def choose(name: str, *args: Any, **kwargs: Any) -> tuple[str, Callable, str]:
         if backend in disabled:
             reasons.append(f"{backend}: disabled by VIDEOMT_FAST_DISABLE")
             continue
+        if (name, backend) in _EXCLUDED:
+            reasons.append(f"{backend}: excluded by a plan ({_EXCLUDED[(name, backend)]})")
+            continue
         device_reason = _device_reason(backend, tensor)
         if device_reason is not None:
             reasons.append(f"{backend}: {device_reason}")
@@ -215,6 +321,8 @@ def backend_report(device: str | torch.device = "cpu") -> dict[str, dict[str, An
             for backend in BACKENDS if forced == "auto" else (forced,):
                 if backend in disabled:
                     reasons.append(f"{backend}: disabled")
+                elif (name, backend) in _EXCLUDED:
+                    reasons.append(f"{backend}: excluded by a plan ({_EXCLUDED[(name, backend)]})")
                 elif backend not in op.impls:
                     reasons.append(f"{backend}: no implementation")
                 elif device.type != "cuda" and _device_reason(backend, probe) is not None:

@@ -1,24 +1,36 @@
-"""The fast inference path: low-precision weights, fused kernels, and CUDA-graph sessions.
+"""The fast inference path: ``optimize()``, execution plans per input shape, and CUDA graphs.
 
-``model.optimize(dtype=torch.bfloat16)`` casts the weights (fp32 accumulation stays inside the
-kernels) and marks the model fast; on CUDA its ``new_session()`` then returns a
-:class:`GraphedSession`, which captures the whole frame step (all layers and the head) once per
-input shape and replays it per frame, with the propagated queries in static buffers. Several
-sessions can run side by side: each owns its graphs and buffers.
+``model.optimize()`` sets the model up for its device, in place:
 
-The kernels themselves are chosen per op by :mod:`videomt_fast.ops` (Triton / CUDA on GPU
-tensors, reference elsewhere), so this module never names a backend.
+* the dtype: ``"auto"`` is bf16 on CUDA; on a CPU it is decided by measurement at the first input shape
+  (bf16 where the CPU computes it natively and it passes the agreement gate and is faster, else the
+  current dtype; :func:`videomt_fast.runtime.plans.choose_cpu_dtype`);
+* per input shape, an execution plan (:mod:`videomt_fast.runtime.plans`): every op site runs the
+  implementation that was verified against the float64 reference and timed fastest on this device,
+  called directly (no per-call dispatch);
+* on CUDA, CUDA graphs: ``new_session()`` returns a :class:`GraphedSession` (the whole frame step, one graph
+  per input shape), the clip forward replays its per-frame query layers and head
+  (:class:`GraphedQueryStep`), and EoMT's plain ``model(pixel_values=...)`` replays one graph per input
+  shape (:class:`GraphedPredictor`);
+* the NaN/inf scan of inputs is off (it costs a reduction and a host sync per call, which keeps the CPU
+  from running ahead of the GPU); ``optimize(check_finite=True)`` keeps it.
 
-Off CUDA, ``optimize()`` keeps the dtype unless one is named (and casts nothing it need not): every op
-runs its reference and ``new_session()`` is the plain :class:`~videomt_fast.runtime.session.VideomtSession`,
-so a float32 CPU model computes exactly what it computed before, at the same cost
-(``tests/test_fast_path.py`` checks the op sequence).
+The model never imports this module: ``optimize()`` installs the runtime's providers on the model
+instance (``encode_provider``, ``step_provider``, ``checked_forward``), which its forward calls.
+
+A graph bakes in the weights' addresses, the plan's implementations and the backend switches. Each
+graph owner keeps the token of what it captured (:func:`weights_token`, the plan object) and captures
+again, or refuses mid-video, when any of them changed. Checked per step: the model's parameter
+registrations (a process-wide counter bumped by every ``module.x = Parameter``/buffer assignment), the
+first and last weight's address, dtype and device (moves and casts), and the plan for the current
+switches; the addresses of all weights are compared at capture and at the first frame of each video.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -27,6 +39,7 @@ from videomt_fast.model.modeling import (
     VideomtForUniversalSegmentation,
     VideomtForUniversalSegmentationOutput,
 )
+from videomt_fast.runtime import plans
 from videomt_fast.runtime.session import check_step_frames
 
 
@@ -35,6 +48,10 @@ class FastSettings:
     dtype: torch.dtype = torch.bfloat16
     cuda_graphs: bool = True
     clone_outputs: bool = True  # graph outputs live in static buffers overwritten by the next step
+    plan: str | None = None  # "auto" | "recalibrate" | "static" (None: $VIDEOMT_FAST_PLAN, else "auto")
+    budget_s: float = 60.0  # calibration time budget per plan
+    cpu_dtype: str | None = None  # "pending" until a CPU model's dtype was decided at its first shape
+    cpu_dtype_report: dict = field(default_factory=dict)
 
 
 def _casted_tensors(model):
@@ -44,29 +61,47 @@ def _casted_tensors(model):
             yield name, tensor
 
 
+def _cast(model, dtype: torch.dtype) -> None:
+    # already in ``dtype`` (e.g. float32 on CPU): no cast, no copy, the same tensors as before
+    if any(t.is_floating_point() and t.dtype != dtype for name, t in _casted_tensors(model)):
+        probs = model.attn_mask_probs.detach().clone()
+        model.to(dtype=dtype)
+        model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
+        model._refresh_mask_probs()
+
+
 def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool = True,
-             check_finite: bool | None = None, clone_outputs: bool = True):
+             check_finite: bool | None = None, clone_outputs: bool = True, plan: str | None = None,
+             budget_s: float = 60.0):
     """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
+    cpu_auto = False
     if isinstance(dtype, str):
         if dtype != "auto":
             raise ValueError(f"dtype must be a torch dtype, 'auto' or None, got {dtype!r}")
+        cpu_auto = model.device.type != "cuda"
         dtype = torch.bfloat16 if model.device.type == "cuda" else None
     if dtype is not None:
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
-        # already in ``dtype`` (e.g. float32 on CPU): no cast, no copy, the same tensors as before
-        if any(t.is_floating_point() and t.dtype != dtype for name, t in _casted_tensors(model)):
-            probs = model.attn_mask_probs.detach().clone()
-            model.to(dtype=dtype)
-            model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
-    if check_finite is not None:
-        model.check_finite = bool(check_finite)
+        _cast(model, dtype)
+    plans.plan_mode(plan)  # an unknown mode fails here, not at the first frame
+    model.check_finite = bool(check_finite) if check_finite is not None else False
     if model.device.type == "cuda":
         from videomt_fast import ops
 
         ops.preload_backends()  # import the kernels now, outside any traced or captured region
-    model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs)
-    model.__dict__.pop("_graphed_query_steps", None)  # graphs hold the old weights' addresses
+    model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs,
+                                       plan=plan, budget_s=budget_s,
+                                       cpu_dtype="pending" if cpu_auto and model.dtype == torch.float32 else None)
+    for name in ("_plans", "_active", "_graphed_query_steps", "_predictor"):
+        model.__dict__.pop(name, None)  # plans and graphs of the old weights / dtype
+    if isinstance(model, VideomtForUniversalSegmentation):
+        model.__dict__["encode_provider"] = lambda frames: _encoder(model, frames)
+        model.__dict__["step_provider"] = lambda hidden, grid: query_stepper(model, hidden, grid)
+    else:
+        model.__dict__["checked_forward"] = lambda pixels, probs, offsets=None: _checked_forward(
+            model, pixels, probs, offsets)
+    plans.apply(model, None)
     return model.eval()
 
 
@@ -78,28 +113,103 @@ def graphs_enabled(model) -> bool:
             and not torch.compiler.is_compiling() and not torch.cuda.is_current_stream_capturing())
 
 
+# --------------------------------------------------------------------------------------------
+# plans per shape
+
+
+def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | None = None) -> plans.Plan:
+    """The model's plan at ``rows`` frames of ``size`` under the current backend switches (built on first
+    use: from the disk cache or calibrated). On a CPU with ``dtype="auto"`` the first call also decides
+    the dtype."""
+    settings = model.fast_settings
+    if settings.cpu_dtype == "pending":
+        report = plans.choose_cpu_dtype(model, rows, size)
+        settings.cpu_dtype, settings.cpu_dtype_report = report["dtype"], report
+        if report["dtype"] == "bfloat16":
+            _cast(model, torch.bfloat16)
+            settings.dtype = model.dtype
+    stages = tuple(stages or plans.stages_of(model))
+    key = (rows, tuple(size), stages, model.dtype, repr(plans.switch_state()))
+    cache = model.__dict__.setdefault("_plans", {})
+    plan = cache.get(key)
+    if plan is None:
+        plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages),
+                         budget_s=settings.budget_s)
+        if settings.cpu_dtype_report:
+            plan.notes.append(f"cpu dtype: {settings.cpu_dtype_report.get('reason')}")
+        cache[key] = plan
+    return plan
+
+
+def activate(model, plan: plans.Plan) -> None:
+    """Install ``plan``'s tables for the stages it covers (one attribute read when they already are)."""
+    if model.__dict__.get("_active") is plan:
+        return
+    stages = set(plan._tables)
+    if stages >= set(plans.stages_of(model)):
+        plans.apply(model, plan)
+        model.__dict__["_active"] = plan
+    else:  # a partial plan (the clip forward's batched early layers)
+        for stage in stages:
+            plans.apply_stage(model, plan, stage)
+        model.__dict__["_active"] = None
+
+
+def current_plan(model, rows: int, size: tuple[int, int]) -> plans.Plan:
+    plan = plan_for(model, rows, size)
+    activate(model, plan)
+    return plan
+
+
+def _encoder(model, frames: torch.Tensor):
+    """The clip forward's batched early layers: the plan of that many frames (early stage only)."""
+    if torch.compiler.is_compiling():
+        return model.encode_frames
+    activate(model, plan_for(model, frames.shape[0], tuple(frames.shape[-2:]), stages=("early",)))
+    return model.encode_frames
+
+
+# --------------------------------------------------------------------------------------------
+# what a graph baked in
+
+_REGISTRATIONS = [0]  # bumped by every parameter or buffer (re)registration, process-wide
+
+
+def _bump(*_: Any) -> None:
+    _REGISTRATIONS[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
+torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
+
+
 def weights_token(model) -> tuple:
-    """Where the weights live: changes when the model is moved, cast or given new parameter tensors, after
-    which graphs captured before would read freed memory. Two attribute reads, no host sync."""
+    """Cheap per-step token of the weights a graph reads: the registration counter, and the first and last
+    weight's address, dtype and device (a move or cast changes them)."""
     first, last = model.embeddings.patch_embeddings.projection.weight, model.class_predictor.weight
-    return first.data_ptr(), last.data_ptr(), first.dtype, first.device
+    return _REGISTRATIONS[0], first.data_ptr(), last.data_ptr(), first.dtype, first.device
+
+
+def full_weights_token(model) -> tuple:
+    """The address, dtype and device of every parameter and buffer (compared at capture and per video)."""
+    return tuple((t.data_ptr(), t.dtype, t.device) for t in list(model.parameters()) + list(model.buffers()))
 
 
 def capture_graph(fn, device: torch.device, pool=None):
-    """``(graph, outputs, pool)``: ``fn()`` run twice on a side stream (kernels compile, the allocator and
-    caches settle), then captured into a CUDA graph drawing on ``pool`` (a new one when None), all on
-    ``device`` whatever device is current."""
+    """``(graph, outputs, pool)``: ``fn()`` run twice on a side stream of ``device`` (kernels compile, the
+    allocator and caches settle), then captured on that same stream into a CUDA graph drawing on ``pool``
+    (a new one when None), whatever device is current."""
     with torch.cuda.device(device):
         if pool is None:
             pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
+        stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 fn()
-        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        with torch.cuda.graph(graph, pool=pool, stream=stream):
             outputs = fn()
     return graph, outputs, pool
 
@@ -110,13 +220,34 @@ def _pinned_position_table(model, size: tuple[int, int]) -> torch.Tensor:
     return model.embeddings.position_embedding(model.grid_for(*size))
 
 
+class _Baked:
+    """What a set of graphs baked in: the plan, the cheap weights token, all weights' addresses."""
+
+    def __init__(self, model, plan: plans.Plan):
+        self.plan, self.token, self.full = plan, weights_token(model), full_weights_token(model)
+
+    def still_valid(self, model, plan: plans.Plan, full_check: bool = False) -> bool:
+        if plan is not self.plan:
+            return False
+        if weights_token(model) != self.token:
+            if full_weights_token(model) != self.full:
+                return False
+            self.token = weights_token(model)  # a registration elsewhere in the process: not ours
+        return not full_check or full_weights_token(model) == self.full
+
+
+# --------------------------------------------------------------------------------------------
+# sessions
+
+
 class GraphedSession:
     """A VidEoMT streaming session whose frame step replays a captured CUDA graph.
 
     Same contract as :class:`videomt_fast.runtime.session.VideomtSession` (``step``, ``reset``, errors on a
     changed batch size or frame size). The first frame (learned queries only) and later frames
     (``query_updater(prev) + queries``) are two graphs; both write the queries to propagate into a
-    static buffer inside the graph, so a step is one input copy and one replay.
+    static buffer inside the graph, so a step is one input copy and one replay. The step runs the
+    execution plan of its shape.
 
     With ``use_graphs=False`` (or off CUDA) the same static-buffer step runs eagerly, which is how
     the CPU tests check it.
@@ -133,11 +264,12 @@ class GraphedSession:
         self.clone_outputs = clone_outputs
         self.frame_size: tuple[int, int] | None = None
         self.frame_index = 0
+        self.plan: plans.Plan | None = None
         self._static: dict[str, torch.Tensor] = {}
         self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[bool, tuple[torch.Tensor, ...]] = {}
         self._pool = None
-        self._token: tuple | None = None
+        self._baked: _Baked | None = None
         self._pinned: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ state
@@ -157,8 +289,7 @@ class GraphedSession:
                 "frames": torch.zeros(self.batch_size, cfg.num_channels, *size, device=device, dtype=dtype),
                 "queries": torch.zeros(self.batch_size, cfg.num_queries, cfg.hidden_size, device=device, dtype=dtype),
             }
-        self._graphs, self._outputs = {}, {}
-        self._token = weights_token(model)
+        self._graphs, self._outputs, self._baked = {}, {}, None
         self.frame_size = size
 
     # ------------------------------------------------------------------ the step
@@ -180,22 +311,26 @@ class GraphedSession:
 
     @torch.no_grad()
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
+        model = self.model
         # a reset session may change frame size: the static buffers and graphs are then rebuilt
-        size = check_step_frames(self.model, frames, self.batch_size, self.frame_size if self.frame_index else None)
-        if self.use_graphs and self._token is not None and weights_token(self.model) != self._token:
-            if self.frame_index:
-                raise RuntimeError("the model's weights were moved, cast or replaced since this session captured "
-                                   "its CUDA graphs; reset() the session or start a new one")
-            self.frame_size = None  # a reset session: rebuild buffers and graphs for the new weights
-        if size != self.frame_size:
-            self._allocate(size)
+        size = check_step_frames(model, frames, self.batch_size, self.frame_size if self.frame_index else None)
         first = self.frame_index == 0
+        plan = current_plan(model, self.batch_size, size) if getattr(model, "fast_settings", None) else None
+        if size != self.frame_size or self._static["frames"].dtype != model.dtype:
+            self._allocate(size)  # a new size, or the plan decided the dtype of a CPU model
+        self.plan = plan
+        if self.use_graphs and self._baked is not None and not self._baked.still_valid(model, plan, full_check=first):
+            if not first:
+                raise RuntimeError("the model's weights were moved, cast or replaced, or the backend switches "
+                                   "changed, since this session captured its CUDA graphs; reset() the session "
+                                   "or start a new one")
+            self._allocate(size)  # a new video: capture again for the new weights / plan
         self._static["frames"].copy_(frames)
         if self.use_graphs:
             if first not in self._graphs:
                 self._capture(first)
-            with torch.cuda.device(self.model.device):
-                self._graphs[first].replay()
+                self._baked = self._baked or _Baked(model, plan)
+            self._graphs[first].replay()
             masks, classes, sequence = self._outputs[first]
         else:
             masks, classes, sequence = self._eager_step(first)
@@ -254,21 +389,25 @@ class GraphedQueryStep:
             self._prev.copy_(prev)
         if first not in self._graphs:
             self._capture(first)
-        with torch.cuda.device(self._hidden.device):
-            self._graphs[first].replay()
+        self._graphs[first].replay()
         masks, classes, sequence, queries = self._outputs[first]
         return masks.clone(), classes.clone(), sequence.clone(), queries
 
 
 def query_stepper(model: VideomtForUniversalSegmentation, hidden: torch.Tensor, grid: tuple[int, int]):
-    """What the clip forward calls per frame: a cached :class:`GraphedQueryStep` for an optimized CUDA
-    model (outside ``torch.compile`` and graph capture), else ``model.query_step``."""
+    """What the clip forward of an optimized model calls per frame: ``model.query_step`` under the plan of
+    this shape, replayed from a cached :class:`GraphedQueryStep` on CUDA (outside ``torch.compile`` and
+    graph capture)."""
+    if torch.compiler.is_compiling():
+        return model.query_step
+    ph, pw = model.config.patch_hw
+    plan = current_plan(model, hidden.shape[0], (grid[0] * ph, grid[1] * pw))
     if not graphs_enabled(model) or hidden.device.type != "cuda":
         return model.query_step
-    token = weights_token(model)
     cached = model.__dict__.get("_graphed_query_steps")
-    if cached is None or cached[0] != token:  # moved, cast or new weights: graphs of the old ones must not replay
-        cached = model.__dict__["_graphed_query_steps"] = (token, OrderedDict())
+    if cached is None or not cached[0].still_valid(model, plan, full_check=True):
+        # moved, cast or new weights, or another plan: graphs of the old ones must not replay
+        cached = model.__dict__["_graphed_query_steps"] = (_Baked(model, plan), OrderedDict())
     steps = cached[1]
     key = (tuple(hidden.shape), hidden.dtype, grid)
     if key not in steps:
@@ -276,6 +415,21 @@ def query_stepper(model: VideomtForUniversalSegmentation, hidden: torch.Tensor, 
             steps.popitem(last=False)
         steps[key] = GraphedQueryStep(model, hidden, grid)
     return steps[key]
+
+
+def _checked_forward(model, pixel_values: torch.Tensor, probs: list[float], patch_offsets=None):
+    """EoMT's forward after :func:`optimize`, on checked inputs: the plan of this shape, replayed from a
+    CUDA graph per shape on CUDA."""
+    if torch.compiler.is_compiling():
+        return model._forward(pixel_values, probs, patch_offsets)
+    current_plan(model, pixel_values.shape[0], tuple(pixel_values.shape[-2:]))
+    if not graphs_enabled(model):
+        return model._forward(pixel_values, probs, patch_offsets)
+    predictor = model.__dict__.get("_predictor")
+    if predictor is None:
+        predictor = model.__dict__["_predictor"] = GraphedPredictor(
+            model, use_graphs=True, clone_outputs=model.fast_settings.clone_outputs)
+    return predictor.replay(pixel_values, probs, patch_offsets)
 
 
 class GraphedPredictor:
@@ -299,19 +453,19 @@ class GraphedPredictor:
         self.use_graphs = on_cuda if use_graphs is None else bool(use_graphs and on_cuda)
         self.clone_outputs = clone_outputs
         self.max_shapes = max_shapes
-        self._entries: OrderedDict[tuple, tuple] = OrderedDict()  # shape -> (input, graph, outputs, pinned)
+        self._entries: OrderedDict[tuple, tuple] = OrderedDict()  # shape -> (input, graph, outputs, pinned, baked)
         self._pool = None
         self._probs: list[float] | None = None
-        self._token: tuple | None = None
 
-    def _capture(self, key: tuple, pixel_values: torch.Tensor, probs: list[float]):
+    def _capture(self, key: tuple, pixel_values: torch.Tensor, probs: list[float], plan):
         model = self.model
         with torch.inference_mode(False):  # a normal tensor: later calls may run outside inference mode
             static = torch.empty(pixel_values.shape, dtype=model.dtype, device=model.device)
         static.copy_(pixel_values)
         pinned = _pinned_position_table(model, tuple(pixel_values.shape[-2:]))
         graph, out, self._pool = capture_graph(lambda: model._forward(static, probs), model.device, self._pool)
-        entry = (static, graph, (out.class_queries_logits, out.masks_queries_logits, out.last_hidden_state), pinned)
+        entry = (static, graph, (out.class_queries_logits, out.masks_queries_logits, out.last_hidden_state), pinned,
+                 _Baked(model, plan))
         self._entries[key] = entry
         while len(self._entries) > self.max_shapes:
             self._entries.popitem(last=False)
@@ -321,21 +475,32 @@ class GraphedPredictor:
     def __call__(self, pixel_values: torch.Tensor, patch_offsets=None):
         model = self.model
         probs = model.check_inputs(pixel_values, model.check_finite)
+        plan = None
+        if getattr(model, "fast_settings", None) is not None:
+            plan = current_plan(model, pixel_values.shape[0], tuple(pixel_values.shape[-2:]))
         if not self.use_graphs:
             return model._forward(pixel_values, probs, patch_offsets)
-        token = weights_token(model)
-        if probs != self._probs or token != self._token:  # masked layers and weight addresses are baked in
+        return self.replay(pixel_values, probs, patch_offsets, plan)
+
+    def replay(self, pixel_values: torch.Tensor, probs: list[float], patch_offsets=None, plan=None):
+        """The graphed forward on checked inputs (the plan of this shape already active)."""
+        model = self.model
+        if plan is None and getattr(model, "fast_settings", None) is not None:
+            plan = plan_for(model, pixel_values.shape[0], tuple(pixel_values.shape[-2:]))
+        if probs != self._probs:  # which layers are masked is baked in
             self._entries.clear()
-            self._probs, self._token = list(probs), token
+            self._probs = list(probs)
         key = tuple(pixel_values.shape)
         entry = self._entries.get(key)
+        if entry is not None and not entry[4].still_valid(model, plan):
+            del self._entries[key]  # moved, cast or new weights, or another plan
+            entry = None
         if entry is None:
-            entry = self._capture(key, pixel_values, probs)
+            entry = self._capture(key, pixel_values, probs, plan)
         else:
             self._entries.move_to_end(key)
             entry[0].copy_(pixel_values)
-        with torch.cuda.device(model.device):
-            entry[1].replay()
+        entry[1].replay()
         classes, masks, sequence = entry[2]
         if self.clone_outputs:
             classes, masks, sequence = classes.clone(), masks.clone(), sequence.clone()

@@ -66,6 +66,10 @@ class VideomtSession:
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
         model = self.model
         size = check_step_frames(model, frames, self.batch_size, self.frame_size)
+        if getattr(model, "fast_settings", None) is not None:  # optimized: the execution plan of this shape
+            from videomt_fast.runtime.fast import current_plan
+
+            current_plan(model, self.batch_size, size)
         hidden = model.encode_frames(frames)
         masks, classes, sequence, queries = model.query_step(hidden, self._queries, model.grid_for(*size))
         self._queries = queries

@@ -1,0 +1,246 @@
+"""Execution plans: candidates verified and timed per op site, the choice run with no per-call dispatch."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import videomt_fast
+from videomt_fast import ops
+from videomt_fast.ops import registry
+from videomt_fast.runtime import fast, plans
+
+from helpers import TINY, randomize_, video
+
+SIZE = (TINY["image_size"], TINY["image_size"])
+
+
+@pytest.fixture(autouse=True)
+def _plan_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIDEOMT_FAST_PLAN_CACHE", str(tmp_path / "plans"))
+    monkeypatch.delenv("VIDEOMT_FAST_PLAN", raising=False)
+    monkeypatch.setattr(registry, "_EXCLUDED", {})
+
+
+@pytest.fixture()
+def model():
+    return randomize_(videomt_fast.VideomtForUniversalSegmentation(videomt_fast.VideomtConfig(**TINY)))
+
+
+@pytest.fixture()
+def eomt():
+    return randomize_(videomt_fast.EomtForUniversalSegmentation(videomt_fast.EomtConfig(**TINY)))
+
+
+def stub_timer(ms: dict):
+    """A timer that never runs anything: candidate name -> milliseconds (others 5 ms)."""
+    seen = []
+
+    def timer(site, name, fn, args):
+        seen.append((site, name))
+        return ms.get(name, 5.0)
+
+    timer.seen = seen
+    return timer
+
+
+def no_dispatch(*args, **kwargs):
+    raise AssertionError("per-call dispatch ran on a planned path")
+
+
+# ------------------------------------------------------------------ building
+
+
+def test_cpu_plan_covers_every_site_and_runs_without_dispatch(model, monkeypatch):
+    plain = videomt_fast.VideomtForUniversalSegmentation(model.config)
+    plain.load_state_dict(model.state_dict())
+    model.optimize(dtype=torch.float32)
+    x = video(1, 3)
+    with torch.no_grad():
+        want = plain(pixel_values_videos=x)
+        session = model.new_session()
+        session.step(x[:, 0])  # builds the plan of this shape
+        monkeypatch.setattr(registry, "choose", no_dispatch)
+        steps = [session.step(x[:, t]) for t in range(1, 3)]
+    plan = fast.plan_for(model, 1, SIZE)
+    assert set(plan.sites) == {f"{stage}.{op}" for stage in ("early", "query")
+                               for op in ("attention", "layer_norm", "linear_gelu", "linear_residual",
+                                          "residual_layer_norm")} | {"head.linear_gelu", "frame.layer_norm",
+                                                                      "frame.query_update"}
+    assert plan.choices() == dict.fromkeys(plan.sites, "reference")  # on a CPU only the references qualify
+    assert plan.gate["passed"] and plan.gate["masks"] == 1.0
+    for stage, module in plans.op_sites(model):
+        assert module.impl is plan.table(stage)
+    for site in plan.sites.values():  # the references themselves, no dispatching wrapper
+        assert getattr(plan.table(site.stage), site.op) is registry._OPS[site.op].ref
+    for t, out in enumerate(steps, start=1):  # the references called directly: bit for bit the plain model
+        assert torch.equal(out.masks_queries_logits, want.masks_queries_logits[t : t + 1])
+
+
+def test_triton_candidates_under_the_interpreter_with_a_stubbed_timer(model):
+    with ops.use_backend("triton"):
+        timer = stub_timer({"triton": 1.0, "reference": 2.0})
+        plan = plans.build(model, 1, SIZE, timer=timer, gate=False)
+    triton_fns = {name: registry._OPS[name].impls["triton"].fn for name in plan_ops(plan)}
+    assert plan.choices() == dict.fromkeys(plan.sites, "triton")
+    for site in plan.sites.values():
+        names = {c.name: c for c in site.candidates}
+        assert set(names) == {"reference", "triton"}
+        assert names["triton"].error <= names["triton"].tolerance <= 1e-4  # fp32: verified against float64
+        assert names["triton"].time_ms == 1.0 and names["reference"].time_ms == 2.0
+    plans.apply(model, plan)
+    for stage, module in plans.op_sites(model):
+        for op in ("attention", "layer_norm", "residual_layer_norm"):
+            if f"{stage}.{op}" in plan.sites and isinstance(module, type(model.layers[0])):
+                assert getattr(module.impl, op) is triton_fns[op]
+    # the planned model runs the kernels (interpreter) and agrees with the float64 reference model
+    ref64 = videomt_fast.VideomtForUniversalSegmentation(model.config).double()
+    ref64.load_state_dict(model.state_dict())
+    x = video(1, 2)
+    with torch.no_grad(), ops.use_backend("triton"):
+        masks, _ = plans.run_frames(model, x)
+    with torch.no_grad(), ops.use_backend("reference"):
+        truth, _ = plans.run_frames(ref64, x.double())
+    assert float((masks.double() - truth).norm() / truth.norm()) < 1e-5
+
+
+def plan_ops(plan):
+    return {site.op for site in plan.sites.values()}
+
+
+def test_wrong_raising_nan_and_refusing_candidates_are_excluded_with_reasons(model, monkeypatch):
+    ref = registry._OPS["layer_norm"].ref
+    fake = {
+        "wrong": registry._Impl(lambda x, w, b, eps: ref(x, w, b, eps) * 1.01, None, None, devices=("cpu",)),
+        "raising": registry._Impl(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")), None, None, devices=("cpu",)),
+        "nan": registry._Impl(lambda x, w, b, eps: torch.full_like(x, math.nan), None, None, devices=("cpu",)),
+        "refusing": registry._Impl(ref, lambda *a: "needs a GPU", None, devices=("cpu",)),
+        "good": registry._Impl(lambda x, w, b, eps: ref(x, w, b, eps), None, None, devices=("cpu",)),
+    }
+    monkeypatch.setitem(registry._CANDIDATES, "layer_norm", fake)
+    plan = plans.build(model, 1, SIZE, timer=stub_timer({"wrong": 0.1, "raising": 0.1, "nan": 0.1,
+                                                         "refusing": 0.1, "good": 1.0, "reference": 2.0}))
+    for key in ("early.layer_norm", "query.layer_norm", "frame.layer_norm"):
+        site = plan.sites[key]
+        why = {c.name: (c.status, c.reason) for c in site.candidates}
+        assert site.chosen == "good", why
+        assert why["wrong"][0] == "excluded" and "over tolerance" in why["wrong"][1]
+        assert why["raising"] == ("excluded", "raised RuntimeError: boom")
+        assert why["nan"] == ("excluded", "NaN or inf in the output")
+        assert why["refusing"] == ("excluded", "refuses the inputs: needs a GPU")
+    text = plan.format()
+    assert "raising: excluded (raised RuntimeError: boom)" in text and "early.layer_norm" in text
+
+
+def test_gate_falls_back_site_by_site(model, monkeypatch):
+    """A candidate within its per-op tolerance (here: a tolerance made loose) that still ruins the masks
+    is moved back to the reference by the whole-model gate."""
+    monkeypatch.setattr(plans, "tolerance", lambda dtype, err: 10.0)
+    sloppy = registry._Impl(lambda qkv, heads, *a: torch.zeros_like(qkv[..., : qkv.shape[-1] // 3]), None, None,
+                            devices=("cpu",))
+    monkeypatch.setitem(registry._CANDIDATES, "attention", {"sloppy": sloppy})
+    plan = plans.build(model, 1, SIZE, timer=stub_timer({"sloppy": 0.1, "reference": 1.0}))
+    assert plan.gate["passed"]
+    assert plan.gate["fallbacks"] and set(plan.gate["fallbacks"]) <= {"early.attention", "query.attention"}
+    for key in plan.gate["fallbacks"]:
+        assert plan.sites[key].chosen == "reference" and "gate failed with sloppy" in plan.sites[key].fallback
+
+
+def test_cpu_dtype_bf16_kept_only_when_it_passes_the_gate_and_is_faster(model, monkeypatch):
+    monkeypatch.setattr(plans, "native_bf16", lambda: True)
+    faster_bf16 = {"float32": 10.0, "bfloat16": 4.0}.__getitem__
+    monkeypatch.setattr(plans, "GATE_MASKS", 0.0)
+    monkeypatch.setattr(plans, "GATE_CLASSES", 0.0)
+    assert plans.choose_cpu_dtype(model, 1, SIZE, timer=faster_bf16)["dtype"] == "bfloat16"
+    assert plans.choose_cpu_dtype(model, 1, SIZE, timer={"float32": 4.0, "bfloat16": 4.0}.__getitem__)["dtype"] \
+        == "float32"
+    monkeypatch.setattr(plans, "GATE_CLASSES", 1.01)  # bf16 forced past tolerance
+    report = plans.choose_cpu_dtype(model, 1, SIZE, timer=faster_bf16)
+    assert report["dtype"] == "float32" and "misses the agreement gate" in report["reason"]
+    monkeypatch.setattr(plans, "native_bf16", lambda: False)
+    assert "no native bf16" in plans.choose_cpu_dtype(model, 1, SIZE)["reason"]
+
+
+def test_optimize_auto_casts_a_cpu_model_to_bf16_when_the_plan_proves_it(model, monkeypatch):
+    monkeypatch.setattr(plans, "choose_cpu_dtype", lambda *a, **k: {"dtype": "bfloat16", "reason": "stub"})
+    model.optimize()  # dtype="auto"
+    assert model.dtype == torch.float32  # nothing decided before the first input shape
+    with torch.no_grad():
+        out = model.new_session().step(video(1, 1)[:, 0])
+    assert model.dtype == torch.bfloat16 and out.masks_queries_logits.dtype == torch.bfloat16
+    assert model.attn_mask_probs.dtype == torch.float32
+
+
+# ------------------------------------------------------------------ cache and switches
+
+
+def test_cache_round_trips_and_a_version_change_invalidates_it(model, monkeypatch, tmp_path):
+    first = plans.get(model, 1, SIZE, timer=stub_timer({}))
+    assert first.mode == "calibrated"
+    files = list((tmp_path / "plans").glob("*.json"))
+    assert len(files) == 1
+    again = plans.get(model, 1, SIZE, timer=stub_timer({}))
+    assert again.mode == "cached" and again.choices() == first.choices()
+    assert json.loads(files[0].read_text())["sites"].keys() == first.sites.keys()
+    monkeypatch.setattr(videomt_fast, "__version__", "999.0")
+    assert plans.get(model, 1, SIZE, timer=stub_timer({})).mode == "calibrated"
+    assert len(list((tmp_path / "plans").glob("*.json"))) == 2
+    assert plans.get(model, 1, SIZE, mode="recalibrate", timer=stub_timer({})).mode == "calibrated"
+    static = plans.get(model, 1, SIZE, mode="static")
+    assert static.mode == "static" and static.choices() == dict.fromkeys(static.sites, "reference")
+    monkeypatch.setenv("VIDEOMT_FAST_PLAN", "bogus")
+    with pytest.raises(ValueError, match="VIDEOMT_FAST_PLAN"):
+        plans.get(model, 1, SIZE)
+
+
+def test_a_stale_cached_choice_is_recalibrated(model, tmp_path):
+    plan = plans.get(model, 1, SIZE, timer=stub_timer({}))
+    path = next((tmp_path / "plans").glob("*.json"))
+    data = json.loads(path.read_text())
+    data["sites"]["early.attention"]["chosen"] = "gone"  # an implementation this machine no longer has
+    path.write_text(json.dumps(data))
+    assert plans.get(model, 1, SIZE, timer=stub_timer({})).mode == "calibrated"
+    assert plan.sites["early.attention"].chosen == "reference"
+
+
+def test_backend_switches_give_another_plan(model):
+    model.optimize(dtype=torch.float32)
+    with torch.no_grad():
+        session = model.new_session()
+        session.step(video(1, 1)[:, 0])
+        auto = session.plan if hasattr(session, "plan") else fast.plan_for(model, 1, SIZE)
+        with ops.use_backend("reference"):
+            forced = fast.plan_for(model, 1, SIZE)
+    assert forced is not fast.plan_for(model, 1, SIZE) and auto is fast.plan_for(model, 1, SIZE)
+
+
+def test_eomt_plan_has_a_masked_stage_and_the_forward_uses_it(eomt, monkeypatch):
+    x = video(1, 1)[:, 0]
+    with torch.no_grad():
+        want = eomt(pixel_values=x)
+        eomt.optimize(dtype=torch.float32)
+        eomt(pixel_values=x)  # builds the plan
+        monkeypatch.setattr(registry, "choose", no_dispatch)
+        got = eomt(pixel_values=x)
+    plan = fast.plan_for(eomt, 1, SIZE)
+    assert {"masked.attention", "frame.mask_bits", "frame.query_update"} <= set(plan.sites)
+    assert torch.equal(got.masks_queries_logits, want.masks_queries_logits)
+
+
+# ------------------------------------------------------------------ what graphs baked in
+
+
+def test_graph_token_sees_a_replaced_middle_parameter_and_another_plan(model):
+    model.optimize(dtype=torch.float32, plan="static")
+    plan = fast.plan_for(model, 1, SIZE)
+    baked = fast._Baked(model, plan)
+    assert baked.still_valid(model, plan, full_check=True)
+    other = plans.build(model, 1, SIZE, mode="static")
+    assert not baked.still_valid(model, other)  # backend switches or a new plan: recapture
+    middle = model.layers[len(model.layers) // 2].mlp.fc1
+    middle.weight = torch.nn.Parameter(middle.weight.detach().clone())  # same shape, new storage
+    assert not baked.still_valid(model, plan)
+    fresh = fast._Baked(model, plan)
+    torch.nn.Linear(2, 2)  # a registration elsewhere in the process is not ours
+    assert fresh.still_valid(model, plan)
