@@ -434,3 +434,40 @@ def test_profiler_stages_compute_what_a_session_step_computes(provider):
             assert list(clock.milliseconds()[0]) == ["patch_embed", "early_layers", "query_layers", "head_upscale"]
             assert staged.ops == stepped.ops, (t, staged.ops - stepped.ops, stepped.ops - staged.ops)
             assert sum(stepped.ops.values()) > 20
+
+
+# ------------------------------------------------------------------ command line
+
+
+def test_every_command_line_option_has_help():
+    """Every option of every subcommand explains itself in --help (argparse.SUPPRESS hides an option on purpose)."""
+    import argparse
+    import importlib
+
+    from videomt_fast.apps import cli
+
+    parsers = {"backends": cli.backends_parser()}
+    for name, (module, _) in cli._SUBCOMMANDS.items():
+        build = getattr(importlib.import_module(module), "build_parser", None)
+        if build is not None:
+            parsers[name] = build()
+    assert {"backends", "bench", "profile", "segment"} <= set(parsers)
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, parser in parsers.items() for action in parser._actions
+               if not (action.help or "").strip()]
+    assert not missing, missing
+
+
+def test_backends_names_the_device(capsys):
+    from videomt_fast.apps import cli
+
+    assert cli.main(["backends", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("backends for tensors on cpu: CPU: ") and lines[1].split() == ["op", "backend", "reason"]
+    assert any(line.split()[:2] == ["attention", "reference"] for line in lines[2:])
+    assert cli.main(["backends", "--device", "cpu", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["device"] == "cpu" and report["ops"]["attention"]["backend"] == "reference"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["backends", "--device", "nonsense"])
+    assert exc.value.code == 2 and "--device 'nonsense' is not a device" in capsys.readouterr().err

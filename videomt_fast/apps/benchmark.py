@@ -1227,7 +1227,7 @@ def _nvidia_driver() -> str | None:
     return None
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
             for line in fh:
@@ -1255,7 +1255,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
     env: dict[str, Any] = {
         "device_type": device.type,
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

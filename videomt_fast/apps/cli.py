@@ -22,21 +22,63 @@ _SUBCOMMANDS = {
 }
 
 
+def backends_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="videomt-fast backends",
+        description="Which implementation (reference, triton, cuda) each op runs for tensors on a device, and why.",
+    )
+    parser.add_argument("--device", default=None,
+                        help="device whose tensors the report is for: cpu, cuda or cuda:N (default: cuda when "
+                             "torch sees a GPU, else cpu)")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON instead of the table: the device, and per op its backend, the reason, "
+                             "the available implementations and what the op does")
+    return parser
+
+
 def _backends(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="videomt-fast backends", description="which backend each op runs")
-    parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    parser.add_argument("--json", action="store_true")
+    parser = backends_parser()
     args = parser.parse_args(argv)
+    import torch
+
     from videomt_fast import ops
     from videomt_fast.ops import reference  # noqa: F401
 
-    report = ops.backend_report(args.device)
+    try:
+        device = torch.device(args.device or ("cuda" if _cuda() else "cpu"))
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N")
+    report = ops.backend_report(device)
+    name = _device_name(device)
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for name, row in report.items():
-            print(f"{name:22s} {row['backend']:10s} {row['reason']}")
+        print(json.dumps({"device": str(device), "device_name": name, "ops": report}, indent=2))
+        return 0
+    print(f"backends for tensors on {device}: {name}")
+    width = max([len("op")] + [len(op) for op in report])
+    print(f"{'op':{width}s}  {'backend':10s} reason")
+    for op, row in report.items():
+        print(f"{op:{width}s}  {row['backend']:10s} {row['reason']}")
     return 0
+
+
+def _device_name(device) -> str:
+    """What the device is, in words: the GPU's name, or the CPU's model and core count."""
+    import os
+
+    import torch
+
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device here (every op runs its reference)"
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            return f"no such GPU (torch sees {torch.cuda.device_count()})"
+        return f"{torch.cuda.get_device_name(index)} (CUDA {torch.version.cuda})"
+    if device.type == "cpu":
+        from videomt_fast.apps.benchmark import cpu_name
+
+        return f"CPU: {cpu_name()} ({os.cpu_count()} cores visible)"
+    return device.type
 
 
 def _cuda() -> bool:
