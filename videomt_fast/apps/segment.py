@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", help="video files, folders (recursive), frame folders, or .txt lists of paths")
     p.add_argument("--model", required=True, help="save_pretrained folder, hub id, research .pth, or demo (the small packaged model)")
-    p.add_argument("--task", choices=TASKS, default="instance")
+    p.add_argument("--task", choices=TASKS, default="instance",
+                   help="instance (default): tracks, instances.json and track-id PNGs; semantic: class-map PNGs; "
+                        "panoptic: PNGs and panoptic.json")
     p.add_argument("--out", required=True, help="output folder (one subfolder per video)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--size", type=int, help="square input side (default: the config's image_size, as transformers)")
@@ -145,11 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="auto", help="comma list (cuda:0,cuda:1,cpu) or auto (every GPU, else cpu)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run one Ray task per video (ADDRESS of a cluster, or none for the default/local one)")
-    p.add_argument("--decoder", choices=["auto", "pyav", "torchcodec"], default="auto")
+    p.add_argument("--decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
+                   help="video decoder (auto: torchcodec when importable, else PyAV)")
     p.add_argument("--decode-workers", type=int, default=2, help="videos decoded ahead in parallel per device")
     p.add_argument("--decode-threads", type=int, default=0, help="FFmpeg threads per decoder (0 = automatic)")
     p.add_argument("--prefetch-chunks", type=int, default=2, help="decoded chunks queued per video")
-    p.add_argument("--png-threads", type=int, default=2)
+    p.add_argument("--png-threads", type=int, default=2, help="threads encoding and writing PNGs (default 2)")
     p.add_argument("--png-level", type=int, default=3, help="zlib level for PNGs (0-9)")
     p.add_argument("--threshold", type=float, help="score threshold (default 0.5 instance, 0.8 panoptic)")
     p.add_argument("--mask-threshold", type=float, default=0.5, help="panoptic mask threshold")
