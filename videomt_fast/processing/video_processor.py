@@ -106,8 +106,8 @@ class VideomtVideoProcessorKwargs(TypedDict, total=False):
 def size_dict(size: Any, default_to_square: bool = True, name: str = "size") -> dict | None:
     """transformers' ``get_size_dict``: an int is a square (``default_to_square``) or the short side, a
     ``(height, width)`` pair is the two sides, a dict is kept (its keys checked)."""
-    if size is None or isinstance(size, dict):
-        out = None if size is None else dict(size)
+    if size is None or isinstance(size, dict):  # None entries dropped, as transformers' SizeDict does
+        out = None if size is None else {k: v for k, v in dict(size).items() if v is not None}
     elif isinstance(size, (int, np.integer)) and not isinstance(size, bool):
         out = {"height": int(size), "width": int(size)} if default_to_square else {"shortest_edge": int(size)}
     elif isinstance(size, (list, tuple)) and len(size) == 2:
