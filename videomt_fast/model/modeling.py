@@ -447,7 +447,7 @@ class _Recorder:
         if self.want_hidden and not self.hidden:
             self._keep(call["x"])
         if self.want_attentions:
-            self.attentions.append(attention_maps(layer, call["x"], None,
+            self.attentions.append(attention_maps(layer, call["x"], call.get("mask_bits"),
                                                   call.get("num_queries", 0), call.get("num_prefix", 0)))
 
     def _after(self, layer: "Layer", args: tuple, output: torch.Tensor) -> None:
@@ -619,7 +619,7 @@ class _Segmenter(nn.Module):
     def _finish_output(self, output: "_Output", recorder: "_Recorder | None", return_dict: bool):
         if recorder is not None:
             recorder.fill(output)
-        return output if return_dict else output.to_tuple()
+        return as_transformers_output(output) if return_dict else output.to_tuple()
 
     def optimize(
         self,
