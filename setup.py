@@ -92,7 +92,7 @@ setup(
     extras_require={
         "video": ["av", "pycocotools", "tqdm"],
         "segment": ["av", "pycocotools", "tqdm"],
-        "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm"],
+        "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm", "ray"],
         "ray": ["ray"],
     },
     ext_modules=ext_modules,

@@ -5,6 +5,8 @@ import torch
 
 from videomt_fast.testing.pytest_mode import triton_mode
 
+pytest_plugins = ["ci_policy"]  # skips CI must not accept (tests/ci_policy.py)
+
 
 def _cuda_available() -> bool:
     # VIDEOMT_FAST_TEST_ASSUME_CUDA=1 lets a CPU machine take the CUDA branch of the mode decision
