@@ -75,6 +75,7 @@ except ImportError:  # pragma: no cover - not POSIX: videos are not locked again
 
 DONE_MARKER = "done.json"
 KILL_AFTER_FRAMES_ENV = "VIDEOMT_FAST_SEGMENT_KILL_AFTER_FRAMES"  # test hook: SIGKILL self after N frames written
+KILL_ONCE_ENV = "VIDEOMT_FAST_SEGMENT_KILL_ONCE"  # test hook: a file path; only the process that creates it is killed
 TASKS = ("instance", "semantic", "panoptic")
 
 
@@ -689,6 +690,13 @@ class _KillHook:
             return
         self.count += n
         if self.count >= self.limit:
+            once = os.environ.get(KILL_ONCE_ENV)
+            if once:
+                try:
+                    os.close(os.open(once, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    self.limit = None  # another process took the kill
+                    return
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -723,14 +731,8 @@ class Writer(threading.Thread):
             self._run()
         except BaseException as exc:  # the producer sees self.error on its next submit and fails the run
             self.error = f"{type(exc).__name__}: {exc}"
-            for name, output in list(self.outputs.items()):
+            for output in self.outputs.values():  # their claims stay held: the producer reports them
                 output.abort()
-                _release(output.job)
-                try:
-                    self.on_event("result", _result(output.job, "failed", output.frames, 0.0,
-                                                    f"{output.job.source.path}: the output writer stopped: {self.error}"))
-                except BaseException:
-                    pass
             self.outputs.clear()
         finally:
             self.pool.shutdown(wait=False, cancel_futures=True)
@@ -758,29 +760,29 @@ class Writer(threading.Thread):
                     if job.name in self.failed:
                         if output is not None:
                             output.abort()
-                        _release(job)
                         self.on_event("result", _result(job, "failed", stats.get("frames", 0), stats.get("seconds", 0.0), self.failed.pop(job.name)))
+                        _release(job)
                         continue
                     output.finish(tracker, stats)
-                    _release(job)
                     self.on_event("result", _result(job, "done", output.frames, stats.get("seconds", 0.0)))
+                    _release(job)  # after the report: a claim still held when the writer dies is reported by the producer
                 elif kind == "abort":
                     _, _, error, frames = message
                     output = self.outputs.pop(job.name, None)
                     if output is not None:
                         output.abort()
-                    _release(job)
                     error = self.failed.pop(job.name, None) or error
                     self.on_event("result", _result(job, "failed", frames, 0.0, error))
+                    _release(job)
             except Exception as exc:
                 output = self.outputs.pop(job.name, None) or output  # "end" popped it before finish()
                 if output is not None:
                     output.abort()  # never leak the temporary folder (e.g. a disk-full finish())
                 error = f"{job.source.path}: writing outputs failed: {type(exc).__name__}: {exc}"
                 if kind in ("end", "abort"):
-                    _release(job)
                     self.failed.pop(job.name, None)
                     self.on_event("result", _result(job, "failed", 0, 0.0, error))
+                    _release(job)
                 else:
                     self.failed[job.name] = error
         self.pool.shutdown(wait=True)
