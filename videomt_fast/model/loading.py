@@ -701,10 +701,11 @@ def load_pretrained(
     build = dict(dtype=dtype, device=device, strict=strict, ignore_mismatched_sizes=ignore_mismatched_sizes)
     info: dict[str, Any] = {}
     if name_or_path is None:
-        if config is None or state_dict is None:
-            raise ValueError("from_pretrained(None, ...) needs both config= and state_dict= (transformers' key names)")
+        if config is None:
+            raise ValueError("from_pretrained(None, ...) needs config= (and state_dict=, transformers' key names; "
+                             "without it every weight is initialised)")
         missing: list[str] = []
-        model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict), None if strict else missing),
+        model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict or {}), None if strict else missing),
                             source="state_dict", loading_info=info, init_missing=missing, **build)
         return (model, info) if output_loading_info else model
     path = os.fspath(name_or_path)

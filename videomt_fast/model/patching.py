@@ -16,29 +16,32 @@ def _fast_classes() -> dict[str, type]:
 
 
 def _model_type(name_or_path: Any, kwargs: dict) -> str | None:
+    """The model type ``from_pretrained(name_or_path, **kwargs)`` would load, or None if unknown."""
     config = kwargs.get("config")
     if config is not None:
         return getattr(config, "model_type", None)
+    if name_or_path is None:
+        return None
     path = os.fspath(name_or_path)
     if os.path.isfile(path):
         return None
     try:
         from videomt_fast.model.loading import resolve_checkpoint_dir
 
-        directory = resolve_checkpoint_dir(path, **{k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs})
+        keys = ("revision", "cache_dir", "token", "subfolder", "local_files_only")
+        directory = resolve_checkpoint_dir(path, **{k: kwargs[k] for k in keys if k in kwargs})
         with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
             return json.load(handle).get("model_type")
     except (OSError, ValueError):
         return None
 
 
-def _fast_kwargs(kwargs: dict) -> dict:
-    """Keep the loader arguments that mean the same thing for both libraries."""
-    keep = {}
-    for key in ("dtype", "torch_dtype", "device_map", "revision", "cache_dir", "token", "local_files_only"):
-        if key in kwargs:
-            keep[key] = kwargs[key]
-    return keep
+def _name_or_path(args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
+    """``from_pretrained``'s first argument, given by position or as ``pretrained_model_name_or_path=``."""
+    if args:
+        return args[0], args[1:], kwargs
+    kwargs = dict(kwargs)
+    return kwargs.pop("pretrained_model_name_or_path", None), (), kwargs
 
 
 class TransformersPatch:
@@ -74,8 +77,9 @@ def patch() -> TransformersPatch:
             continue
         target = fast[model_type]
 
-        def loader(cls, name_or_path, *args, _target=target, **kwargs):
-            return _target.from_pretrained(name_or_path, **_fast_kwargs(kwargs))
+        def loader(cls, *args, _target=target, **kwargs):
+            # every argument passes through: ours take transformers' (and refuse the ones they cannot honour)
+            return _target.from_pretrained(*args, **kwargs)
 
         remember(hf_cls, "from_pretrained")
         hf_cls.from_pretrained = classmethod(loader)
@@ -84,11 +88,12 @@ def patch() -> TransformersPatch:
     if auto_cls is not None:
         original = auto_cls.from_pretrained  # bound classmethod
 
-        def auto_loader(cls, name_or_path, *args, **kwargs):
-            model_type = _model_type(name_or_path, kwargs)
+        def auto_loader(cls, *args, **kwargs):
+            name_or_path, rest, options = _name_or_path(args, kwargs)
+            model_type = _model_type(name_or_path, options)
             if model_type in fast:
-                return fast[model_type].from_pretrained(name_or_path, **_fast_kwargs(kwargs))
-            return original(name_or_path, *args, **kwargs)
+                return fast[model_type].from_pretrained(name_or_path, *rest, **options)
+            return original(*args, **kwargs)
 
         remember(auto_cls, "from_pretrained")
         auto_cls.from_pretrained = classmethod(auto_loader)
