@@ -52,6 +52,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -202,6 +203,8 @@ def resolve_model_arguments(parser: argparse.ArgumentParser, args: argparse.Name
         args.arch = "vit-s"
     if args.num_labels is None:
         args.num_labels = 133 if eomt else 40
+    # the fast path's dtype: as given, else "auto" (bf16 on CUDA; on a CPU the execution plan decides)
+    args.fast_dtype = getattr(torch, args.dtype) if args.dtype else "auto"
     args.dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
@@ -233,7 +236,9 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="instance threshold (default 0.5 with --checkpoint; 0.0 with random weights, whose "
                         "near-uniform class scores would otherwise keep nothing)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5 on CUDA, 1 on CPU)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls first (default 5 on CUDA, 0 on CPU); the untimed agreement call runs after them, "
+                        "so every case has at least one call before its timed repeats")
     p.add_argument("--repeats", type=int, default=None, help="timed calls (default 30 on CUDA, 3 on CPU)")
     p.add_argument("--num-inputs", type=int, default=3, help="random input buffers rotated between calls")
     p.add_argument("--agree-frames", type=int, default=8, help="frames compared with hf-eager-fp32 (default 8)")
@@ -276,12 +281,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     elif eomt and "edgetam-video" in args.peers:
         parser.error("--peers edgetam-video is a video model; with --model eomt use mask2former-swin-t")
     defaults = dict(frames=(16, 2) if eomt else (64, 4), online_frames=(16, 4), e2e_frames=(8, 2),
-                    e2e_size=((720, 1280), (180, 320)), warmup=(5, 1), repeats=(30, 3),
+                    e2e_size=((720, 1280), (180, 320)), warmup=(5, 0), repeats=(30, 3),
                     threshold=(0.5 if args.checkpoint else 0.0,) * 2)
     for name, (on_cuda, on_cpu) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, on_cuda if cuda else on_cpu)
     args.compile_mode = args.compile_mode or ("max-autotune" if cuda else "default")
+    if not cuda and args.threads is None:
+        # one thread: steady ratios, and a shared or small machine is not oversubscribed (two threads on two
+        # busy cores ran 3-4x slower than one); --threads N uses more
+        args.threads = 1
     args.peak_tflops = args.peak_tflops if args.peak_tflops is not None else detect_peak_tflops(device)
     for name in ("frames", "online_frames", "e2e_frames", "repeats", "num_inputs", "agree_frames"):
         if getattr(args, name) < 1:
@@ -697,12 +706,27 @@ class Bench:
             backend = "videomt_fast reference ops"
             context = functools.partial(ops.use_backend, "reference")
         else:
-            dtype = self.args.dtype
-            model = model.optimize(dtype=dtype, cuda_graphs=self.device.type == "cuda")
-            backend = "videomt_fast optimize()"
-            report = ops.backend_report(self.device)
-            fast_ops = sorted(k for k, v in report.items() if v["backend"] != "reference")
-            notes.append(f"ops on fast backends: {', '.join(fast_ops) if fast_ops else 'none'}")
+            from videomt_fast.ops import _ext
+            from videomt_fast.runtime.fast import plans_of
+
+            # plan the shapes the cases run now: calibration (and a CPU's dtype decision) stays out of the
+            # timings, and the row names the dtype and implementations that really ran
+            rows = [1] if self.eomt else [1, self.args.frames]
+            model = model.optimize(dtype=getattr(self.args, "fast_dtype", self.args.dtype),
+                                   cuda_graphs=self.device.type == "cuda",
+                                   shapes=[(r, *size) for r in dict.fromkeys(rows)])
+            dtype = model.dtype
+            built = plans_of(model)
+            backend = "videomt_fast optimize(): " + "; ".join(
+                f"{p.rows}x{p.size[0]}x{p.size[1]} {p.mode}, fast ops: "
+                + (", ".join(sorted({f"{s.op}={s.chosen}" for s in p.sites.values() if s.chosen != "reference"}))
+                   or "none") for p in built)
+            self.plan = {"plans": [p.to_json() for p in built], "exclusions": ops.exclusions(),
+                         "load_errors": ops.load_errors(),
+                         "cuda_extension": ("loaded" if _ext.load() is not None else _ext.error())
+                         if self.device.type == "cuda" else None,
+                         "cpu_dtype": model.fast_settings.cpu_dtype_report or None}
+            notes.append(f"execution plans: {backend}")
         model.eval()
         if self.eomt:
             processor = self.eomt_fast_processor(size)
@@ -1497,7 +1521,8 @@ def format_table(report: dict[str, Any], legend: bool = True) -> str:
             out.append(f"{fixed}  {row['status']}: {row['reason']}")
     if legend:
         out.append("")
-        out += [f"  {name:10s} {text}" for name, _, _, text in columns]
+        for name, _, _, text in columns:
+            out += textwrap.wrap(text, 110, initial_indent=f"  {name:10s} ", subsequent_indent=" " * 13)
     for warning in report.get("warnings", []):
         out.append(f"warning: {warning}")
     return "\n".join(out)

@@ -81,8 +81,19 @@ def build_model(args: argparse.Namespace):
     source = Bench(argparse.Namespace(**{**vars(args), "model": "videomt", "masked_attention": "model"}))
     model = from_transformers(source.hf_master(args.size)).to(args.device)
     if args.provider == "fast":
-        model = model.optimize(dtype=args.dtype, cuda_graphs=args.device.type == "cuda")
+        from videomt_fast.runtime.fast import current_plan
+
+        model = model.optimize(dtype=getattr(args, "fast_dtype", args.dtype), cuda_graphs=args.device.type == "cuda",
+                               shapes=[(1, *args.size)])
+        current_plan(model, 1, tuple(args.size))  # the stages below call the plan's implementations
     return model.eval(), []
+
+
+def _plan_json(model) -> list[dict] | None:
+    """The execution plans the profiled model ran (None for the reference provider)."""
+    from videomt_fast.runtime.fast import plans_of
+
+    return [p.to_json() for p in plans_of(model)] or None
 
 
 class StageClock:
@@ -238,6 +249,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "warmup": args.warmup,
         "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
         "stages": stages,
+        "plan": _plan_json(model),
         "sum_of_stages_ms": total,
         "session_step_ms_median": percentile(step_ms, 50),
         "session_step_ms_p90": percentile(step_ms, 90),

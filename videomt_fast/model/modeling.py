@@ -226,7 +226,8 @@ class Embeddings(nn.Module):
             return weight
         if torch.compiler.is_compiling():  # part of the graph: no cache keyed by addresses
             return self._resized(weight, grid)
-        key = (tuple(grid), weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        key = (tuple(grid), weight.data_ptr(), 0 if weight.is_inference() else weight._version, weight.dtype,
+               weight.device)
         cached = self._pos_cache.get(key)
         if cached is None:
             cached = self._resized(weight, grid)
@@ -629,6 +630,7 @@ class _Segmenter(nn.Module):
         clone_outputs: bool = True,
         plan: str | None = None,
         budget_s: float = 60.0,
+        shapes: Any = (),
     ) -> "_Segmenter":
         """Set the model up for its device, in place; returns it (:mod:`videomt_fast.runtime.fast`).
 
@@ -642,13 +644,14 @@ class _Segmenter(nn.Module):
         forward's per-frame steps and EoMT's forward replay CUDA graphs (``cuda_graphs=False``: eager).
         The NaN/inf scan of inputs is off on the fast path (a reduction and a host sync per call);
         ``check_finite=True`` keeps it. ``clone_outputs=False`` lets graphed calls return their static
-        output buffers (valid until the next call) instead of copies.
+        output buffers (valid until the next call) instead of copies. ``shapes``: ``(frames per call,
+        height, width)`` triples to plan now instead of at their first call.
         """
         from videomt_fast.runtime.fast import optimize
 
         self._refresh_mask_probs()
         return optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
-                        clone_outputs=clone_outputs, plan=plan, budget_s=budget_s)
+                        clone_outputs=clone_outputs, plan=plan, budget_s=budget_s, shapes=shapes)
 
     def backend_report(self) -> dict[str, dict[str, Any]]:
         """Which backend each op would use on this model's device, and why."""

@@ -64,16 +64,18 @@ def _casted_tensors(model):
 def _cast(model, dtype: torch.dtype) -> None:
     # already in ``dtype`` (e.g. float32 on CPU): no cast, no copy, the same tensors as before
     if any(t.is_floating_point() and t.dtype != dtype for name, t in _casted_tensors(model)):
-        probs = model.attn_mask_probs.detach().clone()
-        model.to(dtype=dtype)
-        model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
+        with torch.inference_mode(False):  # normal tensors even when the first frame runs in inference mode
+            probs = model.attn_mask_probs.detach().clone()
+            model.to(dtype=dtype)
+            model.attn_mask_probs = probs.to(model.attn_mask_probs.device)  # stays fp32: read, never multiplied
         model._refresh_mask_probs()
 
 
 def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool = True,
              check_finite: bool | None = None, clone_outputs: bool = True, plan: str | None = None,
-             budget_s: float = 60.0):
+             budget_s: float = 60.0, shapes=()):
     """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
+    shapes = [_shape(s) for s in shapes]
     cpu_auto = False
     if isinstance(dtype, str):
         if dtype != "auto":
@@ -102,7 +104,21 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
         model.__dict__["checked_forward"] = lambda pixels, probs, offsets=None: _checked_forward(
             model, pixels, probs, offsets)
     plans.apply(model, None)
+    for rows, height, width in shapes:  # plan now, not at the first call of that shape
+        plan_for(model, rows, (height, width))
     return model.eval()
+
+
+def _shape(value) -> tuple[int, int, int]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise ValueError(f"shapes takes (frames per call, height, width) triples of positive ints, got {value!r}")
+    return tuple(value)
+
+
+def plans_of(model) -> list[plans.Plan]:
+    """The execution plans an optimized model has built so far (one per input shape and switch state)."""
+    return list(model.__dict__.get("_plans", {}).values())
 
 
 def graphs_enabled(model) -> bool:
