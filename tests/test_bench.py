@@ -197,6 +197,7 @@ def test_parse_defaults_on_cpu():
     assert args.providers == ["hf-eager-fp32", "hf-sdpa-bf16", "fast"] and args.peers == []
     assert args.dtype == torch.float32 and args.peak_tflops is None and args.threshold == 0.0
     assert args.compile_mode == "default" and args.interleave is True
+    assert args.threads == 1 and args.warmup == 0 and args.repeats == 3
 
 
 def test_parse_explicit():
@@ -471,3 +472,28 @@ def test_backends_names_the_device(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["backends", "--device", "nonsense"])
     assert exc.value.code == 2 and "--device 'nonsense' is not a device" in capsys.readouterr().err
+
+
+def test_progress_eta_from_the_frames_done():
+    """Three cases of 4 calls (no warm-up, the agreement call, 3 repeats) over online/offline/end-to-end
+    clips of 2/4/2 frames: 32 frames in all; 8 done in 10 s of case time leaves 24, so 30 s."""
+    import io
+
+    args = benchmark.parse_args(["--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "3",
+                                 "--online-frames", "2", "--frames", "4", "--e2e-frames", "2"])
+    now = [100.0]
+    out = io.StringIO()
+    progress = benchmark.Progress(args, cases=3, stream=out, clock=lambda: now[0])
+    assert progress.total == 32
+    now[0] += 7  # building is not counted in the rate
+    progress.say("building", case=False)
+    progress.say("fast-fp32 online 32x32")
+    progress.advance(progress.units("online", 4))
+    now[0] += 10
+    progress.say("fast-fp32 offline 32x32")
+    progress.drop("end-to-end")  # 8 frames that will not run
+    progress.say("next")
+    lines = out.getvalue().splitlines()
+    assert "ETA after the first case" in lines[1] and "0:07 elapsed" in lines[1]
+    assert lines[2].split()[:3] == ["[", "25%]", "fast-fp32"] and lines[2].endswith("0:17 elapsed, ETA 0:30")
+    assert lines[3].endswith("ETA 0:20")  # 16 frames left at 0.8 frames/s

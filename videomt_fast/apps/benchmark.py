@@ -174,7 +174,7 @@ def _names(choices: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
     return parse
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, threads_default: str = "torch's") -> None:
     """The arguments the benchmark and the profiler share: which model, where, in which dtype."""
     model = p.add_mutually_exclusive_group()
     model.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l"), default=None,
@@ -187,7 +187,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
                    help="low-precision dtype of the fast path (default bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default: {threads_default})")
 
 
 def resolve_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace, eomt: bool = False) -> bool:
@@ -213,7 +213,7 @@ def resolve_model_arguments(parser: argparse.ArgumentParser, args: argparse.Name
 
 def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    add_model_arguments(p)
+    add_model_arguments(p, threads_default="1 on a CPU: steady ratios, no oversubscribed cores")
     p.add_argument("--model", choices=("videomt", "eomt"), default="videomt",
                    help="VidEoMT (video, default) or EoMT (images: online = one image per call, offline = a batch)")
     p.add_argument("--masked-attention", choices=("model", "on", "off"), default="model",
@@ -1063,13 +1063,15 @@ class Progress:
     """Progress lines on stderr: what runs now, the time so far, and an ETA from the frames processed so
     far (every case of every provider counts its warm-up, agreement and timed frames)."""
 
-    def __init__(self, args: argparse.Namespace, cases: int, stream: Any = None):
+    def __init__(self, args: argparse.Namespace, cases: int, stream: Any = None, clock: Callable[[], float] | None = None):
         self.args = args
         self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock or time.perf_counter
         per_case = sum(case_frames(args, m) for m in args.modes) / max(len(args.modes), 1)
         self.total = cases * per_case * (args.warmup + 1 + args.repeats)
         self.done = 0.0
-        self.started = time.perf_counter()
+        self.started = self.clock()
+        self.work_started: float | None = None  # the first case: building the shared weights is not a rate
 
     def units(self, mode: str, calls: int) -> float:
         return calls * case_frames(self.args, mode)
@@ -1081,10 +1083,13 @@ class Progress:
     def advance(self, units: float) -> None:
         self.done += units
 
-    def say(self, what: str) -> None:
-        elapsed = time.perf_counter() - self.started
-        if self.done > 0:
-            left = max(self.total - self.done, 0.0) * elapsed / self.done
+    def say(self, what: str, case: bool = True) -> None:
+        now = self.clock()
+        elapsed = now - self.started
+        if case and self.work_started is None:
+            self.work_started = now
+        if self.done > 0 and self.work_started is not None:
+            left = max(self.total - self.done, 0.0) * (now - self.work_started) / self.done
             eta = f"ETA {_clock(left)}"
         else:
             eta = "ETA after the first case"
@@ -1093,8 +1098,16 @@ class Progress:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
     bench = Bench(args)
     bench.load_start = _load()
     names_by_size = []
@@ -1108,7 +1121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for size, names in names_by_size:
         if any(n.startswith(("hf-", "fast")) for n in names):
-            bench.progress.say(f"building the shared weights ({size[0]}x{size[1]})")
+            bench.progress.say(f"building the shared weights ({size[0]}x{size[1]})", case=False)
             bench.hf_master(size)  # the shared CPU weight source exists before any provider's memory is probed
         if args.interleave:
             rows += _run_interleaved(bench, names, size)
@@ -1148,7 +1161,7 @@ def _run_sequential(bench: Bench, names: list[str], size: tuple[int, int]) -> li
     for name in names:
         memory = MemoryProbe(bench.device)
         memory.start()
-        progress.say(f"building {name} ({size[0]}x{size[1]})")
+        progress.say(f"building {name} ({size[0]}x{size[1]})", case=False)
         runner, skipped = _build_or_rows(bench, name, size)
         rows += skipped
         if runner is None:
@@ -1185,7 +1198,7 @@ def _run_interleaved(bench: Bench, names: list[str], size: tuple[int, int]) -> l
     cases: list[Case] = []
     progress, args = bench.progress, bench.args
     for name in names:
-        progress.say(f"building {name} ({size[0]}x{size[1]})")
+        progress.say(f"building {name} ({size[0]}x{size[1]})", case=False)
         runner, skipped = _build_or_rows(bench, name, size)
         for row in skipped:
             rows[(name, row["mode"])] = row
@@ -1360,7 +1373,8 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
     if bench.device.type == "cpu" and busy:
         when = " and ".join(f"{load} at the {w}" for w, load in busy)
         warnings.append(f"the machine was busy (1-minute load {when}, {os.cpu_count()} cores): CPU timings are "
-                        "noisy; --threads 1 and --interleave make ratios steadier")
+                        "slow and noisy; compare ratios with the rows' spread" +
+                        ("" if args.threads == 1 and args.interleave else " (--threads 1 and --interleave steady them)"))
     noisy = [r for r in rows if r.get("status") == "ok" and r.get("fps_spread", 0) > NOISY_SPREAD]
     if noisy:
         worst = max(noisy, key=lambda r: r["fps_spread"])
