@@ -319,6 +319,7 @@ class VideoLock:
     def __init__(self, path: str, fd: int | None):
         self.path = path
         self.fd = fd
+        self.held = True
 
     @classmethod
     def acquire(cls, parent: str, name: str, wait: bool) -> "VideoLock | None":
@@ -344,6 +345,7 @@ class VideoLock:
             os.close(fd)  # its holder removed the file while releasing it: claim the new one
 
     def release(self) -> None:
+        self.held = False
         fd, self.fd = self.fd, None
         if fd is None:
             return
@@ -924,8 +926,13 @@ def _claim(jobs: Iterable[Job], settings: SegmentSettings, wait: bool, deferred:
         if lock is None:
             deferred.append(job)
             continue
-        if not job.identity:
-            job.identity = job_identity(job.source, settings)
+        try:
+            if not job.identity:
+                job.identity = job_identity(job.source, settings)
+        except OSError as exc:
+            lock.release()
+            on_event("result", _result(job, "failed", error=f"{job.source.path}: cannot read ({exc.strerror or exc})"))
+            continue
         state, why = existing_result(job)
         if state != "absent" and not settings.overwrite:
             lock.release()
@@ -971,7 +978,7 @@ def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
                 _segment_one(video, video.job, engine, writer, settings, device, on_event)
     except WriterError as exc:  # nothing more can be written: fail the run at once
         for job in claimed:
-            if job.lock is not None and job.lock.fd is not None:  # claimed, no result reported yet
+            if job.lock is not None and job.lock.held:  # claimed, no result reported yet
                 on_event("result", _result(job, "failed", error=f"{job.source.path}: {exc}"))
     finally:
         if writer.is_alive():
