@@ -244,3 +244,28 @@ def test_graph_token_sees_a_replaced_middle_parameter_and_another_plan(model):
     fresh = fast._Baked(model, plan)
     torch.nn.Linear(2, 2)  # a registration elsewhere in the process is not ours
     assert fresh.still_valid(model, plan)
+
+
+# ------------------------------------------------------------------ the plan command
+
+
+def test_plan_command_prints_every_site_and_refuses_bad_sizes(capsys):
+    from videomt_fast.apps import cli
+
+    assert cli.main(["plan", "--arch", "vit-s", "--size", "32x48", "--dtype", "float32", "--mode", "static"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("execution plan: cpu, float32, 1 x 32x48 (static")
+    for site in ("early.attention", "query.linear_residual", "head.linear_gelu", "frame.query_update"):
+        assert site in out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["plan", "--size", "30x48"])
+    assert exc.value.code == 2
+    assert "multiples of the patch size 16x16" in capsys.readouterr().err
+
+
+def test_planning_a_bad_shape_names_it(model):
+    model.optimize(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"cannot plan 1 frame\(s\) of \(40, 48\)"):
+        fast.plan_for(model, 1, (40, 48))
+    with pytest.raises(ValueError, match="shapes takes"):
+        model.optimize(shapes=[(1, 48)])

@@ -4,6 +4,8 @@
     videomt-fast profile   per-stage latency profile (videomt_fast.apps.profiler)
     videomt-fast segment   offline video segmentation (videomt_fast.apps.segment)
     videomt-fast demo      segment a synthetic clip with the packaged demo model (videomt_fast.apps.demo)
+    videomt-fast plan      the execution plan of a model on this device: per op site the implementation
+                           chosen, every candidate's time and error, why any was excluded (videomt_fast.apps.plan)
     videomt-fast backends  which backend each op runs, and why
 """
 
@@ -19,6 +21,7 @@ _SUBCOMMANDS = {
     "profile": ("videomt_fast.apps.profiler", "per-stage latency profile and a Chrome trace"),
     "segment": ("videomt_fast.apps.segment", "offline segmentation of videos and frame folders"),
     "demo": ("videomt_fast.apps.demo", "segment a synthetic clip with the packaged demo model, offline"),
+    "plan": ("videomt_fast.apps.plan", "the execution plan on this device: choices, candidates' times and errors"),
 }
 
 

@@ -95,7 +95,7 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs,
                                        plan=plan, budget_s=budget_s,
                                        cpu_dtype="pending" if cpu_auto and model.dtype == torch.float32 else None)
-    for name in ("_plans", "_active", "_graphed_query_steps", "_predictor"):
+    for name in ("_plans", "_shapes_seen", "_active", "_graphed_query_steps", "_predictor"):
         model.__dict__.pop(name, None)  # plans and graphs of the old weights / dtype
     if isinstance(model, VideomtForUniversalSegmentation):
         model.__dict__["encode_provider"] = lambda frames: _encoder(model, frames)
@@ -138,6 +138,10 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
     use: from the disk cache or calibrated). On a CPU with ``dtype="auto"`` the first call also decides
     the dtype."""
     settings = model.fast_settings
+    seen = model.__dict__.setdefault("_shapes_seen", set())
+    if (rows, tuple(size)) not in seen:
+        _check_shape(model, rows, tuple(size))
+        seen.add((rows, tuple(size)))
     if settings.cpu_dtype == "pending":
         report = plans.choose_cpu_dtype(model, rows, size)
         settings.cpu_dtype, settings.cpu_dtype_report = report["dtype"], report
@@ -155,6 +159,14 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
             plan.notes.append(f"cpu dtype: {settings.cpu_dtype_report.get('reason')}")
         cache[key] = plan
     return plan
+
+
+def _check_shape(model, rows: int, size: tuple[int, int]) -> None:
+    ph, pw = model.config.patch_hw
+    if not (isinstance(rows, int) and rows > 0 and len(size) == 2 and all(isinstance(v, int) for v in size)
+            and size[0] > 0 and size[1] > 0 and size[0] % ph == 0 and size[1] % pw == 0):
+        raise ValueError(f"cannot plan {rows} frame(s) of {size}: frames per call must be positive and height and "
+                         f"width positive multiples of the patch size {ph}x{pw}")
 
 
 def activate(model, plan: plans.Plan) -> None:
