@@ -429,6 +429,8 @@ class _Recorder:
         return self.want_hidden or self.want_attentions
 
     def __enter__(self) -> "_Recorder":
+        if not self.active:  # nothing asked: no hooks (a compiled graph never sees them)
+            return self
         for layer in self.layers:
             self.handles.append(layer.register_forward_pre_hook(self._before, with_kwargs=True))
             if self.want_hidden:
