@@ -15,7 +15,7 @@ Per video the outputs go to ``OUT/<video name>/``:
   0 = void) and ``panoptic.json`` (per-frame ``segments_info``);
 * ``overlay.mp4`` with ``--overlay``;
 * ``done.json`` last: the completion marker. It records what produced the folder (the source's real
-  path, size and a hash of its first and last MiB; the model's path and a hash of its files, or its hub
+  path, size and a hash of its first and last 64 KiB; the model's path and a hash of its files, or its hub
   id; the task and the settings that change results). A rerun skips a video whose marker matches, and
   refuses one whose marker does not (naming ``--overwrite``) instead of skipping it with stale results.
 
@@ -532,14 +532,18 @@ class VideoOutput:
         self.tmp = os.path.join(parent, f".{job.name}.tmp-{tag}")
         os.makedirs(self.tmp)
         self.sub = {"instance": "instance_ids", "semantic": "semantic", "panoptic": "panoptic"}[settings.task]
-        os.makedirs(os.path.join(self.tmp, self.sub))
         self.frames = 0
         self.max_id = 0
         self.panoptic_frames: list[dict] = []
         self.overlay = None
         self.colours = visualize.colours(256)  # the overlay's colours, and the palette of 8-bit id PNGs
-        if settings.overlay:
-            self.overlay = video_io.Mp4Writer(os.path.join(self.tmp, "overlay.mp4"), info.fps)
+        try:
+            os.makedirs(os.path.join(self.tmp, self.sub))
+            if settings.overlay:
+                self.overlay = video_io.Mp4Writer(os.path.join(self.tmp, "overlay.mp4"), info.fps)
+        except BaseException:
+            self.abort()  # never leave the temporary folder behind
+            raise
 
     def _write_png(self, name: str, image: np.ndarray) -> None:
         palette = self.colours if image.ndim == 2 and image.dtype == np.uint8 else None

@@ -225,7 +225,9 @@ def sampled_sha256(path: str, sample: int = 1 << 20) -> str:
 
 def source_identity(source: VideoSource) -> dict:
     """What identifies a source's content cheaply: its real path and size, and a hash of its first and
-    last MiB (a video) or of its frame files' names and sizes (a frame folder). Recorded in ``done.json``."""
+    last 64 KiB (a video: headers and index sit there, so a re-encode or a replacement changes it) or of its
+    frame files' names and sizes (a frame folder). Recorded in ``done.json``; read for every input of a
+    run, so it stays small."""
     if source.kind == "frames":
         digest = hashlib.sha256()
         size = 0
@@ -236,7 +238,7 @@ def source_identity(source: VideoSource) -> dict:
         return {"path": os.path.realpath(source.path), "kind": "frames", "frames": len(source.frames),
                 "bytes": size, "sha256": digest.hexdigest()}
     return {"path": os.path.realpath(source.path), "kind": "video", "bytes": os.path.getsize(source.path),
-            "sha256": sampled_sha256(source.path)}
+            "sha256": sampled_sha256(source.path, 1 << 16)}
 
 
 # ---------------------------------------------------------------------------------- decoding
