@@ -314,3 +314,17 @@ def test_no_warning_for_complete_checkpoints(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", LoadingWarning)
         VideomtForUniversalSegmentation.from_pretrained(tmp_path)
+
+
+def test_model_and_config_surface_matches_transformers():
+    hf = hf_videomt()
+    ours = videomt_fast.from_transformers(hf)
+    assert ours.can_generate() is hf.can_generate() is False
+    assert ours.num_parameters() == hf.num_parameters()
+    assert type(ours.get_input_embeddings()).__name__.endswith("PatchEmbeddings")
+    assert ours.get_output_embeddings() is None
+    fresh = VideomtForUniversalSegmentation._from_config(hf.config, dtype=torch.float64)
+    assert fresh.dtype == torch.float64 and fresh.config.num_queries == hf.config.num_queries
+    diff = ours.config.to_diff_dict()
+    assert diff["model_type"] == "videomt" and diff["hidden_size"] == 64 and "patch_size" not in diff
+    assert ours.config.is_encoder_decoder is False and ours.config.get_text_config() is ours.config

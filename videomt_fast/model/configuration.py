@@ -304,6 +304,29 @@ class _SegmenterConfig:
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        from videomt_fast.model.loading import atomic_write_text
+
+        atomic_write_text(os.fspath(path), self.to_json_string())
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """transformers' ``to_diff_dict``: the fields that differ from the defaults, plus ``model_type``."""
+        defaults = type(self)().to_dict()
+        out = {k: v for k, v in self.to_dict().items() if defaults.get(k, object()) != v}
+        out["model_type"] = self.model_type
+        return out
+
+    # transformers' PreTrainedConfig surface that callers read on single-model configs
+    is_encoder_decoder: ClassVar[bool] = False
+    sub_configs: ClassVar[dict[str, Any]] = {}
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    def get_text_config(self, *args: Any, **kwargs: Any) -> "_SegmenterConfig":
+        return self
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         from videomt_fast.model.loading import atomic_write_text
 

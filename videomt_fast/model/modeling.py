@@ -601,6 +601,33 @@ class _Segmenter(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         """Nothing to disable: gradient checkpointing is never on."""
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    @classmethod
+    def _from_config(cls, config: Any, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None,
+                     **kwargs: Any) -> "_Segmenter":
+        """transformers' ``_from_config``: a freshly initialised model (PyTorch's default initialisation)."""
+        if kwargs:
+            raise TypeError(f"{cls.__name__}._from_config got unsupported keyword arguments {sorted(kwargs)}")
+        model = cls(config)
+        dtype = dtype or torch_dtype
+        return model.to(dtype) if dtype is not None else model
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        skip = {id(p) for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+        return sum(
+            p.numel() for p in self.parameters()
+            if (p.requires_grad or not only_trainable) and not (exclude_embeddings and id(p) in skip)
+        )
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.patch_embeddings
+
+    def get_output_embeddings(self) -> None:
+        return None
+
     def _output_flags(
         self, return_dict: bool | None, output_hidden_states: Any, output_attentions: bool | None
     ) -> tuple[bool, Any, bool]:
