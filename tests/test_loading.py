@@ -205,3 +205,99 @@ def test_config_matches_transformers_defaults():
         if key in theirs and key not in ("id2label", "label2id"):
             assert theirs[key] == value, key
     assert VideomtConfig().num_labels == transformers.VideomtConfig().num_labels
+
+
+# ---------------------------------------------------------------------------------------------
+# the research checkpoints' real key names and shapes, ViT-S (timm vit_small_patch14_reg4_dinov2 run at
+# patch 16 and 640x640: 40x40 = 1600 patches, 4 registers, 12 blocks of width 384, qkv with bias,
+# layer scale), written out from tue-mps/videomt (detectron2: `backbone.` = VidEoMT, `criterion.`) and
+# tue-mps/eomt (Lightning: `network.` = EoMT, whose ViT wrapper keeps pixel_mean / pixel_std buffers)
+# ---------------------------------------------------------------------------------------------
+
+_VIT_S_BLOCK = [  # per block N of encoder.backbone.blocks.N
+    ("norm1.weight", (384,)), ("norm1.bias", (384,)),
+    ("attn.qkv.weight", (1152, 384)), ("attn.qkv.bias", (1152,)),
+    ("attn.proj.weight", (384, 384)), ("attn.proj.bias", (384,)),
+    ("ls1.gamma", (384,)),
+    ("norm2.weight", (384,)), ("norm2.bias", (384,)),
+    ("mlp.fc1.weight", (1536, 384)), ("mlp.fc1.bias", (1536,)),
+    ("mlp.fc2.weight", (384, 1536)), ("mlp.fc2.bias", (384,)),
+    ("ls2.gamma", (384,)),
+]
+_VIT_S_ENCODER = [
+    ("encoder.backbone.cls_token", (1, 1, 384)),
+    ("encoder.backbone.reg_token", (1, 4, 384)),
+    ("encoder.backbone.pos_embed", (1, 1600, 384)),
+    ("encoder.backbone.patch_embed.proj.weight", (384, 3, 16, 16)),
+    ("encoder.backbone.patch_embed.proj.bias", (384,)),
+    *[(f"encoder.backbone.blocks.{i}.{name}", shape) for i in range(12) for name, shape in _VIT_S_BLOCK],
+    ("encoder.backbone.norm.weight", (384,)), ("encoder.backbone.norm.bias", (384,)),
+]
+
+
+def _vit_s_head(num_classes):
+    return [
+        ("attn_mask_probs", (3,)),  # num_blocks 3: blocks 9, 10, 11 see the queries
+        ("q.weight", (200, 384)),
+        ("class_head.weight", (num_classes + 1, 384)), ("class_head.bias", (num_classes + 1,)),
+        *[(f"mask_head.{i}.{kind}", (384, 384) if kind == "weight" else (384,)) for i in (0, 2, 4) for kind in ("weight", "bias")],
+        *[item for i in (0, 1) for item in (
+            (f"upscale.{i}.conv1.weight", (384, 384, 2, 2)), (f"upscale.{i}.conv1.bias", (384,)),  # ConvTranspose2d
+            (f"upscale.{i}.conv2.weight", (384, 1, 3, 3)),  # depthwise, no bias
+            (f"upscale.{i}.norm.weight", (384,)), (f"upscale.{i}.norm.bias", (384,)))],
+    ]
+
+
+RESEARCH_VIT_S = {
+    # tue-mps/videomt, configs/ytvis19/videomt/dinov2/vit-small: 40 classes, 200 queries, SEGMENTER_BLOCKS [9, 10, 11]
+    "videomt_ytvis19": [*[("backbone." + k, s) for k, s in _VIT_S_ENCODER + _vit_s_head(40)],
+                        ("backbone.query_updater.weight", (384, 384)), ("backbone.query_updater.bias", (384,)),
+                        ("criterion.empty_weight", (41,))],
+    # tue-mps/eomt, configs/dinov2/coco/panoptic/eomt_small_640: 133 classes, 200 queries, num_blocks 3
+    "eomt_coco_panoptic": [*[("network." + k, s) for k, s in _VIT_S_ENCODER + _vit_s_head(133)],
+                           ("network.encoder.pixel_mean", (1, 3, 1, 1)), ("network.encoder.pixel_std", (1, 3, 1, 1)),
+                           ("criterion.empty_weight", (134,))],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESEARCH_VIT_S))
+def test_research_vit_s_key_names_and_shapes(tmp_path, name):
+    """A checkpoint with exactly the research code's keys and shapes loads into the right config, and each
+    tensor lands where the transformers model keeps it (qkv fused as ours, pos_embed without its batch dim)."""
+    from videomt_fast import EomtForUniversalSegmentation
+
+    keys = RESEARCH_VIT_S[name]
+    assert len(keys) == len({k for k, _ in keys}) == 198  # 5 + 12 x 14 + 2 encoder, 20 head, 3 more
+    gen = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=gen) * 0.02 for k, s in keys}
+    state[keys[0][0].split(".")[0] + ".attn_mask_probs"] = torch.zeros(3)
+    path = tmp_path / f"{name}.pth"
+    torch.save({"model": state} if name.startswith("videomt") else {"state_dict": state}, path)
+    cls = VideomtForUniversalSegmentation if name.startswith("videomt") else EomtForUniversalSegmentation
+    model = cls.from_pretrained(path)
+    cfg = model.config
+    labels = 40 if name.startswith("videomt") else 133
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_register_tokens) == (384, 12, 6, 4)
+    assert (cfg.patch_size, cfg.image_size, cfg.num_queries, cfg.num_labels, cfg.num_blocks) == (16, 640, 200, labels, 3)
+    assert (cfg.mlp_ratio, cfg.use_swiglu_ffn, cfg.num_upscale_blocks) == (4, False, 2)
+    ours = model.state_dict()
+    prefix = keys[0][0].split(".")[0] + "."
+    expected = {
+        "embeddings.cls_token": "encoder.backbone.cls_token",
+        "embeddings.register_tokens": "encoder.backbone.reg_token",
+        "layers.7.attention.qkv.weight": "encoder.backbone.blocks.7.attn.qkv.weight",
+        "layers.11.attention.out_proj.bias": "encoder.backbone.blocks.11.attn.proj.bias",
+        "layers.3.layer_scale2.lambda1": "encoder.backbone.blocks.3.ls2.gamma",
+        "layernorm.weight": "encoder.backbone.norm.weight",
+        "query.weight": "q.weight",
+        "class_predictor.weight": "class_head.weight",
+        "mask_head.fc3.bias": "mask_head.4.bias",
+        "upscale_block.block.1.conv1.weight": "upscale.1.conv1.weight",
+        "upscale_block.block.0.layernorm2d.bias": "upscale.0.norm.bias",
+        "attn_mask_probs": "attn_mask_probs",
+    }
+    if name.startswith("videomt"):
+        expected["query_updater.weight"] = "query_updater.weight"
+    for mine, research in expected.items():
+        assert torch.equal(ours[mine], state[prefix + research]), (mine, research)
+    assert torch.equal(ours["embeddings.position_embeddings.weight"], state[prefix + "encoder.backbone.pos_embed"][0])
