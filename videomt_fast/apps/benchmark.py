@@ -1380,7 +1380,7 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
         worst = max(noisy, key=lambda r: r["fps_spread"])
         warnings.append(f"{len(noisy)} row(s) varied more than ±{NOISY_SPREAD:.0%} between repeats (worst: "
                         f"{worst['label']} {worst['mode']} ±{worst['fps_spread']:.0%}); a speed-up within the "
-                        "spread of its two rows is noise (more --repeats, --threads 1)")
+                        "spread of its two rows is noise (more --repeats steady the median)")
     for row in rows:
         if (row.get("agreement") or {}).get("nonfinite"):
             warnings.append(f"{row['label']} {row['mode']} {row['size']}: non-finite outputs or errors in the agreement")
