@@ -92,6 +92,7 @@ def test_resume_checks_task_settings_model_and_source(model_dir, tmp_path, capsy
     assert ident["source"]["path"] == os.path.realpath(video) and ident["source"]["bytes"] == video.stat().st_size
     assert ident["model"]["path"] == os.path.realpath(model_dir) and len(ident["model"]["sha256"]) == 64
     assert ident["settings"]["task"] == "semantic"
+    assert ident["settings"]["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")  # not "auto"
     before = (out / "clip" / "done.json").read_text()
     capsys.readouterr()
     assert _run(model_dir, out, video) == 0 and "1 skipped" in capsys.readouterr().out  # same everything: skipped

@@ -59,7 +59,7 @@ import traceback
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -1306,6 +1306,10 @@ def _progress_bar(total: int | None, enabled: bool):
     return tqdm(total=total, unit="frame", dynamic_ncols=True, disable=not enabled, smoothing=0.1, file=sys.stderr)
 
 
+def torch_device_type(device: str) -> str:
+    return device.split(":")[0]
+
+
 def _prepare_out(out: str) -> None:
     try:
         os.makedirs(out, exist_ok=True)
@@ -1326,6 +1330,9 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
     """
     began = time.perf_counter()
     device_list = resolve_devices(devices) if ray_address is None else []
+    if settings.dtype == "auto" and len({torch_device_type(d) for d in device_list}) == 1:
+        # recorded in done.json as what runs (bfloat16 on CUDA, float32 on a CPU), not as "auto"
+        settings = replace(settings, dtype=str(resolve_dtype("auto", device_list[0])).replace("torch.", ""))
     _prepare_out(settings.out)
     try:  # the output folder is never searched for inputs (a rerun would segment the results)
         sources, problems = video_io.discover_inputs(inputs, exclude=[settings.out])
