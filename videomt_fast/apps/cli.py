@@ -6,7 +6,7 @@
     videomt-fast demo      segment a synthetic clip with the packaged demo model (videomt_fast.apps.demo)
     videomt-fast plan      the execution plan of a model on this device: per op site the implementation
                            chosen, every candidate's time and error, why any was excluded (videomt_fast.apps.plan)
-    videomt-fast backends  which backend each op runs, and why
+    videomt-fast backends  which backend each op runs on a device (named in the header), and why
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)  # no command: usage on stderr, exit 2
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "backends":
