@@ -269,3 +269,33 @@ def test_planning_a_bad_shape_names_it(model):
         fast.plan_for(model, 1, (40, 48))
     with pytest.raises(ValueError, match="shapes takes"):
         model.optimize(shapes=[(1, 48)])
+
+
+def test_postprocessing_sites_verify_time_and_exclude(monkeypatch):
+    """CUDA post-processing runs per call in the processors: a plan checks each implementation against the
+    reference maps and keeps a wrong one out of dispatch (here a stand-in that shifts the maps)."""
+    from videomt_fast.ops import postprocess as pp
+
+    real = ops.candidates
+
+    def shifted(*args):
+        maps, *rest = pp.instance_segmentation_ref(*args)
+        return ([m.roll(1, 0) for m in maps], *rest)
+
+    def with_fakes(name, device):
+        found = dict(real(name, device))
+        if name == "instance_segmentation":
+            found["cuda"] = (shifted, None)
+        if name == "semantic_segmentation":
+            found["cuda"] = (pp.semantic_segmentation_ref, None)
+        return found
+
+    monkeypatch.setattr(ops, "candidates", with_fakes)
+    sites = {s.op: s for s in plans.postprocess_sites(torch.device("cpu"), 7, 5, (64, 80), stub_timer({"cuda": 1.0}))}
+    inst = {c.name: c for c in sites["instance_segmentation"].candidates}
+    assert sites["instance_segmentation"].chosen == "reference" and inst["cuda"].status == "excluded"
+    assert "maps differ" in inst["cuda"].reason
+    assert "instance_segmentation/cuda" in ops.exclusions()
+    assert ops.choose("instance_segmentation", torch.zeros(1, 1, 2))[0] == "reference"
+    assert sites["semantic_segmentation"].chosen == "cuda"  # verified equal and (stub) faster
+    assert "semantic_segmentation/cuda" not in ops.exclusions()

@@ -60,7 +60,7 @@ BITS_FLOOR = 1e-3  # share of packed mask bits that may flip (logits within roun
 GATE_MASKS = 0.995  # binarized masks: share of pixels equal to the float32 reference
 GATE_CLASSES = 0.99  # class argmax: share of queries equal to the float32 reference
 MODES = ("auto", "recalibrate", "static")
-STAGES = ("early", "query", "masked", "head", "frame")
+STAGES = ("early", "query", "masked", "head", "frame", "post")
 PLAN_VERSION = 1
 
 
@@ -140,6 +140,8 @@ class Plan:
         """Look up the chosen callables (raises KeyError when one is no longer available)."""
         by_stage: dict[str, dict[str, Callable]] = {}
         for site in self.sites.values():
+            if site.stage == "post":  # the processors dispatch these per call (exclusions apply there)
+                continue
             found = ops.candidates(site.op, self.device)
             if site.chosen not in found:
                 raise KeyError(f"{site.key}: implementation {site.chosen!r} is not available here "
@@ -435,6 +437,87 @@ def _static_site(stage: str, op: str, forms: dict, device: torch.device) -> Site
 
 
 # --------------------------------------------------------------------------------------------
+# post-processing (dispatched per call by the processors: a plan verifies, times and excludes)
+
+POST_OPS = ("instance_segmentation", "panoptic_segmentation", "semantic_segmentation")
+POST_PIXELS = 1e-4  # share of map pixels that may differ (logits within rounding of zero flip)
+
+
+def _maps_error(out, truth) -> float:
+    """Worst share of differing pixels over the maps, inf when anything else (ids kept, labels) differs
+    or scores differ by more than 1e-5."""
+    maps_out, maps_truth = out[0], truth[0]
+    if maps_out and isinstance(maps_out[0], tuple):  # semantic: (map, scores or None) per frame
+        maps_out, maps_truth = [m for m, _ in maps_out], [m for m, _ in maps_truth]
+    if len(maps_out) != len(maps_truth):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(maps_out, maps_truth):
+        if a.shape != b.shape:
+            return math.inf
+        worst = max(worst, float((a != b).float().mean()))
+    for a, b in zip(out[1:], truth[1:]):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            if a.shape != b.shape:
+                return math.inf
+            if a.is_floating_point():
+                if a.numel() and (not bool(torch.isfinite(a).all())
+                                  or float((a.double() - b.double()).abs().max()) > 1e-5):
+                    return math.inf
+            elif not torch.equal(a.cpu(), b.cpu()):
+                return math.inf
+    return worst
+
+
+def postprocess_sites(device: torch.device, num_queries: int, num_labels: int, size: tuple[int, int],
+                      timer: Timer, seed: int = 0) -> list[Site]:
+    """Verify and time every post-processing implementation on random logits of these shapes (masks at a
+    quarter of ``size``, maps at ``size``); an implementation that raises or differs is excluded from
+    per-call dispatch (:func:`videomt_fast.ops.exclude`)."""
+    gen = torch.Generator().manual_seed(seed)
+    h, w = max(1, size[0] // 4), max(1, size[1] // 4)
+    classes = (torch.randn(1, num_queries, num_labels + 1, generator=gen) * 3).to(device)
+    coarse = torch.randn(1, num_queries, max(1, h // 4), max(1, w // 4), generator=gen) * 4
+    masks = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False).to(device)
+    args = {"instance_segmentation": (classes, masks, [size], 0.0),
+            "panoptic_segmentation": (classes, masks, [size], 0.0),
+            "semantic_segmentation": (classes, masks, [size])}
+    sites = []
+    for op in POST_OPS:
+        found = ops.candidates(op, device)
+        truth = found["reference"][0](*args[op])
+        site = Site(stage="post", op=op, shapes=[list(masks.shape)], chosen="reference")
+        best = None
+        for name, (fn, guard) in found.items():
+            cand = Candidate(name=name, status="ok", tolerance=POST_PIXELS)
+            site.candidates.append(cand)
+            try:
+                why = guard(*args[op]) if guard is not None else None
+                if why is not None:
+                    cand.status, cand.reason = "excluded", f"refuses the inputs: {why}"
+                    continue
+                cand.error = _maps_error(_as_tuple(fn(*args[op])), _as_tuple(truth))
+                _synchronize(device)
+            except Exception as exc:
+                cand.status, cand.reason = "excluded", f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            else:
+                if not cand.error <= POST_PIXELS:
+                    cand.status = "excluded"
+                    cand.reason = f"maps differ from the reference ({cand.error:.2e} of pixels, or ids/labels/scores)"
+                elif len(found) > 1:
+                    cand.time_ms = float(timer(f"post.{op}", name, fn, args[op]))
+                    if best is None or cand.time_ms < best[0]:
+                        best = (cand.time_ms, name)
+            if cand.status == "excluded" and name in registry.BACKENDS and not cand.reason.startswith("refuses"):
+                ops.exclude(op, name, f"post.{op}: {cand.reason}")
+        site.chosen = best[1] if best else "reference"
+        for cand in site.candidates:
+            cand.status = "chosen" if cand.name == site.chosen else cand.status
+        sites.append(site)
+    return sites
+
+
+# --------------------------------------------------------------------------------------------
 # the gate
 
 
@@ -502,6 +585,9 @@ def build(model, rows: int, size: tuple[int, int], *, mode: str = "auto", stages
         site = (_static_site(stage, op, forms, device) if mode == "static"
                 else _calibrate_site(stage, op, forms, device, dtype, timer, deadline))
         sites[site.key] = site
+    if mode != "static" and "frame" in stages and device.type == "cuda":
+        for site in postprocess_sites(device, model.config.num_queries, model.config.num_labels, size, timer):
+            sites[site.key] = site
     plan = Plan(device=str(device), dtype=str(dtype).replace("torch.", ""), rows=rows, size=tuple(size),
                 mode="static" if mode == "static" else "calibrated", sites=sites)
     if time.perf_counter() > deadline:
@@ -524,7 +610,8 @@ def run_gate(model, plan: Plan) -> None:
         chosen = next(c for c in site.candidates if c.name == site.chosen)
         return (chosen.error or 0.0) / (chosen.tolerance or 1.0)
 
-    pending = sorted((s for s in plan.sites.values() if s.chosen != "reference"), key=badness, reverse=True)
+    pending = sorted((s for s in plan.sites.values() if s.chosen != "reference" and s.stage != "post"),
+                     key=badness, reverse=True)
     while not gate_passes(result) and pending:
         site = pending.pop(0)
         site.fallback = f"gate failed with {site.chosen} (masks {result['masks']:.4f}, classes {result['classes']:.4f})"
