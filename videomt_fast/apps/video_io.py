@@ -84,10 +84,13 @@ def _walk_folder(root: str, exclude: Sequence[str] = ()) -> list[VideoSource]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(
-            (d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) not in seen | skip),
-            key=_natural_key,
-        )
+        keep = []
+        for d in dirnames:
+            if not d.startswith("."):
+                sub = os.path.realpath(os.path.join(dirpath, d))
+                if sub not in seen and sub not in skip:
+                    keep.append(d)
+        dirnames[:] = sorted(keep, key=_natural_key)
         images = [f for f in filenames if _ext(f) in IMAGE_EXTS]
         if images:
             found.append(VideoSource(dirpath, "frames", frames=_frame_files(dirpath)))
