@@ -37,6 +37,12 @@ a writer thread (bounded queue) that encodes PNGs in a small thread pool. Severa
 process each over a shared work queue; ``--ray`` runs one Ray task per video instead. On a CPU device
 ``--threads N`` sets PyTorch's thread count (on a small or shared CPU, 1 keeps the decoder and PNG
 threads from oversubscribing the cores); ``--fast`` there runs the same reference ops as without it.
+
+Videos are decoded upright (a display-matrix rotation is applied and recorded); one that decodes fewer
+frames than its container lists, or holds corrupt data, fails by name. A dead writer thread fails the
+run at once; a device worker exits when its parent dies, and a dead worker's unfinished videos are run
+again by the others. Exit status: 0 when every video is done (or was already), 1 when any failed, 2 with
+one line on stderr for misuse (devices, ``--out``, list files, thresholds, options), before any work.
 """
 
 from __future__ import annotations
