@@ -18,6 +18,29 @@ def interpreting() -> bool:
     return ops.triton_interpreting()
 
 
+def _fix_interpreter_index() -> None:
+    """Triton 3.6's interpreter turns a scalar into a loop bound with ``int()`` of a one-element array,
+    which NumPy 2.4 and newer refuse ("only 0-dimensional arrays can be converted to Python scalars"), so
+    every kernel that loops to a runtime bound fails there; Triton 3.7 squeezes the array first. Same
+    fix for older versions, in the interpreter only (compiled kernels never see it)."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None or getattr(original, "squeezes_index", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.squeezes_index = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreting() and tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 7):
+    _fix_interpreter_index()
+
+
 def interp_bf16(dtype: torch.dtype) -> bool:
     """Whether kernels must work around the CPU interpreter's bf16 support (constexpr ``INTERP_BF16``).
 

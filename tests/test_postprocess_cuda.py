@@ -1,25 +1,24 @@
 """CUDA post-processing kernels vs the references and transformers (GPU only; skipped without CUDA).
 
 Every comparison is against an independent computation (the PyTorch reference backend, transformers'
-processor, ATen's ``F.interpolate``), never the kernels against themselves. Pixel for pixel, with one
-tolerance: the kernels compute ATen's bilinear expression, but nvcc may contract it into FMAs
-differently, so a pixel may differ where the decision sits within rounding of its threshold:
-``|upsampled logit| < 1e-5`` for a mask (``> 0``, and ``sigmoid >= 0.5``), a gap below ``1e-5`` between
-the two best classes for the semantic argmax. The mask-bit kernel tests use the same rule.
+processor, ATen's ``F.interpolate``), never the kernels against themselves. Pixel for pixel, except
+where a decision sits within rounding of its threshold (:mod:`videomt_fast.testing.postprocess_checks`:
+``|upsampled logit| < 1e-5``, or a class gap below ``1e-5``), as the mask-bit kernel tests allow.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import hf_oracle
 from helpers import random_outputs
 from videomt_fast import ops
 from videomt_fast.ops import _ext
-from videomt_fast.ops import postprocess as pp
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
+from videomt_fast.testing.postprocess_checks import (NEAR, assert_maps_match, assert_segments_match, near_class_tie,
+                                                     near_mask_threshold)
+from videomt_fast.testing.postprocess_checks import upsampled as _upsampled
 
 pytestmark = pytest.mark.gpu
 
@@ -44,51 +43,6 @@ def _cpu(results):
 
 
 SIZES = [[(97, 131), (12, 9), (161, 75)], [(480, 854)], [(33, 200), (200, 33), (1, 5)]]
-NEAR = 1e-5  # a decision this close to its threshold may go either way (see the module docstring)
-
-
-def _upsampled(maps: torch.Tensor, size) -> torch.Tensor:
-    """(C, h, w) -> (C, H, W) float32 with ATen's bilinear upsampling (transformers' arithmetic)."""
-    return F.interpolate(maps[None].float(), size=tuple(size), mode="bilinear", align_corners=False)[0]
-
-
-def near_mask_threshold(out, sizes) -> list[torch.Tensor]:
-    """Per frame, (H, W) bool: pixels where some query's upsampled mask logit is within NEAR of 0."""
-    masks = out.masks_queries_logits.float()
-    return [(_upsampled(masks[f], size).abs() < NEAR).any(0).cpu() for f, size in enumerate(sizes)]
-
-
-def near_class_tie(out, sizes) -> list[torch.Tensor]:
-    """Per frame, (H, W) bool: pixels whose two best upsampled semantic class scores are within NEAR."""
-    mixed = pp.semantic_mix(out.class_queries_logits.float(), out.masks_queries_logits.float())
-    near = []
-    for f, size in enumerate(sizes):
-        top = _upsampled(mixed[f], size).topk(2, dim=0).values
-        near.append(((top[0] - top[1]) < NEAR).cpu())
-    return near
-
-
-def assert_maps_match(expected: torch.Tensor, got: torch.Tensor, tolerated: torch.Tensor, what: str = "") -> None:
-    """``got == expected`` at every pixel outside ``tolerated``."""
-    assert got.shape == expected.shape and got.dtype == expected.dtype, what
-    diff = got.cpu() != expected.cpu()
-    bad = diff & ~tolerated
-    if bad.any():
-        y, x = (int(i) for i in bad.nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} pixels differ away from a threshold ({int(diff.sum())} in all); "
-                             f"first at ({y}, {x}): got {got[y, x].item()}, want {expected[y, x].item()}")
-
-
-def assert_segments_match(expected, got, tolerated, tol=1e-5):
-    """Segment maps equal outside the ``tolerated`` pixels; segments (ids, labels, scores) equal."""
-    assert len(expected) == len(got)
-    for f, (e, o) in enumerate(zip(expected, got)):
-        assert o["segmentation"].dtype == torch.long
-        assert_maps_match(e["segmentation"], o["segmentation"], tolerated[f], f"frame {f}")
-        ei, oi = e["segments_info"], o["segments_info"]
-        assert [(s["id"], s["label_id"]) for s in oi] == [(s["id"], s["label_id"]) for s in ei], f"frame {f}"
-        for s_e, s_o in zip(ei, oi):
-            assert abs(s_e["score"] - s_o["score"]) <= tol, (f, s_e, s_o)
 
 
 @pytest.mark.parametrize("sizes", SIZES, ids=lambda s: f"{len(s)}frames")

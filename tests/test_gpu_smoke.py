@@ -1,0 +1,182 @@
+"""The GPU machinery, checked on a CPU so that it cannot rot between GPU runs.
+
+* the conftest's Triton mode (interpreter or compiled) for every machine and ``-m`` expression, and the
+  README's ``python -m pytest tests`` with CUDA present (simulated: ``VIDEOMT_FAST_TEST_ASSUME_CUDA=1``);
+* ``bench/gpu_smoke.py --dry`` end to end (tiny shapes, CPU, no timing) and its driver's verdicts: a
+  phase that fails, times out or runs out of deadline never reads as passed;
+* ``bench/gpu_check.sh`` returns the status of what it ran.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+
+from helpers import ROOT, load_bench
+from videomt_fast.testing.pytest_mode import GPU_RUN, gpu_only, triton_mode
+
+# ------------------------------------------------------------------ the conftest's decision
+
+
+@pytest.mark.parametrize("markexpr,expected", [
+    (None, False), ("", False), ("gpu", True), ("gpu and not slow", True), ("gpu and slow", True),
+    ("not gpu", False), ("slow", False), ("not slow", False), ("gpu or slow", False), ("gpu or not gpu", False),
+])
+def test_gpu_only_selection(markexpr, expected):
+    assert gpu_only(markexpr) is expected
+
+
+@pytest.mark.parametrize("cuda,env,markexpr,interpret,skips_gpu", [
+    (False, None, None, True, False),      # CI: the interpreter (gpu tests are skipped for want of a device)
+    (False, None, "gpu", True, False),
+    (True, None, None, True, True),        # the README command on a GPU machine: CPU suite interpreted
+    (True, None, "not slow", True, True),
+    (True, None, "gpu", False, False),     # pytest -m gpu on a GPU machine: compiled kernels
+    (True, "1", "gpu", True, True),        # an explicit TRITON_INTERPRET wins
+    (True, "0", None, False, False),
+    (False, "0", None, False, False),
+    (True, "", "gpu", False, False),       # set but empty counts as unset
+])
+def test_triton_mode(cuda, env, markexpr, interpret, skips_gpu):
+    mode = triton_mode(cuda, env, markexpr)
+    assert mode.interpret is interpret and mode.env_value == ("1" if interpret else "0")
+    assert (mode.skip_gpu is not None) is skips_gpu, mode
+    if skips_gpu:
+        assert "gpu" in mode.skip_gpu and ("-m gpu" in mode.skip_gpu or GPU_RUN in mode.skip_gpu)
+
+
+def _pytest(args, **env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "VIDEOMT_FAST_TEST_ASSUME_CUDA")}
+    environ.update(env, CI="0")  # this is about the Triton mode; tests/ci_policy.py judges skips in the outer run
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=ROOT, env=environ,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_readme_command_passes_with_cuda_present():
+    """With CUDA present and no TRITON_INTERPRET, the default run interprets Triton for the CPU tests (which
+    force Triton on CPU tensors: without the interpreter they would get the reference and fail) and skips
+    the gpu tests with the command that runs them; ``-m gpu`` compiles instead."""
+    args = ["tests/test_kernels_query_update.py", "-k", "frame_zero or guard"]  # CPU and gpu-marked cases
+    run = _pytest([*args, "-rs"], VIDEOMT_FAST_TEST_ASSUME_CUDA="1")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert "videomt_fast triton: interpreter for the CPU tests" in run.stdout
+    assert GPU_RUN in run.stdout  # the skip reason of the gpu tests
+    assert " passed" in run.stdout and " failed" not in run.stdout
+    gpu = _pytest([*args, "-m", "gpu", "--collect-only"], VIDEOMT_FAST_TEST_ASSUME_CUDA="1")
+    assert gpu.returncode == 0, gpu.stdout[-3000:]
+    assert "videomt_fast triton: compiled for the GPU" in gpu.stdout, gpu.stdout[-2000:]
+
+
+# ------------------------------------------------------------------ gpu_smoke.py
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return load_bench("gpu_smoke")
+
+
+def _driver(smoke, tmp_path, deadline=60.0, dry=True):
+    args = types.SimpleNamespace(out=str(tmp_path), dry=dry, deadline=deadline, archs=["vit-s"], compile=False)
+    return smoke.Driver(args)
+
+
+def test_driver_verdicts_are_honest(smoke, tmp_path):
+    driver = _driver(smoke, tmp_path / "a", dry=False)
+    py = sys.executable
+    assert driver.run("ok", 30, [py, "-c", "pass"], kind="bench")["status"] == "pass"
+    failed = driver.run("failed", 30, [py, "-c", "raise SystemExit(3)"], kind="bench")
+    assert failed["status"] == "fail" and failed["rc"] == 3
+    slow = driver.run("slow", 16, [py, "-c", "import time; time.sleep(60)"], kind="bench")
+    assert slow["status"] == "timeout" and slow["seconds"] < 30
+    worker = driver.run("quiet", 30, [py, "-c", "pass"])  # a worker that wrote no result
+    assert worker["status"] == "fail" and "no result" in worker["reason"]
+    driver.args.deadline = driver.elapsed() + 5  # less than a phase's minimum left
+    late = driver.run("late", 30, [py, "-c", "pass"], kind="bench")
+    assert late["status"] == "skip" and "deadline" in late["reason"]
+    assert driver.finish() == 1
+    report = json.loads((tmp_path / "a" / "smoke.json").read_text())
+    assert report["status"] == "fail" and report["failed"] == ["failed", "slow", "quiet"]
+    assert report["incomplete"] == ["late"]
+    log = (tmp_path / "a" / "smoke.log").read_text()
+    assert "=== slow: timeout" in log and "=== late: skipped" in log
+
+    only_late = _driver(smoke, tmp_path / "b", dry=False)
+    only_late.args.deadline = 5
+    only_late.run("late", 30, [py, "-c", "pass"], kind="bench")
+    assert only_late.finish() == 1  # nothing failed, but a required phase never ran: not a pass
+    assert json.loads((tmp_path / "b" / "smoke.json").read_text())["status"] == "incomplete"
+
+
+def test_pytest_phase_reads_the_junit_report(smoke, tmp_path):
+    test = tmp_path / "t" / "test_x.py"
+    test.parent.mkdir()
+    test.write_text(textwrap.dedent("""
+        import pytest
+        def test_ok(): pass
+        def test_bad(): assert False
+        @pytest.mark.skip(reason="x")
+        def test_skip(): pass
+    """))
+    driver = _driver(smoke, tmp_path / "out")
+    base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(test.parent),
+            "-c", os.devnull]
+    bad = driver.run("bad", 60, base + [str(test)], kind="pytest")
+    assert bad["status"] == "fail" and bad["result"]["failures"] == 1, bad
+    assert any("test_bad" in name for name in bad["result"]["failed"])
+    good = driver.run("good", 60, base + [str(test), "-k", "ok or skip"], kind="pytest")
+    assert good["status"] == "pass" and good["result"]["skipped"] == 1, good
+    skipped = driver.run("skipped", 60, base + [str(test), "-k", "skip"], kind="pytest")
+    assert skipped["status"] == "skip", skipped
+
+
+def test_dry_run_end_to_end(tmp_path):
+    """The whole one-call check on a CPU: every phase's command runs (ops in the interpreter at tiny shapes,
+    post-processing on the reference, the benchmark on the tiny model), the GPU-only ones skip, no FPS is
+    claimed, and the exit status is 0."""
+    out = tmp_path / "smoke"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_smoke.py"), "--dry", "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:] + (out / "smoke.log").read_text()[-4000:]
+    report = json.loads((out / "smoke.json").read_text())
+    status = {p["name"]: p["status"] for p in report["phases"]}
+    assert status == {"env": "pass", "ops": "pass", "graphs": "skip", "build": "skip", "post": "pass",
+                      "post-tests": "skip", "fps-tiny": "pass"}, status
+    assert report["status"] == "pass" and report["dry"] is True
+    ops_result = next(p for p in report["phases"] if p["name"] == "ops")["result"]
+    assert len(ops_result["cases"]) >= 40 and all(c["ok"] and c["planned"] == "triton" for c in ops_result["cases"])
+    assert {c["case"].split(" | ")[0] for c in ops_result["cases"]} >= {
+        "attention", "mask_bits", "layer_norm", "residual_layer_norm", "linear_gelu[cublas]", "linear_gelu[triton]",
+        "linear_residual[cublas]", "linear_residual[triton]", "query_update"}
+    assert report["fps"] and all(r["fps"] is None and r["mfu"] is None for r in report["fps"])  # no timing
+    assert {r["provider"] for r in report["fps"]} == {"hf-sdpa-bf16", "fast"}
+    assert (out / "bench.tar.gz").exists() and (out / "smoke.log").exists() and (out / "build.log").exists()
+    assert len(list(out.iterdir())) <= 8  # what a device call brings back
+
+
+# ------------------------------------------------------------------ gpu_check.sh
+
+
+def test_gpu_check_returns_the_status_of_what_it_ran(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\nexit 7\n")
+    fake.chmod(0o755)
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=str(fake))
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--archs", "vit-s"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 7
+    assert (tmp_path / "args").read_text().split() == ["bench/gpu_smoke.py", "--out", str(tmp_path / "out"),
+                                                       "--archs", "vit-s"]
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--extra", "nope"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--extra takes" in bad.stderr
+    extra = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--extra", "kernels"],
+                           env=dict(env, LIMIT="30"), capture_output=True, text=True, timeout=60)
+    assert extra.returncode == 7  # the status of the command, not of tee
