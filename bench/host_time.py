@@ -1,0 +1,114 @@
+"""Per-frame host time of the online step: videomt_fast's planned session vs transformers' one-frame forward.
+
+A tiny VidEoMT (hidden 64, 12 layers, 32x32 frames by default) makes the arithmetic small, so what is
+timed is what the host spends per frame: Python, op dispatch, kernel launches. Three providers, interleaved
+in one process on the same weights and frames:
+
+* ``hf``: transformers' ``VideomtForUniversalSegmentation`` on a one-frame clip (what a user calls per frame);
+* ``plain``: videomt_fast's session without ``optimize()`` (every op dispatched per call);
+* ``fast``: videomt_fast's session after ``optimize()`` (the execution plan's callables; CUDA graphs on a GPU).
+
+On a GPU the host time is the time until ``step()`` returns, without synchronizing (the launches and the
+replay are what the host pays); the device time per frame is reported beside it. Writes JSON under
+``bench/results/`` (or ``--out``) and prints the ratios.
+
+    python bench/host_time.py [--device cpu|cuda] [--queries 200] [--threads 1] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median reported)")
+    p.add_argument("--steps", type=int, default=20, help="frames per round and provider")
+    p.add_argument("--out", default=None, help="JSON path (default bench/results/host_time_<device>_<time>.json)")
+    args = p.parse_args(argv)
+
+    import torch
+    import transformers
+
+    import videomt_fast
+    from videomt_fast.runtime.fast import plans_of
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
+               num_blocks=4, num_queries=args.queries, image_size=args.size, num_labels=10)
+    torch.manual_seed(0)
+    hf = transformers.VideomtForUniversalSegmentation(transformers.VideomtConfig(**cfg)).eval().to(device)
+    plain = videomt_fast.from_transformers(hf).eval().to(device)
+    fast = videomt_fast.from_transformers(hf).eval().to(device)
+    fast.optimize(dtype=torch.float32, shapes=[(1, args.size, args.size)])
+    frames = torch.randn(args.steps, 1, 3, args.size, args.size, device=device)
+    sessions = {"plain": plain.new_session(), "fast": fast.new_session()}
+
+    def run(name):
+        if name == "hf":
+            for f in frames:
+                hf(pixel_values_videos=f[:, None])
+        else:
+            session = sessions[name]
+            session.reset()
+            for f in frames:
+                session.step(f)
+
+    cuda = device.type == "cuda"
+    host = {n: [] for n in ("hf", "plain", "fast")}
+    total = {n: [] for n in host}
+    with torch.inference_mode():
+        for name in host:  # warm-up: plans, graphs, kernels
+            run(name)
+            run(name)
+        for _ in range(args.repeats):
+            for name in host:
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                run(name)
+                t1 = time.perf_counter()
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t2 = time.perf_counter()
+                host[name].append((t1 - t0) / args.steps * 1e3)
+                total[name].append((t2 - t0) / args.steps * 1e3)
+    med = {n: statistics.median(v) for n, v in host.items()}
+    result = {
+        "tool": "bench/host_time.py",
+        "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "torch": torch.__version__, "transformers": transformers.__version__, "videomt_fast": videomt_fast.__version__,
+        "threads": args.threads, "config": cfg, "frame": [args.size, args.size], "steps": args.steps,
+        "repeats": args.repeats, "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "host_ms_per_frame": {n: {"median": med[n], "min": min(v), "max": max(v)} for n, v in host.items()},
+        "total_ms_per_frame": {n: statistics.median(v) for n, v in total.items()},
+        "ratio_fast_over_hf": med["fast"] / med["hf"], "ratio_plain_over_hf": med["plain"] / med["hf"],
+        "fast_plans": [plan.to_json() for plan in plans_of(fast)],
+    }
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                   f"host_time_{device.type}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    for n in host:
+        print(f"{n:6s} host {med[n]:8.3f} ms/frame (min {min(host[n]):.3f}, max {max(host[n]):.3f})")
+    print(f"fast / hf = {result['ratio_fast_over_hf']:.3f}   plain / hf = {result['ratio_plain_over_hf']:.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
