@@ -209,14 +209,18 @@ def test_parse_explicit():
     assert args.peak_tflops == 790.0 and args.dtype == torch.bfloat16 and args.frames == 5
 
 
-@pytest.mark.parametrize("bad", [
-    ["--size", "640"], ["--size", "0x640"], ["--providers", "hf-eager-fp32,nope"], ["--mode", "batch"],
-    ["--arch", "vit-s", "--checkpoint", "x"], ["--repeats", "0"], ["--peers", "sam"],
+@pytest.mark.parametrize("bad,says", [
+    (["--size", "640"], "size must look like HxW"), (["--size", "0x640"], "size must be positive"),
+    (["--providers", "hf-eager-fp32,nope"], "unknown providers ['nope']"), (["--mode", "batch"], "invalid choice: 'batch'"),
+    (["--arch", "vit-s", "--checkpoint", "x"], "not allowed with argument"), (["--repeats", "0"], "--repeats must be at least 1"),
+    (["--peers", "sam"], "unknown peers ['sam']"),
 ])
-def test_parse_rejects(bad, capsys):
+def test_parse_rejects(bad, says, capsys):
+    """Misuse: exit 2 and one message naming the input and what was expected."""
     with pytest.raises(SystemExit) as exc:
         benchmark.parse_args(["--device", "cpu"] + bad)
     assert exc.value.code == 2
+    assert says in capsys.readouterr().err
 
 
 def test_parse_eomt():
@@ -358,7 +362,7 @@ def test_write_json_atomic_leaves_no_temp_files(tmp_path):
     benchmark.write_json_atomic(str(path), {"a": 1})
     circular = {}
     circular["self"] = circular
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Circular reference"):
         benchmark.write_json_atomic(str(path), circular)
     assert json.loads(path.read_text()) == {"a": 1}
     assert os.listdir(tmp_path) == ["r.json"]
