@@ -72,6 +72,7 @@ class Driver:
         self.phases: list[dict[str, Any]] = []
         self.build: subprocess.Popen | None = None
         self.build_started = 0.0
+        self.build_failed = False
         # --dry proves the code paths, not the timing: a busy CPU (CI) gets four times each limit
         self.scale = 4 if args.dry else 1
 
@@ -89,8 +90,8 @@ class Driver:
     def env(self, **extra: str) -> dict[str, str]:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # a bare machine: the checkout
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
-        if self.args.dry:
-            env.setdefault("VIDEOMT_FAST_NO_JIT", "1")  # a CPU has no extension to build
+        if self.args.dry or self.build_failed:
+            env["VIDEOMT_FAST_NO_JIT"] = "1"  # nothing to build on a CPU; after a failed build, no second try
         return env
 
     def worker(self, phase: str) -> list[str]:
@@ -200,6 +201,7 @@ class Driver:
             phase.update(status="timeout", reason=f"the build was not done within {limit:.0f} s more")
         else:
             self._worker_verdict(phase, "build", rc)
+        self.build_failed = phase["status"] in ("fail", "timeout")
         self.say(f"=== build: {phase['status']} after {phase['seconds']} s" + (f" ({phase['reason']})" if phase.get("reason") else ""))
         return phase
 
@@ -238,7 +240,8 @@ class Driver:
     def finish(self) -> int:
         fps = _fps_rows(self.work / "bench", dry=self.args.dry)
         env = next((p.get("result", {}).get("environment") for p in self.phases if p["name"] == "env"), None)
-        failed = [p["name"] for p in self.phases if p["status"] in ("fail", "timeout")]
+        failed = [p["name"] for p in self.phases if p["status"] in ("fail", "timeout") and p["required"]]
+        optional_failed = [p["name"] for p in self.phases if p["status"] in ("fail", "timeout") and not p["required"]]
         incomplete = [p["name"] for p in self.phases
                       if p["required"] and p["status"] == "skip" and not self.args.dry]
         status = "fail" if failed else "incomplete" if incomplete else "pass"
@@ -248,6 +251,7 @@ class Driver:
             "created_utc": _now(),
             "status": status,
             "failed": failed,
+            "optional_failed": optional_failed,  # reported, not part of the exit status (e.g. torch.compile)
             "incomplete": incomplete,
             "seconds": round(self.elapsed(), 1),
             "deadline_s": self.args.deadline,

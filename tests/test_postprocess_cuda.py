@@ -189,3 +189,25 @@ def test_low_precision_logits_take_the_kernels_widened(ext, dtype):
             want = getattr(proc, method)(wide, sizes, **kwargs)
         assert sum(len(r["segments_info"]) for r in want) >= 1, task
         assert_segments_match(_cpu(want), _cpu(got), near_mask_threshold(wide, sizes))
+
+
+def test_kernels_run_on_the_tensors_device(ext):
+    """Logits on cuda:1 with cuda:0 current: the bindings' device guard launches on cuda:1 (same maps)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    sizes = [(97, 131), (161, 75)]
+    proc = VideomtVideoProcessor()
+    results = []
+    torch.cuda.set_device(0)
+    for device in ("cuda:0", "cuda:1"):
+        raw = random_outputs(len(sizes), 45, 7, 40, 48, seed=5, layout="cells")
+        out = type(raw)(class_queries_logits=raw.class_queries_logits.to(device),
+                        masks_queries_logits=raw.masks_queries_logits.to(device))
+        with ops.use_backend("cuda"):
+            got = proc.post_process_panoptic_segmentation(out, sizes, threshold=0.5)
+        torch.cuda.synchronize(device)
+        assert torch.cuda.current_device() == 0
+        assert all(r["segmentation"].device == torch.device(device) for r in got)
+        results.append(_cpu(got))
+    near = [torch.zeros(s, dtype=torch.bool) for s in sizes]  # same device model, same kernels: exact
+    assert_segments_match(results[0], results[1], near)
