@@ -601,6 +601,21 @@ class _Segmenter(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         """Nothing to disable: gradient checkpointing is never on."""
 
+    # attention always runs on our kernels: transformers' implementation switching does not apply
+    _supports_sdpa = False
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _keep_in_fp32_modules = None
+    _keep_in_fp32_modules_strict = None
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        return False
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return False
+
     @classmethod
     def can_generate(cls) -> bool:
         return False
@@ -608,7 +623,9 @@ class _Segmenter(nn.Module):
     @classmethod
     def _from_config(cls, config: Any, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None,
                      **kwargs: Any) -> "_Segmenter":
-        """transformers' ``_from_config``: a freshly initialised model (PyTorch's default initialisation)."""
+        """transformers' ``_from_config``: a freshly initialised model (PyTorch's default initialisation).
+        ``attn_implementation`` is accepted and changes nothing, as in :meth:`from_pretrained`."""
+        kwargs.pop("attn_implementation", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}._from_config got unsupported keyword arguments {sorted(kwargs)}")
         model = cls(config)
