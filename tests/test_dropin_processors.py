@@ -285,3 +285,24 @@ def test_valid_kwargs_and_unknown_arguments():
     # unknown configuration entries are kept as attributes and saved again, as transformers does
     proc = VideomtVideoProcessor.from_dict({"size": {"height": 8, "width": 8}, "custom_entry": 3})
     assert proc.custom_entry == 3 and proc.to_dict()["custom_entry"] == 3
+
+
+@pytest.mark.parametrize("shape", [(90, 120), (47, 33), (20, 64)])
+def test_segmentation_maps_resized_as_transformers(shape):
+    """Maps are resized with nearest at pixel centers (transformers: PIL NEAREST, torchvision NEAREST_EXACT)."""
+    rng = np.random.default_rng(sum(shape))
+    # label regions, as real maps have, on a coarse grid
+    coarse = rng.integers(0, 7, size=(6, 8)).astype(np.uint8)
+    label_map = np.kron(coarse, np.ones((16, 16), dtype=np.uint8))[: shape[0], : shape[1]]
+    image = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    settings = {"size": {"shortest_edge": 24, "longest_edge": 40}, "do_pad": True, "ignore_index": 255}
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    for maps in (label_map, Image.fromarray(label_map)):  # arrays and PIL maps (kept single-channel)
+        ours = EomtImageProcessor(**settings)(images=image, segmentation_maps=maps, return_tensors="pt")
+        theirs = _hf_eomt_class()(**settings)(images=image, segmentation_maps=maps, return_tensors="pt")
+        for a, b in zip(ours["mask_labels"], theirs["mask_labels"]):
+            torch.testing.assert_close(a, torch.as_tensor(b).float(), rtol=0, atol=0)
+        for a, b in zip(ours["class_labels"], theirs["class_labels"]):
+            assert torch.equal(a, torch.as_tensor(b).long())

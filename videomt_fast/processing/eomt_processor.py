@@ -253,8 +253,8 @@ def _resize(images: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Ten
     """Batched ``(N, C, H, W)`` resize with torchvision's numerics (see the module docstring)."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    if mode == "nearest":
-        return F.interpolate(images, size=size, mode="nearest")
+    if mode == "nearest":  # transformers maps PIL NEAREST to torchvision's NEAREST_EXACT (pixel centers, as Pillow)
+        return F.interpolate(images, size=size, mode="nearest-exact")
     if images.dtype == torch.uint8 and images.device.type == "cpu":
         return F.interpolate(images, size=size, mode=mode, align_corners=False, antialias=True)
     out = F.interpolate(images if images.is_floating_point() else images.float(), size=size, mode=mode,
@@ -539,14 +539,19 @@ class EomtImageProcessor(ProcessorConfigMixin):
 
     def _segmentation_targets(self, maps: Any, mapping: Any, opts: dict, device: Any, num_images: int) -> dict:
         """Training targets: per image binary masks ``(N, H, W)`` float32 and class ids ``(N,)`` int64."""
+        def as_map(m: Any, i: int) -> torch.Tensor:  # a PIL map keeps its values (no RGB conversion)
+            return torch.from_numpy(np.array(m)) if _is_pil(m) else _to_tensor(m, i)
+
         if isinstance(maps, (torch.Tensor, np.ndarray)) and maps.ndim == 3:
             items = [_to_tensor(m, i) for i, m in enumerate(maps)]
-        elif isinstance(maps, (torch.Tensor, np.ndarray)) and maps.ndim == 2:
-            items = [_to_tensor(maps, 0)]
+        elif (isinstance(maps, (torch.Tensor, np.ndarray)) and maps.ndim == 2) or _is_pil(maps):
+            items = [as_map(maps, 0)]
         elif isinstance(maps, (list, tuple)):
-            items = [_to_tensor(m, i) for i, m in enumerate(maps)]
+            items = [as_map(m, i) for i, m in enumerate(maps)]
         else:
-            raise TypeError(f"segmentation_maps: expected (H, W) maps as tensors / arrays or a list of them, got {type(maps).__name__}")
+            raise TypeError(
+                f"segmentation_maps: expected (H, W) maps as tensors / arrays / PIL images or a list of them, got {type(maps).__name__}"
+            )
         if len(items) != num_images:
             raise ValueError(f"segmentation_maps: expected {num_images} maps (one per image), got {len(items)}")
         prepared = []
