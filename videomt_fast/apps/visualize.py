@@ -129,7 +129,7 @@ def draw_overlay(
     legend: Mapping[int, str] | None = None,
     tags: Mapping[int, str] | None = None,
     palette: np.ndarray | None = None,
-    alpha: float = 0.45,
+    alpha: float = 0.5,
 ) -> np.ndarray:
     """A copy of ``frame`` ``(H, W, 3)`` uint8 with the regions of ``ids`` ``(H, W)`` (0 = none) tinted
     with ``palette[id % len]`` (default :func:`colours`), outlined in their colour, each tagged with
@@ -147,7 +147,7 @@ def draw_overlay(
     labelled = (ids > 0)[..., None]
     out = np.where(labelled, (frame * (1 - alpha) + tint * alpha).astype(np.uint8), frame)
     scale = text_scale(*frame.shape[:2])
-    edge = outlines(ids, thickness=scale)
+    edge = outlines(ids, thickness=scale + 1)
     out[edge] = tint[edge]
     present = [int(v) for v in np.unique(ids) if v > 0]
     for value in present:

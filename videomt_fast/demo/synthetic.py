@@ -1,8 +1,9 @@
 """Deterministic synthetic videos with ground truth: moving, occluding shapes of a few classes.
 
 A clip is drawn from one seed: a smooth random background, one to four shapes (circle, square,
-triangle; any colour, so the class is the shape), each moving at constant velocity and bouncing off
-the frame edges, painted back to front so that later shapes occlude earlier ones. The scene is
+triangle; each class in its own family of hues, reds, greens and blues, varied in hue, saturation
+and brightness, so that a small model learns the classes quickly), each moving at constant velocity
+and bouncing off the frame edges, painted back to front so that later shapes occlude earlier ones. The scene is
 described in coordinates relative to the frame, so the same seed rendered at 64x64 or 256x256 shows
 the same video. The ground truth is what is visible: per frame, one mask per object after occlusion,
 with the object's class id and track id (1, 2, ... in painting order, stable through the clip).
@@ -20,6 +21,7 @@ import numpy as np
 
 CLASSES = ("circle", "square", "triangle")
 ID2LABEL = dict(enumerate(CLASSES))
+_HUES = (0.0, 0.33, 0.62)  # red circles, green squares, blue triangles (centre of each class's hue range)
 
 
 @dataclass
@@ -91,9 +93,10 @@ def make_clip(
     count = int(rng.integers(1, max_objects + 1))
     objects = []
     for _ in range(count):
-        kind = CLASSES[int(rng.integers(len(CLASSES)))]
+        label = int(rng.integers(len(CLASSES)))
+        kind = CLASSES[label]
         r = rng.uniform(0.11, 0.2)
-        hue = rng.uniform(0, 1)
+        hue = (_HUES[label] + rng.uniform(-0.07, 0.07)) % 1.0
         colour = 255 * np.clip(np.abs((hue * 6 + np.array([0, 4, 2])) % 6 - 3) - 1, 0, 1)  # saturated hue
         colour = np.clip(colour * rng.uniform(0.75, 1.0) + rng.uniform(0, 40), 0, 255)
         start = (rng.uniform(r, ext_y - r), rng.uniform(r, ext_x - r))

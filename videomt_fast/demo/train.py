@@ -1,6 +1,6 @@
 """Train the demo VidEoMT on synthetic clips (a tool; the result ships in videomt_fast/demo/weights).
 
-    python -m videomt_fast.demo.train --out DIR [--steps 2000] [--threads 1]
+    python -m videomt_fast.demo.train --out DIR [--steps 1800] [--threads 1]
 
 The model is this package's ``VideomtForUniversalSegmentation`` (its reference path is plain,
 differentiable PyTorch), small enough to train on a CPU in minutes: hidden size 96, 6 layers (the
@@ -149,7 +149,7 @@ def evaluate(model_dir: str, seeds: list[int], frames: int = 12, size: int = 128
     }
 
 
-def train(out: str, steps: int = 2000, batch: int = 4, frames: int = 4, lr: float = 1e-3, seed: int = 0,
+def train(out: str, steps: int = 1800, batch: int = 4, frames: int = 4, lr: float = 1e-3, seed: int = 0,
           log_every: int = 50) -> dict:
     from videomt_fast.model.modeling import VideomtForUniversalSegmentation
 
@@ -206,7 +206,7 @@ def train(out: str, steps: int = 2000, batch: int = 4, frames: int = 4, lr: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m videomt_fast.demo.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for config.json, model.safetensors, training.json")
-    parser.add_argument("--steps", type=int, default=2000, help="optimizer steps (default 2000)")
+    parser.add_argument("--steps", type=int, default=1800, help="optimizer steps (default 1800)")
     parser.add_argument("--batch", type=int, default=4, help="clips per step (default 4)")
     parser.add_argument("--frames", type=int, default=4, help="frames per training clip (default 4)")
     parser.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (default 1e-3)")
