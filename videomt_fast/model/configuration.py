@@ -327,6 +327,10 @@ class _SegmenterConfig:
     def get_text_config(self, *args: Any, **kwargs: Any) -> "_SegmenterConfig":
         return self
 
+    def __iter__(self):
+        """The attribute names, as transformers' configs iterate."""
+        yield from self.__dict__
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         from videomt_fast.model.loading import atomic_write_text
 

@@ -605,8 +605,8 @@ class _Segmenter(nn.Module):
     _supports_sdpa = False
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _keep_in_fp32_modules = None
-    _keep_in_fp32_modules_strict = None
+    _keep_in_fp32_modules: list[str] = []
+    _keep_in_fp32_modules_strict: list[str] = []
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
