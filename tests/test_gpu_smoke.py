@@ -136,6 +136,7 @@ def test_pytest_phase_reads_the_junit_report(smoke, tmp_path):
     assert skipped["status"] == "skip", skipped
 
 
+@pytest.mark.slow  # ~1-2 minutes of subprocesses on two cores; CI runs it (CI does not deselect slow tests)
 def test_dry_run_end_to_end(tmp_path):
     """The whole one-call check on a CPU: every phase's command runs (ops in the interpreter at tiny shapes,
     post-processing on the reference, the benchmark on the tiny model), the GPU-only ones skip, no FPS is
