@@ -181,3 +181,25 @@ def test_gpu_check_returns_the_status_of_what_it_ran(tmp_path):
     extra = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--extra", "kernels"],
                            env=dict(env, LIMIT="30"), capture_output=True, text=True, timeout=60)
     assert extra.returncode == 7  # the status of the command, not of tee
+
+
+# ------------------------------------------------------------------ the CUDA bindings (compiled by test_csrc_build.py)
+
+
+def test_every_binding_guards_its_device_and_names_its_kernel():
+    """Each entry point of csrc/bindings.cpp that launches a kernel makes its tensors' device current
+    (c10::DeviceGuard), reports a CUDA error already pending before its launch as an earlier one's, and
+    checks its launch under its own name. (No GPU here: the structure is checked on the source; the nvcc /
+    g++ compile is tests/test_csrc_build.py, the behaviour the two-GPU tests.)"""
+    import re
+
+    source = (ROOT / "csrc" / "bindings.cpp").read_text()
+    names = re.findall(r'm\.def\("(\w+)"', source)
+    assert names, "no bindings found"
+    for name in names:
+        body = source[source.index(f"void {name}("):]
+        body = body[: body.index("\n}\n")]
+        launch = body.index("check_launch(videomt_fast::launch_")
+        assert "const c10::DeviceGuard device_guard(" in body[:launch], name
+        assert f'check_pending("{name}");' in body[:launch], name
+        assert re.search(rf'"{name}", stream\);\s*$', body), f"{name}: check_launch does not name it"
