@@ -2,6 +2,8 @@
 
     python -m videomt_fast.demo.train --out DIR [--steps 1800] [--threads 1]
 
+Needs scipy for the matching (it comes with the ``test`` extra: ``pip install -e ".[test]"``).
+
 The model is this package's ``VideomtForUniversalSegmentation`` (its reference path is plain,
 differentiable PyTorch), small enough to train on a CPU in minutes: hidden size 96, 6 layers (the
 last 3 see the queries), patch 8 on 64x64 frames, 8 queries, 3 classes. Each step draws fresh clips
@@ -218,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 1:
             print(f"python -m videomt_fast.demo.train: --{name} must be at least 1, got {getattr(args, name)}", file=sys.stderr)
             return 2
+    try:
+        import scipy.optimize  # noqa: F401
+    except ImportError:
+        print("python -m videomt_fast.demo.train: needs scipy for the Hungarian matching (pip install scipy)",
+              file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
     record = train(args.out, args.steps, args.batch, args.frames, args.lr, args.seed)
     if args.eval_clips > 0:
