@@ -176,19 +176,30 @@ def test_panoptic_ratio_compares_in_double():
 # ----------------------------------------------------------------------------- pre-processing
 
 
-def _tv_free_expected(frames_tchw_uint8: torch.Tensor) -> torch.Tensor:
-    """transformers' pre-processing written out: torchvision's CPU uint8 resize is torch's uint8 antialiased
-    bilinear kernel; then the fused rescale+normalize with mean/std times 1/rescale_factor."""
-    x = torch.nn.functional.interpolate(frames_tchw_uint8, size=(640, 640), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor([0.485, 0.456, 0.406]) * (1.0 / (1 / 255))
-    std = torch.tensor([0.229, 0.224, 0.225]) * (1.0 / (1 / 255))
+def _expected_from_transformers(oracle, frames_tchw_uint8: torch.Tensor) -> torch.Tensor:
+    """transformers' pre-processing with its settings read from its own VideomtVideoProcessor (size, mean,
+    std, rescale factor, resample): torchvision's CPU uint8 resize is torch's uint8 antialiased bilinear
+    kernel; transformers fuses rescale and normalize into one normalize with mean and std / rescale."""
+    assert oracle.do_resize and oracle.do_rescale and oracle.do_normalize and not oracle.do_center_crop
+    assert oracle.resample == 2, "PILImageResampling.BILINEAR"
+    size = (oracle.size["height"], oracle.size["width"])
+    x = torch.nn.functional.interpolate(frames_tchw_uint8, size=size, mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(oracle.image_mean) * (1.0 / oracle.rescale_factor)
+    std = torch.tensor(oracle.image_std) * (1.0 / oracle.rescale_factor)
     return (x.float() - mean[:, None, None]) / std[:, None, None]
 
 
-def test_preprocess_layouts_agree(ours):
+def test_preprocess_settings_are_transformers(oracle, ours):
+    assert ours.size == oracle.size and ours.rescale_factor == oracle.rescale_factor
+    assert tuple(ours.image_mean) == tuple(oracle.image_mean) and tuple(ours.image_std) == tuple(oracle.image_std)
+    for flag in ("do_resize", "do_rescale", "do_normalize", "do_center_crop", "do_convert_rgb"):
+        assert getattr(ours, flag) == getattr(oracle, flag), flag
+
+
+def test_preprocess_layouts_agree(oracle, ours):
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (3, 50, 70, 3), dtype=torch.uint8, generator=g)
-    expected = _tv_free_expected(video.permute(0, 3, 1, 2).contiguous())[None]
+    expected = _expected_from_transformers(oracle, video.permute(0, 3, 1, 2).contiguous())[None]
     for inp in (video, video.permute(0, 3, 1, 2), video.numpy(), list(video.numpy()), [video]):
         got = ours(inp)["pixel_values_videos"]
         assert got.shape == (1, 3, 3, 640, 640) and got.dtype == torch.float32
@@ -196,6 +207,21 @@ def test_preprocess_layouts_agree(ours):
     batch = ours(torch.stack([video, video.flip(0)]))
     assert batch.pixel_values_videos.shape == (2, 3, 3, 640, 640)
     torch.testing.assert_close(batch.pixel_values_videos[1], expected[0].flip(0), rtol=0, atol=1e-6)
+
+
+def test_preprocess_matches_transformers_processor(ours):
+    """transformers' own processor end to end, where its torchvision backend imports."""
+    import transformers
+
+    try:
+        theirs = transformers.VideomtVideoProcessor()
+    except ImportError as exc:
+        pytest.skip(f"transformers' VideomtVideoProcessor needs torchvision: {str(exc).strip().splitlines()[0][:100]}")
+    g = torch.Generator().manual_seed(1)
+    for shape in ((2, 50, 70, 3), (3, 721, 480, 3)):
+        video = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+        want = theirs(list(video.numpy()), return_tensors="pt")["pixel_values_videos"]
+        torch.testing.assert_close(ours(video.numpy())["pixel_values_videos"], want, rtol=0, atol=1e-6)
 
 
 def test_preprocess_float_path_is_close_to_uint8_path(ours):
