@@ -141,6 +141,26 @@ class EomtForUniversalSegmentationOutput(_Output):
 
 
 # --------------------------------------------------------------------------------------------
+# the runtime
+
+# The model imports nothing of the runtime (videomt_fast.runtime: plans, CUDA graphs, sessions). The
+# runtime registers itself here when it is imported, which importing videomt_fast always does; the
+# convenience methods optimize(), new_session() and new_predictor() hand the model to it.
+_RUNTIME: list[Any] = []
+
+
+def register_runtime(api: Any) -> None:
+    """Called by :mod:`videomt_fast.runtime`: an object with ``optimize``, ``new_session``, ``new_predictor``."""
+    _RUNTIME[:] = [api]
+
+
+def runtime() -> Any:
+    if not _RUNTIME:
+        raise RuntimeError("videomt_fast.runtime is not loaded; import videomt_fast (not only videomt_fast.model)")
+    return _RUNTIME[0]
+
+
+# --------------------------------------------------------------------------------------------
 # input checks
 
 
@@ -693,11 +713,9 @@ class _Segmenter(nn.Module):
         output buffers (valid until the next call) instead of copies. ``shapes``: ``(frames per call,
         height, width)`` triples to plan now instead of at their first call.
         """
-        from videomt_fast.runtime.fast import optimize
-
         self._refresh_mask_probs()
-        return optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
-                        clone_outputs=clone_outputs, plan=plan, budget_s=budget_s, shapes=shapes)
+        return runtime().optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
+                                  clone_outputs=clone_outputs, plan=plan, budget_s=budget_s, shapes=shapes)
 
     def backend_report(self) -> dict[str, dict[str, Any]]:
         """Which backend each op would use on this model's device, and why."""
@@ -862,13 +880,7 @@ class VideomtForUniversalSegmentation(_Segmenter):
         After :meth:`optimize` on a CUDA model this is a :class:`videomt_fast.runtime.fast.GraphedSession`
         (one CUDA graph per input shape); otherwise a :class:`videomt_fast.runtime.session.VideomtSession`.
         """
-        from videomt_fast.runtime.fast import GraphedSession, graphs_enabled
-
-        if graphs_enabled(self):
-            return GraphedSession(self, batch_size=batch_size, clone_outputs=self.fast_settings.clone_outputs)
-        from videomt_fast.runtime.session import VideomtSession
-
-        return VideomtSession(self, batch_size=batch_size)
+        return runtime().new_session(self, batch_size)
 
 
 class EomtForUniversalSegmentation(_Segmenter):
@@ -914,11 +926,7 @@ class EomtForUniversalSegmentation(_Segmenter):
         After :meth:`optimize` on a CUDA model it replays one CUDA graph per input shape (a
         :class:`videomt_fast.runtime.fast.GraphedPredictor`); otherwise it runs the forward.
         """
-        from videomt_fast.runtime.fast import GraphedPredictor, graphs_enabled
-
-        settings = getattr(self, "fast_settings", None)
-        clone = settings.clone_outputs if settings is not None else True
-        return GraphedPredictor(self, use_graphs=graphs_enabled(self), clone_outputs=clone, max_shapes=max_shapes)
+        return runtime().new_predictor(self, max_shapes)
 
     def check_inputs(self, pixel_values: Any, check_finite: bool = True) -> list[float]:
         """Validate ``pixel_values`` and the masked-attention probabilities; returns the probabilities."""

@@ -15,8 +15,9 @@
 * the NaN/inf scan of inputs is off (it costs a reduction and a host sync per call, which keeps the CPU
   from running ahead of the GPU); ``optimize(check_finite=True)`` keeps it.
 
-The model never imports this module: ``optimize()`` installs the runtime's providers on the model
-instance (``encode_provider``, ``step_provider``, ``checked_forward``), which its forward calls.
+The model never imports this module: the runtime registers itself with the model layer
+(:func:`videomt_fast.model.modeling.register_runtime`), and ``optimize()`` installs its providers on the
+model instance (``encode_provider``, ``step_provider``, ``checked_forward``), which the forward calls.
 
 A graph bakes in the weights' addresses, the plan's implementations and the backend switches. Each
 graph owner keeps the token of what it captured (:func:`weights_token`, the plan object) and captures
@@ -40,7 +41,7 @@ from videomt_fast.model.modeling import (
     VideomtForUniversalSegmentationOutput,
 )
 from videomt_fast.runtime import plans
-from videomt_fast.runtime.session import check_step_frames
+from videomt_fast.runtime.session import VideomtSession, check_step_frames
 
 
 @dataclass
@@ -119,6 +120,22 @@ def _shape(value) -> tuple[int, int, int]:
 def plans_of(model) -> list[plans.Plan]:
     """The execution plans an optimized model has built so far (one per input shape and switch state)."""
     return list(model.__dict__.get("_plans", {}).values())
+
+
+def new_session(model, batch_size: int = 1):
+    """``model.new_session()``: a :class:`GraphedSession` after :func:`optimize` on CUDA, else the plain
+    :class:`~videomt_fast.runtime.session.VideomtSession` (which runs the plan of an optimized model)."""
+    if graphs_enabled(model):
+        return GraphedSession(model, batch_size=batch_size, clone_outputs=model.fast_settings.clone_outputs)
+    return VideomtSession(model, batch_size=batch_size)
+
+
+def new_predictor(model, max_shapes: int = 4):
+    """``model.new_predictor()`` (EoMT): a :class:`GraphedPredictor`, replaying graphs after :func:`optimize`
+    on CUDA."""
+    settings = getattr(model, "fast_settings", None)
+    clone = settings.clone_outputs if settings is not None else True
+    return GraphedPredictor(model, use_graphs=graphs_enabled(model), clone_outputs=clone, max_shapes=max_shapes)
 
 
 def graphs_enabled(model) -> bool:
