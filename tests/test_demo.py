@@ -102,7 +102,7 @@ def test_score_clip_counts_iou_and_id_switches():
 
 def test_demo_command_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert cli.main(["demo", "--out", str(out), "--frames", "5", "--size", "128", "--device", "cpu"]) == 0
+    assert cli.main(["demo", "--out", str(out), "--frames", "5", "--size", "128", "--devices", "cpu"]) == 0
     printed = capsys.readouterr().out
     results = out / "segment" / "clip"
     for path in (out / "clip.mp4", results / "instances.json", results / "overlay.mp4", results / "done.json"):
@@ -128,6 +128,10 @@ def test_demo_command_rejects_bad_arguments(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(["demo", "--out", str(tmp_path / "file")]) == 2
     assert "is a file" in capsys.readouterr().err
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--devices", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nonsense" in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists(), "nothing is written before the arguments are checked"
 
 
 # ---------------------------------------------------------------------------------- palette PNG and overlay

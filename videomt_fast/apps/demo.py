@@ -1,6 +1,6 @@
 """``videomt-fast demo``: segment a synthetic clip with the packaged demo model, offline.
 
-    videomt-fast demo [--out DIR] [--seed N] [--frames N] [--size N]
+    videomt-fast demo [--out DIR] [--seed N] [--frames N] [--size N] [--devices D]
 
 Draws a clip of moving, occluding shapes (videomt_fast.demo.synthetic), writes it as ``DIR/clip.mp4``,
 segments it with ``videomt-fast segment``'s own pipeline and the small model shipped with the package
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip seed (default 1000107: three objects; seeds from 1000000 on were never used in training)")
     p.add_argument("--frames", type=int, default=24, help="clip length in frames (default 24)")
     p.add_argument("--size", type=int, default=384, help="frame side in pixels (default 384)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (a GPU when there is one)")
+    p.add_argument("--devices", default="auto",
+                   help="cpu, cuda, cuda:N, or auto (a GPU when there is one), as segment's --devices")
     return p
 
 
@@ -82,6 +83,7 @@ def run_demo(out: str, seed: int = 1_000_107, frames: int = 24, size: int = 384,
     from videomt_fast.demo.synthetic import make_clip, score_clip
 
     began = time.perf_counter()
+    segment.resolve_devices(device)  # a bad device fails here, before anything is written
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     clip = make_clip(seed, frames, size, supersample=2)
@@ -117,7 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         print(f"videomt-fast demo: --out {args.out} is a file; expected a folder", file=sys.stderr)
         return 2
-    result = run_demo(args.out, args.seed, args.frames, args.size, args.device, progress=False)
+    try:
+        result = run_demo(args.out, args.seed, args.frames, args.size, args.devices, progress=False)
+    except ValueError as exc:  # e.g. --devices cuda without CUDA
+        print(f"videomt-fast demo: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # segmenting failed: segment's summary names the reason
+        print(f"videomt-fast demo: {exc}", file=sys.stderr)
+        return 1
     print(f"videomt-fast demo: {result['frames']} frames segmented in {result['seconds']:.1f} s")
     print(f"  input clip        {result['clip']}")
     print(f"  track ids (PNG)   {os.path.join(result['results'], 'instance_ids')}/  (palette PNGs: ids as stored values)")
