@@ -9,6 +9,14 @@ to uint8; we make the same two calls, so on CPU and CUDA the resized frames are 
 values torchvision gives (float frames are resized in float without rounding, as torchvision does),
 and the fused rescale+normalize uses transformers' constants (``mean * 255``, ``std * 255``).
 
+Also as transformers: frame sampling (``do_sample_frames`` with ``num_frames`` or ``fps`` and
+``video_metadata``; ``sample_frames``), center crop (``do_center_crop``, ``crop_size``), one float or one value
+per channel for ``image_mean`` / ``image_std``, and the configuration surface (``to_dict``, ``to_json_string``,
+``save_pretrained`` / ``from_pretrained`` with ``video_preprocessor_config.json``, ``from_dict``; both libraries
+load each other's files). Deliberate differences: ``return_tensors`` defaults to ``"pt"`` (stacked videos;
+``None`` gives transformers' list), ``video_metadata`` comes back as dicts, unknown call arguments raise
+``TypeError`` instead of being logged, and only bilinear resizing is supported.
+
 Post-processing has transformers' three methods, signatures and outputs; each dispatches through
 :mod:`videomt_fast.ops` (CUDA kernels on GPU tensors when the extension is available, otherwise the
 vectorized PyTorch references in :mod:`videomt_fast.ops.postprocess`) and makes one host transfer for all
@@ -477,7 +485,7 @@ class VideomtVideoProcessor(ProcessorConfigMixin):
         """
         opts = self._call_options(kwargs)
         self._check_resample(opts["resample"])
-        return_tensors = kwargs.get("return_tensors", "pt")
+        return_tensors = kwargs["return_tensors"] if "return_tensors" in kwargs else (self.return_tensors or "pt")
         if return_tensors not in ("pt", None):
             raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}")
         if opts["data_format"] not in (None, "channels_first") and str(opts["data_format"]).lower() not in ("channeldimension.first", "first"):
