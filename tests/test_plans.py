@@ -69,7 +69,8 @@ def test_cpu_plan_covers_every_site_and_runs_without_dispatch(model, monkeypatch
                                           "residual_layer_norm")} | {"head.linear_gelu", "frame.layer_norm",
                                                                       "frame.query_update"}
     assert plan.choices() == dict.fromkeys(plan.sites, "reference")  # on a CPU only the references qualify
-    assert plan.gate["passed"] and plan.gate["masks"] == 1.0
+    assert plan.gate == {}  # float32 references are the gate's own reference: nothing to check, nothing paid
+    assert all(c.reason == "the only candidate here" for s in plan.sites.values() for c in s.candidates)
     for stage, module in plans.op_sites(model):
         assert module.impl is plan.table(stage)
     for site in plan.sites.values():  # the references themselves, no dispatching wrapper

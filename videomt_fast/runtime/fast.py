@@ -170,12 +170,19 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
     cache = model.__dict__.setdefault("_plans", {})
     plan = cache.get(key)
     if plan is None:
+        report = settings.cpu_dtype_report
+        notes = [f"cpu dtype: {report['reason']} ({_dtype_figures(report)})"] if report else []
         plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages),
-                         budget_s=settings.budget_s)
-        if settings.cpu_dtype_report:
-            plan.notes.append(f"cpu dtype: {settings.cpu_dtype_report.get('reason')}")
+                         budget_s=settings.budget_s, notes=notes)
         cache[key] = plan
     return plan
+
+
+def _dtype_figures(report: dict) -> str:
+    gate = report.get("gate") or {}
+    parts = [f"{k} {report[k]} ms" for k in ("float32_ms", "bfloat16_ms") if k in report]
+    parts += [f"bf16 agreement masks {gate['masks']}, classes {gate['classes']}"] if gate else []
+    return "; ".join(parts) or "not measured"
 
 
 def _check_shape(model, rows: int, size: tuple[int, int]) -> None:

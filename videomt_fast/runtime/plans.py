@@ -366,6 +366,10 @@ def _calibrate_site(stage: str, op: str, forms: dict, device: torch.device, dtyp
     found = ops.candidates(op, device)
     ref = found["reference"][0]
     form_args = list(forms.values())
+    if len(found) == 1:  # nothing to choose between (a CPU): no verification or timing to pay for
+        shapes = [list(next(a for a in args if isinstance(a, torch.Tensor)).shape) for args in form_args]
+        return Site(stage=stage, op=op, shapes=shapes, chosen="reference",
+                    candidates=[Candidate(name="reference", status="chosen", reason="the only candidate here")])
     truths, ref_errors = [], []
     for args in form_args:
         truth = ref(*_to64(_clone(args)))
@@ -400,9 +404,6 @@ def _calibrate_site(stage: str, op: str, forms: dict, device: torch.device, dtyp
             cand.status = "excluded"
             cand.reason = ("NaN or inf in the output" if math.isnan(cand.error)
                            else f"error {cand.error:.2e} over tolerance {cand.tolerance:.2e}")
-            continue
-        if len(found) == 1:
-            best = (math.nan, name)  # the only candidate: nothing to time
             continue
         if time.perf_counter() > deadline and best is not None:
             cand.status, cand.reason = "untimed", "calibration budget spent"
@@ -592,8 +593,9 @@ def build(model, rows: int, size: tuple[int, int], *, mode: str = "auto", stages
                 mode="static" if mode == "static" else "calibrated", sites=sites)
     if time.perf_counter() > deadline:
         plan.notes.append(f"calibration budget of {budget_s:.0f} s spent: later candidates were not timed")
-    if gate and mode != "static":
-        run_gate(model, plan)
+    only_references = all(site.chosen == "reference" for site in sites.values())
+    if gate and mode != "static" and not (only_references and dtype == torch.float32):
+        run_gate(model, plan)  # (the float32 references are the gate's own reference: nothing to check)
     plan.calibration_s = round(time.perf_counter() - start, 3)
     return plan.resolve()
 
@@ -775,7 +777,7 @@ def plan_mode(requested: str | None) -> str:
 
 
 def get(model, rows: int, size: tuple[int, int], *, mode: str | None = None, stages: list[str] | None = None,
-        timer: Timer | None = None, budget_s: float = 60.0) -> Plan:
+        timer: Timer | None = None, budget_s: float = 60.0, notes: list[str] = ()) -> Plan:
     """The plan for ``model`` at ``rows`` x ``size``: from the disk cache (``auto``), else calibrated and
     cached; ``recalibrate`` always calibrates; ``static`` never does."""
     mode = plan_mode(mode)
@@ -789,6 +791,7 @@ def get(model, rows: int, size: tuple[int, int], *, mode: str | None = None, sta
     plan = build(model, rows, size, mode="static" if mode == "static" else "auto", stages=stages, timer=timer,
                  budget_s=budget_s)
     plan.key = key
+    plan.notes.extend(notes)
     if plan.mode == "calibrated":
         save_cached(plan)
         _exclude_failures(plan)
