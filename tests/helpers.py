@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
+from videomt_fast.testing.kernel_checks import FP32_REL_TOL, rel_err  # noqa: F401 - one definition, re-exported
+
 ROOT = Path(__file__).resolve().parent.parent
 FIELDS = ("class_queries_logits", "masks_queries_logits", "last_hidden_state")
 
@@ -98,15 +100,6 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; NaN or infinity anywhere never passes (returns inf)."""
-    assert out.shape == ref.shape, (out.shape, ref.shape)
-    if not (torch.isfinite(out).all() and torch.isfinite(ref).all()):
-        return float("inf")
-    ref = ref.double()
-    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
-
-
 def assert_outputs_close(out, ref, atol: float = 1e-4, fields=FIELDS) -> None:
     """Every output field within ``atol`` (max abs) of ``ref``'s; the message names the field."""
     for field in fields:
@@ -152,6 +145,52 @@ class BackendRecorder:
 
     def backends(self, name: str) -> set[str]:
         return {b for (n, b) in self.picked if n == name}
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+
+
+def to_research_keys(hf):
+    """transformers names -> tue-mps research-code names (timm DINOv2 with registers inside the wrapper)."""
+    cfg = hf.config
+    out = {}
+    for key, value in hf.state_dict().items():
+        if key.startswith("criterion") or key == "embeddings.mask_token":
+            continue
+        rk = (
+            key.replace("embeddings.cls_token", "encoder.backbone.cls_token")
+            .replace("embeddings.register_tokens", "encoder.backbone.reg_token")
+            .replace("embeddings.patch_embeddings.projection", "encoder.backbone.patch_embed.proj")
+            .replace("attention.out_proj", "attn.proj")
+            .replace(".attention.", ".attn.")
+            .replace("layer_scale1.lambda1", "ls1.gamma")
+            .replace("layer_scale2.lambda1", "ls2.gamma")
+            .replace("upscale_block.block.", "upscale.")
+            .replace("layernorm2d", "norm")
+            .replace("mask_head.fc1", "mask_head.0")
+            .replace("mask_head.fc2", "mask_head.2")
+            .replace("mask_head.fc3", "mask_head.4")
+            .replace("class_predictor", "class_head")
+            .replace("query.weight", "q.weight")
+        )
+        if rk.startswith("layers."):
+            rk = "encoder.backbone.blocks." + rk[len("layers.") :]
+        if rk.startswith("layernorm."):
+            rk = "encoder.backbone.norm." + rk[len("layernorm.") :]
+        if key == "embeddings.position_embeddings.weight":
+            rk, value = "encoder.backbone.pos_embed", value[None]
+        out["backbone." + rk] = value
+    fused = {}
+    for key in list(out):
+        if ".attn.q_proj." in key:
+            kind = key.rsplit(".", 1)[1]
+            base = key.split(".attn.")[0]
+            fused[f"{base}.attn.qkv.{kind}"] = torch.cat(
+                [out.pop(f"{base}.attn.{p}_proj.{kind}") for p in "qkv"], dim=0
+            )
+    out.update(fused)
+    assert not [k for k in out if "_proj" in k]
+    return out
 
 
 # ---------------------------------------------------------------------------------- post-processing

@@ -13,11 +13,10 @@ import torch
 
 from videomt_fast import EomtConfig, EomtForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation, ops
 
-from helpers import TINY, BackendRecorder, agreement, randomize_, rel_err
+from helpers import FP32_REL_TOL, TINY, BackendRecorder, agreement, randomize_, rel_err  # fp32 bound: DESIGN.md section 4
 
 CONFIG = dict(TINY, num_hidden_layers=3, image_size=(48, 80))  # a 3x5 patch grid: 1 + 4 + 15 tokens, + 7 queries
 FIELDS = ("class_queries_logits", "masks_queries_logits", "last_hidden_state")
-FP32_REL = 1e-5  # DESIGN.md section 4: fp32 relative error against the float64 reference
 
 
 def _run(model, inputs, backend):
@@ -34,7 +33,7 @@ def _judge_fp32(model, inputs, fast):
         want = getattr(exact, field)
         assert want.dtype == torch.float64
         err, base = rel_err(getattr(fast, field), want), rel_err(getattr(plain, field), want)
-        assert err <= FP32_REL, f"{field}: relative error {err:.3g} vs float64 > {FP32_REL} (fp32 reference ops: {base:.3g})"
+        assert err <= FP32_REL_TOL, f"{field}: relative error {err:.3g} vs float64 > {FP32_REL_TOL} (fp32 reference ops: {base:.3g})"
 
 
 @pytest.mark.parametrize("batch,frames", [(1, 3), (2, 2)])

@@ -10,7 +10,9 @@ import videomt_fast
 from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation
 from videomt_fast.model.loading import CheckpointError
 
-from helpers import hf_videomt, max_abs, randomize_, video
+from helpers import hf_videomt, max_abs, randomize_, to_research_keys, video
+
+_to_research_keys = to_research_keys  # the former name, still imported by other test modules
 
 pytest.importorskip("transformers")
 
@@ -43,54 +45,11 @@ def test_save_pretrained_round_trips_to_transformers(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")], "temporary files left behind"
 
 
-def _to_research_keys(hf):
-    """transformers names -> tue-mps research-code names (timm DINOv2 with registers inside the wrapper)."""
-    cfg = hf.config
-    out = {}
-    for key, value in hf.state_dict().items():
-        if key.startswith("criterion") or key == "embeddings.mask_token":
-            continue
-        rk = (
-            key.replace("embeddings.cls_token", "encoder.backbone.cls_token")
-            .replace("embeddings.register_tokens", "encoder.backbone.reg_token")
-            .replace("embeddings.patch_embeddings.projection", "encoder.backbone.patch_embed.proj")
-            .replace("attention.out_proj", "attn.proj")
-            .replace(".attention.", ".attn.")
-            .replace("layer_scale1.lambda1", "ls1.gamma")
-            .replace("layer_scale2.lambda1", "ls2.gamma")
-            .replace("upscale_block.block.", "upscale.")
-            .replace("layernorm2d", "norm")
-            .replace("mask_head.fc1", "mask_head.0")
-            .replace("mask_head.fc2", "mask_head.2")
-            .replace("mask_head.fc3", "mask_head.4")
-            .replace("class_predictor", "class_head")
-            .replace("query.weight", "q.weight")
-        )
-        if rk.startswith("layers."):
-            rk = "encoder.backbone.blocks." + rk[len("layers.") :]
-        if rk.startswith("layernorm."):
-            rk = "encoder.backbone.norm." + rk[len("layernorm.") :]
-        if key == "embeddings.position_embeddings.weight":
-            rk, value = "encoder.backbone.pos_embed", value[None]
-        out["backbone." + rk] = value
-    fused = {}
-    for key in list(out):
-        if ".attn.q_proj." in key:
-            kind = key.rsplit(".", 1)[1]
-            base = key.split(".attn.")[0]
-            fused[f"{base}.attn.qkv.{kind}"] = torch.cat(
-                [out.pop(f"{base}.attn.{p}_proj.{kind}") for p in "qkv"], dim=0
-            )
-    out.update(fused)
-    assert not [k for k in out if "_proj" in k]
-    return out
-
-
 def test_research_checkpoint(tmp_path):
     hf = randomize_(hf_videomt(num_register_tokens=4, num_blocks=2, num_hidden_layers=4))
     hf.config.num_attention_heads = hf.config.hidden_size // 64  # research configs: head dim 64
     path = tmp_path / "yt_2019_vit_tiny.pth"
-    torch.save({"model": _to_research_keys(hf), "epoch": torch.tensor(3)}, path)
+    torch.save({"model": to_research_keys(hf), "epoch": torch.tensor(3)}, path)
     model = VideomtForUniversalSegmentation.from_pretrained(path)
     assert model.config.num_queries == hf.config.num_queries
     assert model.config.num_labels == hf.config.num_labels
@@ -118,7 +77,7 @@ class _Opaque:
 
 def test_research_checkpoint_unknown_keys_named(tmp_path):
     hf = hf_videomt()
-    state = _to_research_keys(hf)
+    state = to_research_keys(hf)
     state["backbone.something.new"] = torch.zeros(2)
     path = tmp_path / "ckpt.pth"
     torch.save(state, path)
