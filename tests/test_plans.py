@@ -300,3 +300,31 @@ def test_postprocessing_sites_verify_time_and_exclude(monkeypatch):
     assert ops.choose("instance_segmentation", torch.zeros(1, 1, 2))[0] == "reference"
     assert sites["semantic_segmentation"].chosen == "cuda"  # verified equal and (stub) faster
     assert "semantic_segmentation/cuda" not in ops.exclusions()
+
+
+# ------------------------------------------------------------------ on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["vit-s", "vit-l"])
+def test_gpu_calibration_at_published_shapes_agrees_with_float32(arch):
+    """Calibration at 640x640 in bf16: every candidate verified or excluded with a reason, the chosen plan
+    passes the whole-model gate against float32, within the time budget."""
+    from videomt_fast.model.configuration import config_from_preset
+
+    torch.manual_seed(0)
+    model = videomt_fast.VideomtForUniversalSegmentation(config_from_preset(arch)).cuda()
+    model.optimize(plan="recalibrate", budget_s=120, shapes=[(1, 640, 640)])
+    plan = fast.plan_for(model, 1, (640, 640))
+    assert plan.mode == "calibrated" and plan.dtype == "bfloat16"
+    assert plan.gate["passed"], plan.format()
+    for site in plan.sites.values():
+        chosen = next(c for c in site.candidates if c.name == site.chosen)
+        assert chosen.status == "chosen" and (site.stage == "post" or chosen.error <= chosen.tolerance), plan.format()
+        assert all(c.reason for c in site.candidates if c.status == "excluded"), plan.format()
+    assert plan.calibration_s < 180, plan.calibration_s
+    x = torch.randn(1, 2, 3, 640, 640, device="cuda")
+    with torch.inference_mode():
+        masks, classes = plans.run_frames(model, x.to(torch.bfloat16))
+    ref = plans.reference_outputs(model, x)
+    assert plans.gate_passes(plans.agreement(masks, classes, *ref))

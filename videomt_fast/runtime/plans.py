@@ -329,6 +329,10 @@ def _error(out, truth) -> float:
     return worst
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [""])[0][:200]
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -395,7 +399,7 @@ def _calibrate_site(stage: str, op: str, forms: dict, device: torch.device, dtyp
                 tols.append(tolerance(dtype, ref_err) if truth_is_float(truth) else FACTOR * ref_err + BITS_FLOOR)
             _synchronize(device)
         except Exception as exc:  # a candidate that raises is excluded, with the reason kept
-            cand.status, cand.reason = "excluded", f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            cand.status, cand.reason = "excluded", f"raised {type(exc).__name__}: {_first_line(exc)}"
             continue
         ratios = [e / t for e, t in zip(errors, tols)]
         worst = max(range(len(errors)), key=lambda i: (math.isnan(errors[i]), ratios[i]))
@@ -411,7 +415,7 @@ def _calibrate_site(stage: str, op: str, forms: dict, device: torch.device, dtyp
         try:
             cand.time_ms = float(timer(key, name, fn, _clone(timed_args)))
         except Exception as exc:
-            cand.status, cand.reason = "excluded", f"raised while timed: {type(exc).__name__}: {exc}"[:200]
+            cand.status, cand.reason = "excluded", f"raised while timed: {type(exc).__name__}: {_first_line(exc)}"
             continue
         if best is None or cand.time_ms < best[0]:
             best = (cand.time_ms, name)
@@ -500,7 +504,7 @@ def postprocess_sites(device: torch.device, num_queries: int, num_labels: int, s
                 cand.error = _maps_error(_as_tuple(fn(*args[op])), _as_tuple(truth))
                 _synchronize(device)
             except Exception as exc:
-                cand.status, cand.reason = "excluded", f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                cand.status, cand.reason = "excluded", f"raised {type(exc).__name__}: {_first_line(exc)}"
             else:
                 if not cand.error <= POST_PIXELS:
                     cand.status = "excluded"
