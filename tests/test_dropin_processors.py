@@ -306,3 +306,18 @@ def test_segmentation_maps_resized_as_transformers(shape):
             torch.testing.assert_close(a, torch.as_tensor(b).float(), rtol=0, atol=0)
         for a, b in zip(ours["class_labels"], theirs["class_labels"]):
             assert torch.equal(a, torch.as_tensor(b).long())
+
+
+def test_from_pretrained_hub_cache_offline(tmp_path, monkeypatch):
+    """A Hub id resolves through huggingface_hub's cache; offline, a missing file is named as such."""
+    hub = pytest.importorskip("huggingface_hub")
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / "models--someone--videomt-test"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    _hf_video_class()(size={"height": 24, "width": 24}, num_frames=5).save_pretrained(snapshot)
+    loaded = VideomtVideoProcessor.from_pretrained("someone/videomt-test", cache_dir=tmp_path)
+    assert loaded.size == {"height": 24, "width": 24} and loaded.num_frames == 5
+    with pytest.raises(OSError, match="local cache"):
+        VideomtVideoProcessor.from_pretrained("someone/not-downloaded", cache_dir=tmp_path)

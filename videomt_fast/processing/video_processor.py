@@ -307,7 +307,8 @@ class ProcessorConfigMixin:
         for name in cls._read_files:
             if name in found:
                 return cls._read_json(found[name])
-        raise OSError(f"{cls.__name__}.from_pretrained: no {' or '.join(cls._read_files)} in {os.path.join(source, subfolder)!r}")
+        where = os.path.join(source, subfolder) if subfolder else source
+        raise OSError(f"{cls.__name__}.from_pretrained: no {' or '.join(cls._read_files)} in {where!r}")
 
     @staticmethod
     def _read_json(path: str) -> dict:
@@ -323,16 +324,21 @@ class ProcessorConfigMixin:
     @staticmethod
     def _hub_files(repo: str, names: Sequence[str], subfolder: str, hub: dict) -> dict[str, str]:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-        found = {}
+        found, offline = {}, None
         for name in names:
             try:
                 found[name] = hf_hub_download(repo, name, subfolder=subfolder or None, **hub)
+            except LocalEntryNotFoundError as exc:  # offline and not cached (a cached sibling may still do)
+                offline = exc
             except EntryNotFoundError:
                 continue
             except Exception as exc:  # a missing repository, no network: name the source
                 raise OSError(f"cannot load a processor from {repo!r}: {type(exc).__name__}: {exc}") from exc
+        if offline is not None and not found:
+            raise OSError(f"cannot load a processor from {repo!r}: its files are not in the local cache and the Hub "
+                          f"cannot be reached ({offline})") from offline
         return found
 
 
