@@ -22,13 +22,19 @@ import pytest
 ALLOWED: tuple[tuple[str, str, str], ...] = (
     ("tests/test_kernels_attention.py", "runs on the GPU", "GPU-sized attention case; smaller ones run on CPU"),
     ("tests/test_kernels_mask_bits.py", "large for the interpreter", "GPU-sized case; smaller ones run on CPU"),
+    ("tests/test_gpu_graphs.py", "needs two CUDA devices", "multi-GPU case"),
+    ("tests/test_postprocess_cuda.py", "needs two CUDA devices", "multi-GPU case"),
+    ("tests/test_readme.py::test_readme_python_runs_as_written", ": ",
+     "README blocks marked <!-- readme-test: skip REASON --> in README.md itself (e.g. they need a GPU)"),
     ("tests/test_postprocess.py::test_preprocess_matches_transformers_processor", "needs torchvision",
      "not a declared dependency; PyPI's torchvision does not load with a CPU torch (torchvision::nms missing). "
      "The settings and the arithmetic are still checked against transformers' processor class"),
     ("tests/test_triton_compile.py::test_full_sweep_compiles_for_sm90_and_sm80", "-m slow",
      "ViT-S/B/L x batch 1, 2 sweep; CI compiles the ViT-L launches for sm_90 and sm_80 (test_triton_compile_sm80.py)"),
 )
-GPU_REASON = "needs a CUDA device"  # the `gpu` marker's skip (conftest.py) on a machine without CUDA
+# the skips conftest.py gives `gpu`-marked tests: no CUDA device, or a GPU machine whose CPU run leaves
+# them to a run of their own (`-m gpu`: Triton is either interpreted or compiled in one process)
+GPU_REASONS = ("needs a CUDA device", "gpu tests need compiled Triton")
 
 
 def in_ci() -> bool:
@@ -44,11 +50,8 @@ def _reason(report) -> str:
 
 def allowed(nodeid: str, keywords, reason: str) -> str | None:
     """Why this skip is accepted, or None when CI must fail it."""
-    if "gpu" in keywords and GPU_REASON in reason:
-        import torch
-
-        if not torch.cuda.is_available():
-            return "gpu test on a machine without CUDA"
+    if "gpu" in keywords and any(r in reason for r in GPU_REASONS):
+        return "gpu test: runs on a GPU machine with -m gpu"
     for prefix, fragment, why in ALLOWED:
         if nodeid.startswith(prefix) and fragment in reason:
             return why
