@@ -144,11 +144,13 @@ def test_bench_kernels_cli(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(bench, "MODELS", {"T": (32, 2)})
     monkeypatch.setattr(bench, "environment", lambda: {"device": "cpu (interpreter)"})
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, warmup, rep, quantiles: (fn(), [1.0, 0.9, 1.1])[1])
-    args = bench.parse_args(["--models", "T", "--seq", "26,221", "--dtype", "fp32"])
+    monkeypatch.setattr(bench, "NUM_QUERIES", 9)  # 9 query rows instead of 200: cheap in the interpreter
+    args = bench.parse_args(["--models", "T", "--seq", "26,30", "--dtype", "fp32"])  # 30 = 9 + 5 + 4x4: masked
     with ops.use_backend("triton"):
         result = bench.run(args)
     path = bench.write(result, str(tmp_path / "out.json"))
     rows = json.load(open(path))["rows"]
     assert {r["op"] for r in rows} == set(bench.OPS)
+    assert {r["queries"] for r in rows if r["op"] == "attention"} == {0, 9}, rows
     for row in rows:
         assert row["rel_err"] < 1e-5, row
