@@ -67,6 +67,7 @@ def test_readme_command_passes_with_cuda_present():
     run = _pytest([*args, "-rs"], VIDEOMT_FAST_TEST_ASSUME_CUDA="1")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert "videomt_fast triton: interpreter for the CPU tests" in run.stdout
+    assert "CUDA devices hidden from this run" in run.stdout  # the CPU tests run as on a machine without CUDA
     assert GPU_RUN in run.stdout  # the skip reason of the gpu tests
     assert " passed" in run.stdout and " failed" not in run.stdout
     gpu = _pytest([*args, "-m", "gpu", "--collect-only"], VIDEOMT_FAST_TEST_ASSUME_CUDA="1")
