@@ -9,8 +9,9 @@ interpreter. The suite needs both kinds of run:
   copies its tensors to the host, which is not the kernel under test and breaks graph capture.
 
 So on a CUDA machine one pytest process runs one kind: ``python -m pytest tests`` runs the CPU suite in
-the interpreter and skips the ``gpu`` tests with a reason, and ``python -m pytest tests -m gpu`` runs the
-GPU tests compiled. ``tests/conftest.py`` applies :func:`triton_mode` before any test module imports a
+the interpreter, with the CUDA devices hidden (``CUDA_VISIBLE_DEVICES=""``, so that no test picks CUDA by
+default and runs interpreted kernels on it), and skips the ``gpu`` tests with a reason; ``python -m pytest
+tests -m gpu`` runs the GPU tests compiled. ``tests/conftest.py`` applies :func:`triton_mode` before any test module imports a
 kernel; the function itself takes the machine as arguments, so a CPU can test every branch.
 """
 
