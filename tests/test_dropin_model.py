@@ -328,3 +328,14 @@ def test_model_and_config_surface_matches_transformers():
     diff = ours.config.to_diff_dict()
     assert diff["model_type"] == "videomt" and diff["hidden_size"] == 64 and "patch_size" not in diff
     assert ours.config.is_encoder_decoder is False and ours.config.get_text_config() is ours.config
+
+
+def test_load_state_dict_takes_transformers_names():
+    hf = randomize_(hf_eomt())
+    ours = videomt_fast.from_transformers(hf_eomt())
+    result = ours.load_state_dict(hf.state_dict())  # q/k/v_proj fused on the way in, criterion.* dropped
+    assert not result.missing_keys and not result.unexpected_keys
+    x = video()[:, 0]
+    with torch.no_grad():
+        _same_outputs(ours(pixel_values=x), hf(pixel_values=x), tol=1e-5)
+    ours.load_state_dict(ours.state_dict())  # our own names still load

@@ -485,6 +485,22 @@ class _Recorder:
             output.attentions = tuple(self.attentions)
 
 
+def _fuse_transformers_names(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook: a state dict with transformers' names (``q_proj`` / ``k_proj`` /
+    ``v_proj``, the training-only ``criterion.*``) is rewritten in place to ours."""
+    from videomt_fast.model.loading import hf_to_fast
+
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    names = [k[len(prefix):] for k in keys]
+    if not any(n.startswith("criterion.") or (".attention." in n and "_proj." in n and "out_proj" not in n)
+               for n in names):
+        return
+    ours = hf_to_fast({n: state_dict[k] for n, k in zip(names, keys)})
+    for key in keys:
+        del state_dict[key]
+    state_dict.update({prefix + n: v for n, v in ours.items()})
+
+
 # --------------------------------------------------------------------------------------------
 # the shared segmenter
 
@@ -511,6 +527,7 @@ class _Segmenter(nn.Module):
         self.impl = ops.DISPATCH  # query update, final norm, mask bits
         self.check_finite = True  # set False to skip the NaN/inf scan of inputs (one reduction + sync)
         self.register_load_state_dict_post_hook(self._refresh_mask_probs)
+        self.register_load_state_dict_pre_hook(_fuse_transformers_names)
         if self.attn_mask_probs.device.type != "meta":
             self._refresh_mask_probs()
         self.eval()
