@@ -95,6 +95,30 @@ def test_hub_that_never_answers_times_out(monkeypatch, tmp_path):
         server.close()
 
 
+def test_cli_model_loader_times_out(monkeypatch, tmp_path):
+    """``videomt-fast segment`` loads through the same path: its default limits bound the wait too."""
+    import huggingface_hub.constants
+
+    from videomt_fast.apps import segment
+    from videomt_fast.model import loading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    try:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setattr(loading, "HUB_CONNECT_TIMEOUT", 0.3)
+        monkeypatch.setattr(loading, "HUB_READ_TIMEOUT", 0.3)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_HOME", str(tmp_path))
+        settings = segment.SegmentSettings(model="org/never-answers-cli", task="semantic", out=str(tmp_path / "out"))
+        with pytest.raises(HubTimeoutError, match="timed out"):
+            segment.load_model(settings, "cpu")
+    finally:
+        server.close()
+
+
 def test_offline_hint_names_hf_download(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
