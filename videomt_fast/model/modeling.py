@@ -62,7 +62,7 @@ class _Output(OrderedDict):
                 super().__setitem__(f.name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if value is not None and name in {f.name for f in fields(self)}:
+        if value is not None and name in self.__dataclass_fields__:  # a field: also an item
             super().__setitem__(name, value)
         super().__setattr__(name, value)
 
