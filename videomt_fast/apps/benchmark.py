@@ -543,9 +543,25 @@ class Bench:
         self._fast_pp_cls = None
         self.warnings: list[str] = []  # printed under the table and kept in the JSON
         self.progress: Progress | None = None  # set by run()
-        # The execution plan the fast provider ran (per op: the implementation chosen, every candidate's
-        # time and error). The runtime's plans fill it; it goes into the JSON as "plan".
-        self.plan: dict[str, Any] | None = None
+        self._optimized: list[Any] = []  # the fast provider's models: their plans go into the JSON
+
+    @property
+    def plan(self) -> dict[str, Any] | None:
+        """The execution plans the fast provider ran (per op site the implementation chosen, every
+        candidate's time and error, exclusions), what failed to load, the CUDA extension's state and a
+        CPU's dtype decision; None when no fast row ran. Goes into the JSON as "plan"."""
+        if not self._optimized:
+            return None
+        from videomt_fast import ops
+        from videomt_fast.ops import _ext
+        from videomt_fast.runtime.fast import plans_of
+
+        return {"plans": [p.to_json() for m in self._optimized for p in plans_of(m)],
+                "exclusions": ops.exclusions(), "load_errors": ops.load_errors(),
+                "cuda_extension": ("loaded" if _ext.load() is not None else _ext.error())
+                if self.device.type == "cuda" else None,
+                "cpu_dtype": [m.fast_settings.cpu_dtype_report for m in self._optimized
+                              if m.fast_settings.cpu_dtype_report] or None}
 
     # ------------------------------------------------------------------ the weight source
     def model_config(self, size: tuple[int, int]):
@@ -706,26 +722,20 @@ class Bench:
             backend = "videomt_fast reference ops"
             context = functools.partial(ops.use_backend, "reference")
         else:
-            from videomt_fast.ops import _ext
             from videomt_fast.runtime.fast import plans_of
 
-            # plan the shapes the cases run now: calibration (and a CPU's dtype decision) stays out of the
-            # timings, and the row names the dtype and implementations that really ran
-            rows = [1] if self.eomt else [1, self.args.frames]
+            # plan the frame step now: calibration (and a CPU's dtype decision) stays out of the timings, and
+            # the row names the dtype that really ran; the offline clip's batched early layers get their plan
+            # in the warm-up
             model = model.optimize(dtype=getattr(self.args, "fast_dtype", self.args.dtype),
-                                   cuda_graphs=self.device.type == "cuda",
-                                   shapes=[(r, *size) for r in dict.fromkeys(rows)])
+                                   cuda_graphs=self.device.type == "cuda", shapes=[(1, *size)])
             dtype = model.dtype
             built = plans_of(model)
             backend = "videomt_fast optimize(): " + "; ".join(
                 f"{p.rows}x{p.size[0]}x{p.size[1]} {p.mode}, fast ops: "
                 + (", ".join(sorted({f"{s.op}={s.chosen}" for s in p.sites.values() if s.chosen != "reference"}))
                    or "none") for p in built)
-            self.plan = {"plans": [p.to_json() for p in built], "exclusions": ops.exclusions(),
-                         "load_errors": ops.load_errors(),
-                         "cuda_extension": ("loaded" if _ext.load() is not None else _ext.error())
-                         if self.device.type == "cuda" else None,
-                         "cpu_dtype": model.fast_settings.cpu_dtype_report or None}
+            self._optimized.append(model)
             notes.append(f"execution plans: {backend}")
         model.eval()
         if self.eomt:
