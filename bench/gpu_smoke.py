@@ -13,6 +13,9 @@ within ``--deadline`` seconds (a phase is cut to the time left, or skipped):
   assigns is a fast one and agrees with the float64 reference within twice PyTorch's own bf16 error
   (fp32 inputs: relative error < 1e-5). Runs with ``VIDEOMT_FAST_CHECK_LAUNCHES=1``: a faulting kernel
   is named.
+* ``plans``: execution plans of ViT-S and ViT-L at 640x640 in bf16: every candidate of every op site
+  verified against float64 and timed, the choice through the whole-model gate; the plan tables are
+  archived with the benchmark JSON, and the FPS phases reuse the same plan cache.
 * ``graphs``: ``tests/test_gpu_graphs.py`` (graphed sessions at 640x640, ViT-S then ViT-L, equal the
   eager session bit for bit and the fp32 reference within the bf16 rule; graphed clip forward and the
   masked EoMT predictor equal eager).
@@ -214,6 +217,8 @@ class Driver:
         self.run("env", 60, self.worker("env"))
         self.run("ops", 150, self.worker("ops"), env=self.env(VIDEOMT_FAST_CHECK_LAUNCHES="1",
                                                               **({"TRITON_INTERPRET": "1"} if a.dry else {})))
+        self.run("plans", 120, self.worker("plans"), env=self.env(
+            VIDEOMT_FAST_PLAN_CACHE=str(self.work / "plan-cache"), **({"TRITON_INTERPRET": "1"} if a.dry else {})))
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfE"]
         self.run("graphs", 170, pytest + ["tests/test_gpu_graphs.py"], kind="pytest")
         self.finish_build()
@@ -228,7 +233,8 @@ class Driver:
                 cmd += ["--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--agree-frames", "1"]
             else:
                 cmd += ["--arch", arch, "--size", "640x640"]
-            self.run(f"fps-{arch}", 120, cmd, kind="bench")
+            self.run(f"fps-{arch}", 120, cmd, kind="bench",
+                     env=self.env(VIDEOMT_FAST_PLAN_CACHE=str(self.work / "plan-cache")))
         if not a.dry and a.compile and self.left() > 150:
             out_dir = self.work / "bench" / "compile-vit-s"
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,7 +294,8 @@ def _fps_rows(bench_dir: Path, dry: bool) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(bench_dir.rglob("*.json")) if bench_dir.exists() else []:
         data = json.loads(path.read_text())
-        for r in data.get("rows", []):
+        rows_of = data.get("rows")
+        for r in rows_of if isinstance(rows_of, list) else []:  # (plan tables have no benchmark rows)
             if r.get("mode") != "online":
                 continue
             rows.append({"arch": data.get("arch"), "provider": r.get("provider"), "size": r.get("size"),
@@ -335,13 +342,14 @@ def phase_build(args) -> dict[str, Any]:
     return {"status": "fail", "reason": f"extension unavailable: {_ext.error()}", **result}
 
 
-# ------------------------------------------------ plan: which implementation runs an op call
-# Until execution plans are in place, the per-call dispatcher answers; this is the one function to point
-# at the plan API (the implementation the plan resolved for this op, device, dtype and shape).
+# ------------------------------------------------ the kernel a call reaches
+# What a model runs is its execution plan's choice (the ``plans`` phase: every candidate verified, timed
+# and gated). The ``ops`` phase checks every Triton kernel in every argument form, chosen or not: each
+# must accept the real shapes (its guard, asked here through the dispatcher) and agree with float64.
 
 
 def planned_implementation(op: str, args: tuple) -> tuple[str, Any, str]:
-    """(implementation name, callable, why) that runs op ``op`` on ``args``."""
+    """(implementation name, callable, why) the dispatcher picks for op ``op`` on ``args``."""
     from videomt_fast import ops
 
     return ops.choose(op, *args)
@@ -463,6 +471,51 @@ def phase_ops(args) -> dict[str, Any]:
             f"{len(rows)} op calls", "failed": failures, "cases": rows}
 
 
+def phase_plans(args) -> dict[str, Any]:
+    """Execution plans at 640x640, batch 1, bf16 (``--dry``: a tiny model on the CPU with the Triton kernels
+    forced, in the interpreter): every candidate of every op site verified against float64 and timed, the
+    chosen plan through the whole-model gate. The plan tables are written for ``bench/results/``; the
+    benchmark phases after this one read the same plan cache (same configs: VidEoMT, 40 labels)."""
+    import contextlib
+
+    import torch
+
+    import videomt_fast
+    from videomt_fast import ops
+    from videomt_fast.model.configuration import VideomtConfig, config_from_preset
+    from videomt_fast.runtime.fast import plan_for
+
+    out_dir = Path(args.work) / "bench" / "plans"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.dry:
+        cases = [("tiny", VideomtConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2,
+                                        num_queries=8, image_size=64, num_labels=40), "cpu", 64)]
+    else:
+        cases = [(arch, config_from_preset(arch, num_labels=40, image_size=640), "cuda", 640)
+                 for arch in ("vit-s", "vit-l")]
+    rows, failures = [], []
+    for arch, config, device, size in cases:
+        torch.manual_seed(0)
+        model = videomt_fast.VideomtForUniversalSegmentation(config).to(device)
+        forced = ops.use_backend("triton") if args.dry else contextlib.nullcontext()
+        with forced:
+            model.optimize(dtype=torch.bfloat16 if not args.dry else torch.float32, budget_s=60)
+            plan = plan_for(model, 1, (size, size))
+        data = plan.to_json()
+        (out_dir / f"plan_{arch}_{plan.dtype}_{size}x{size}_{device}.json").write_text(json.dumps(data, indent=1))
+        chosen_ok = all(next(c for c in site.candidates if c.name == site.chosen).status == "chosen"
+                        for site in plan.sites.values())
+        ok = chosen_ok and (not plan.gate or plan.gate.get("passed", False))
+        rows.append({"arch": arch, "mode": plan.mode, "dtype": plan.dtype, "calibration_s": plan.calibration_s,
+                     "gate": plan.gate, "choices": plan.choices(), "ok": ok})
+        print(plan.format(), flush=True)
+        if not ok:
+            failures.append(arch)
+    return {"status": "fail" if failures else "pass",
+            "reason": f"gate failed for {failures}" if failures else f"{len(rows)} plans, gate passed",
+            "plans": rows}
+
+
 def phase_post(args) -> dict[str, Any]:
     import importlib.util
 
@@ -528,7 +581,7 @@ def phase_post(args) -> dict[str, Any]:
             "size": f"{sizes[0][0]}x{sizes[0][1]}", "queries": queries, "tasks": rows}
 
 
-PHASES = {"env": phase_env, "build": phase_build, "ops": phase_ops, "post": phase_post}
+PHASES = {"env": phase_env, "build": phase_build, "ops": phase_ops, "plans": phase_plans, "post": phase_post}
 
 
 def run_worker(args) -> int:
