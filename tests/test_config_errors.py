@@ -11,7 +11,7 @@ import torch
 from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation
 from videomt_fast.model.loading import CheckpointError, HubTimeoutError, resolve_checkpoint_dir
 
-from helpers import hf_videomt
+from helpers import hf_videomt, to_research_keys
 
 pytest.importorskip("transformers")
 
@@ -48,9 +48,7 @@ def test_config_json_not_an_object(tmp_path):
 
 @pytest.mark.parametrize("key", ["q.weight", "class_head.weight"])
 def test_research_checkpoint_missing_key_is_named(tmp_path, key):
-    from test_loading import _to_research_keys
-
-    state = _to_research_keys(hf_videomt())
+    state = to_research_keys(hf_videomt())
     del state["backbone." + key]
     torch.save(state, tmp_path / "ckpt.pth")
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):

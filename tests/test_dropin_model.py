@@ -14,7 +14,7 @@ import videomt_fast
 from videomt_fast import EomtForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation
 from videomt_fast.model.loading import CheckpointError, LoadingWarning
 
-from helpers import TINY, hf_eomt, hf_videomt, max_abs, randomize_, video
+from helpers import TINY, hf_eomt, hf_videomt, max_abs, randomize_, to_research_keys, video
 
 transformers = pytest.importorskip("transformers")
 
@@ -224,11 +224,9 @@ def _save_bin(hf, directory):
 
 
 def test_research_style_folder(tmp_path):
-    from test_loading import _to_research_keys
-
     hf = randomize_(hf_videomt())
     hf.config.num_attention_heads = 1  # research configs: head dim 64
-    torch.save(_to_research_keys(hf), tmp_path / "pytorch_model.bin")
+    torch.save(to_research_keys(hf), tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text(json.dumps({"num_classes": 5, "img_size": 48}))  # research fields
     model = VideomtForUniversalSegmentation.from_pretrained(tmp_path)
     same = transformers.VideomtForUniversalSegmentation(transformers.VideomtConfig(**{**TINY, "num_attention_heads": 1}))
