@@ -863,8 +863,8 @@ class _Engine:
                     masks.append(out.masks_queries_logits)
             else:
                 grid = self.model.grid_for(*pixels.shape[-2:])
-                hidden = self.model.encode_frames(pixels)
-                step = self.model.query_stepper(hidden[:1], grid)  # CUDA-graph replays with --fast on a GPU
+                hidden = self.model.frame_encoder(pixels)(pixels)  # with --fast: the plan of this many frames
+                step = self.model.query_stepper(hidden[:1], grid)  # with --fast: its plan, CUDA graphs on a GPU
                 for i in range(pixels.shape[0]):
                     mask_logits, class_logits, _, self.prev_queries = step(hidden[i : i + 1], self.prev_queries, grid)
                     classes.append(class_logits)
