@@ -128,3 +128,19 @@ def test_offline_hint_names_hf_download(monkeypatch, tmp_path):
 def test_timeout_argument_checked():
     with pytest.raises(ValueError, match="timeout"):
         resolve_checkpoint_dir("org/x", timeout=(1, -1))
+
+
+def test_hub_timeouts_nest_and_restore_the_client_factory():
+    from huggingface_hub.utils import _http
+
+    from videomt_fast.model.loading import _HubClientTimeouts
+
+    before = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
+    if before is None:
+        pytest.skip("this huggingface_hub has no client factory")
+    with _HubClientTimeouts(1, 2):
+        installed = _http._GLOBAL_CLIENT_FACTORY
+        with _HubClientTimeouts(3, 4):  # a second load (another thread) shares the installation
+            assert _http._GLOBAL_CLIENT_FACTORY is installed
+        assert _http._GLOBAL_CLIENT_FACTORY is installed  # still in use by the outer load
+    assert installed is not before and _http._GLOBAL_CLIENT_FACTORY is before

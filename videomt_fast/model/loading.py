@@ -12,6 +12,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -86,31 +87,54 @@ def _timeout_in(exc: BaseException) -> BaseException | None:
     return None
 
 
+_HUB_LOCK = threading.Lock()
+_HUB_STATE: dict[str, Any] = {"depth": 0, "previous": None}
+
+
 class _HubClientTimeouts:
     """While active, huggingface_hub's shared HTTP client bounds every request's connect and read time
     (its requests default to none, so a server that accepts and never answers blocks forever). The
-    previous client factory is wrapped and restored; limits a request sets itself are kept."""
+    previous client factory is wrapped and restored; limits a request sets itself are kept. Loads in
+    several threads share one installation (the first one's limits), removed when the last one ends;
+    installing and removing it closes the hub client's open connections, as ``set_client_factory`` does."""
 
     def __init__(self, connect: float, read: float):
         self.connect, self.read = connect, read
-        self.previous = None
 
     def __enter__(self) -> "_HubClientTimeouts":
+        with _HUB_LOCK:
+            if _HUB_STATE["depth"] == 0:
+                _HUB_STATE["previous"] = self._install()
+            _HUB_STATE["depth"] += 1
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        with _HUB_LOCK:
+            _HUB_STATE["depth"] -= 1
+            previous = _HUB_STATE["previous"]
+            if _HUB_STATE["depth"] == 0 and previous is not None:
+                from huggingface_hub import set_client_factory
+
+                set_client_factory(previous)
+                _HUB_STATE["previous"] = None
+
+    def _install(self) -> Any:
+        """Wrap the hub's client factory; returns the previous one (None where there is nothing to do)."""
         try:
             import httpx2 as httpx  # huggingface_hub >= 2 uses its own httpx fork
         except ImportError:
             try:
                 import httpx
             except ImportError:  # older huggingface_hub (requests): it sets its own timeouts
-                return self
+                return None
         try:
             from huggingface_hub import set_client_factory
             from huggingface_hub.utils import _http
         except ImportError:
-            return self
+            return None
         previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)
         if previous is None:
-            return self
+            return None
         limits = httpx.Timeout(self.read, connect=self.connect).as_dict()
 
         def bound(request) -> None:  # a request hook: fills the limits a call left unset (None = wait forever)
@@ -124,15 +148,8 @@ class _HubClientTimeouts:
             client.event_hooks = {**client.event_hooks, "request": [*client.event_hooks.get("request", []), bound]}
             return client
 
-        self.previous = previous
         set_client_factory(factory)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.previous is not None:
-            from huggingface_hub import set_client_factory
-
-            set_client_factory(self.previous)
+        return previous
 
 
 def resolve_checkpoint_dir(
