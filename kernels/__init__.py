@@ -67,6 +67,11 @@ if __name__ == "videomt_fast.kernels":
     ops.register_impl("linear_gelu", "triton", _linear.make_linear_gelu(_TRITON_GEMM), _linear.linear_gelu_guard)
     ops.register_impl("linear_residual", "triton", _linear.make_linear_residual(_TRITON_GEMM), _linear.linear_residual_guard)
     ops.register_impl("query_update", "triton", _query_update.query_update, _query_update.query_update_guard)
+    # execution plans time the other GEMM-epilogue variant too, and keep whichever wins on the device
+    _OTHER = "triton-epilogue" if _TRITON_GEMM else "triton-gemm"
+    ops.register_candidate("linear_gelu", _OTHER, _linear.make_linear_gelu(not _TRITON_GEMM), _linear.linear_gelu_guard)
+    ops.register_candidate("linear_residual", _OTHER, _linear.make_linear_residual(not _TRITON_GEMM),
+                           _linear.linear_residual_guard)
 
     __all__ = ["GEMM", "attention", "layer_norm", "linear", "mask_bits", "query_update"]
 else:
