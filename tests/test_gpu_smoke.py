@@ -149,8 +149,11 @@ def test_dry_run_end_to_end(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:] + (out / "smoke.log").read_text()[-4000:]
     report = json.loads((out / "smoke.json").read_text())
     status = {p["name"]: p["status"] for p in report["phases"]}
-    assert status == {"env": "pass", "ops": "pass", "graphs": "skip", "build": "skip", "post": "pass",
-                      "post-tests": "skip", "fps-tiny": "pass"}, status
+    assert status == {"env": "pass", "ops": "pass", "plans": "pass", "graphs": "skip", "build": "skip",
+                      "post": "pass", "post-tests": "skip", "fps-tiny": "pass"}, status
+    plans_result = next(p for p in report["phases"] if p["name"] == "plans")["result"]["plans"]
+    assert [p["arch"] for p in plans_result] == ["tiny"] and plans_result[0]["ok"]
+    assert set(plans_result[0]["choices"].values()) <= {"reference", "triton"}  # both were candidates
     assert report["status"] == "pass" and report["dry"] is True
     ops_result = next(p for p in report["phases"] if p["name"] == "ops")["result"]
     assert len(ops_result["cases"]) >= 40 and all(c["ok"] and c["planned"] == "triton" for c in ops_result["cases"])
