@@ -328,3 +328,15 @@ def test_gpu_calibration_at_published_shapes_agrees_with_float32(arch):
         masks, classes = plans.run_frames(model, x.to(torch.bfloat16))
     ref = plans.reference_outputs(model, x)
     assert plans.gate_passes(plans.agreement(masks, classes, *ref))
+
+
+def test_cpu_dtype_decision_is_measured_once_per_machine(model, monkeypatch):
+    calls = []
+    monkeypatch.setattr(plans, "choose_cpu_dtype",
+                        lambda *a, **k: calls.append(1) or {"dtype": "bfloat16", "reason": "stub"})
+    assert plans.cpu_dtype_decision(model, 1, SIZE)["dtype"] == "bfloat16" and len(calls) == 1
+    again = plans.cpu_dtype_decision(model, 1, SIZE)
+    assert again["cached"] and len(calls) == 1
+    plans.cpu_dtype_decision(model, 1, SIZE, mode="recalibrate")
+    assert len(calls) == 2
+    assert plans.cpu_dtype_decision(model, 1, SIZE, mode="static")["dtype"] == "float32" and len(calls) == 2

@@ -160,7 +160,7 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
         _check_shape(model, rows, tuple(size))
         seen.add((rows, tuple(size)))
     if settings.cpu_dtype == "pending":
-        report = plans.choose_cpu_dtype(model, rows, size)
+        report = plans.cpu_dtype_decision(model, rows, size, settings.plan)
         settings.cpu_dtype, settings.cpu_dtype_report = report["dtype"], report
         if report["dtype"] == "bfloat16":
             _cast(model, torch.bfloat16)

@@ -750,6 +750,39 @@ def _cache_file(key: dict[str, Any]) -> Path:
     return cache_dir() / f"{key['model']}-{key['dtype']}-{key['rows']}x{key['size'][0]}x{key['size'][1]}-{digest}.json"
 
 
+def cpu_dtype_decision(model, rows: int, size: tuple[int, int], mode: str | None = None) -> dict:
+    """:func:`choose_cpu_dtype`, remembered in the plan cache (same key as a plan, for the stage
+    ``cpu-dtype``): measured once per machine, model and shape unless ``mode`` is ``recalibrate``; with
+    ``static`` nothing is measured and the model keeps its dtype."""
+    mode = plan_mode(mode)
+    if mode == "static":
+        return {"dtype": "float32", "reason": "static plan: no measurement, the model's own dtype"}
+    key = cache_key(model, rows, size, ["cpu-dtype"])
+    path = _cache_file(key)
+    if mode == "auto":
+        try:
+            data = json.loads(path.read_text())
+            if data.get("key") == key and data["report"]["dtype"] in ("float32", "bfloat16"):
+                return dict(data["report"], cached=True)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    report = choose_cpu_dtype(model, rows, size)
+    _write_json_atomic(path, {"key": key, "report": report})
+    return report
+
+
+def _write_json_atomic(path: Path, data: dict) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False  # a read-only home: the result still holds, it is just not remembered
+
+
 def load_cached(key: dict[str, Any]) -> Plan | None:
     path = _cache_file(key)
     try:
@@ -765,15 +798,7 @@ def load_cached(key: dict[str, Any]) -> Plan | None:
 
 def save_cached(plan: Plan) -> Path | None:
     path = _cache_file(plan.key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan.to_json(), f, indent=1)
-        os.replace(tmp, path)
-        return path
-    except OSError:
-        return None  # a read-only home: the plan still works, it is just not remembered
+    return path if _write_json_atomic(path, plan.to_json()) else None
 
 
 def plan_mode(requested: str | None) -> str:
