@@ -333,6 +333,11 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [""])[0][:200]
 
 
+def _shapes(form_args: list[tuple]) -> list[list[int]]:
+    """The first tensor argument's shape of each recorded call form."""
+    return [list(next(a for a in args if isinstance(a, torch.Tensor)).shape) for args in form_args]
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -370,18 +375,16 @@ def _calibrate_site(stage: str, op: str, forms: dict, device: torch.device, dtyp
     found = ops.candidates(op, device)
     ref = found["reference"][0]
     form_args = list(forms.values())
+    site = Site(stage=stage, op=op, shapes=_shapes(form_args), chosen="reference")
     if len(found) == 1:  # nothing to choose between (a CPU): no verification or timing to pay for
-        shapes = [list(next(a for a in args if isinstance(a, torch.Tensor)).shape) for args in form_args]
-        return Site(stage=stage, op=op, shapes=shapes, chosen="reference",
-                    candidates=[Candidate(name="reference", status="chosen", reason="the only candidate here")])
+        site.candidates = [Candidate(name="reference", status="chosen", reason="the only candidate here")]
+        return site
     truths, ref_errors = [], []
     for args in form_args:
         truth = ref(*_to64(_clone(args)))
         truths.append(truth)
         ref_errors.append(_error(ref(*_clone(args)), truth))
     key = f"{stage}.{op}"
-    shapes = [list(next(a for a in args if isinstance(a, torch.Tensor)).shape) for args in form_args]
-    site = Site(stage=stage, op=op, shapes=shapes, chosen="reference")
     timed_args = form_args[-1]  # the steady-state form (VidEoMT: a later frame)
     best: tuple[float, str] | None = None
     for name, (fn, guard) in found.items():
@@ -434,7 +437,7 @@ def truth_is_float(truth) -> bool:
 def _static_site(stage: str, op: str, forms: dict, device: torch.device) -> Site:
     """The dispatcher's fixed priority, resolved once on the recorded arguments (no timing)."""
     form_args = list(forms.values())
-    shapes = [list(next(a for a in args if isinstance(a, torch.Tensor)).shape) for args in form_args]
+    shapes = _shapes(form_args)
     chosen = {registry.choose(op, *args)[0] for args in form_args}
     name = chosen.pop() if len(chosen) == 1 else "reference"
     return Site(stage=stage, op=op, shapes=shapes, chosen=name,
