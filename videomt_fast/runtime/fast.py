@@ -96,7 +96,7 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs,
                                        plan=plan, budget_s=budget_s,
                                        cpu_dtype="pending" if cpu_auto and model.dtype == torch.float32 else None)
-    for name in ("_plans", "_shapes_seen", "_active", "_graphed_query_steps", "_predictor"):
+    for name in ("_plans", "_active", "_graphed_query_steps", "_predictor"):
         model.__dict__.pop(name, None)  # plans and graphs of the old weights / dtype
     if isinstance(model, VideomtForUniversalSegmentation):
         model.__dict__["encode_provider"] = lambda frames: _encoder(model, frames)
@@ -155,24 +155,24 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
     use: from the disk cache or calibrated). On a CPU with ``dtype="auto"`` the first call also decides
     the dtype."""
     settings = model.fast_settings
-    seen = model.__dict__.setdefault("_shapes_seen", set())
-    if (rows, tuple(size)) not in seen:
-        _check_shape(model, rows, tuple(size))
-        seen.add((rows, tuple(size)))
     if settings.cpu_dtype == "pending":
+        _check_shape(model, rows, tuple(size))
         report = plans.cpu_dtype_decision(model, rows, size, settings.plan)
         settings.cpu_dtype, settings.cpu_dtype_report = report["dtype"], report
         if report["dtype"] == "bfloat16":
             _cast(model, torch.bfloat16)
             settings.dtype = model.dtype
-    stages = tuple(stages or plans.stages_of(model))
-    key = (rows, tuple(size), stages, model.dtype, repr(plans.switch_state()))
+    # per frame: a dict lookup; which layers are masked (EoMT's probabilities as last read by the forward's
+    # input check) and the switches in force are part of the key
+    probs = tuple(model.__dict__.get("_mask_probs_value") or ())
+    key = (rows, tuple(size), stages, model.dtype, probs, repr(plans.switch_state()))
     cache = model.__dict__.setdefault("_plans", {})
     plan = cache.get(key)
     if plan is None:
+        _check_shape(model, rows, tuple(size))
         report = settings.cpu_dtype_report
         notes = [f"cpu dtype: {report['reason']} ({_dtype_figures(report)})"] if report else []
-        plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages),
+        plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages or plans.stages_of(model)),
                          budget_s=settings.budget_s, notes=notes)
         cache[key] = plan
     return plan
