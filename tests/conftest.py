@@ -7,6 +7,10 @@ from videomt_fast.testing.pytest_mode import triton_mode
 
 pytest_plugins = ["ci_policy"]  # skips CI must not accept (tests/ci_policy.py)
 
+# optimize() on a CPU may compile a session's frame step (tens of seconds per model and shape); the tests
+# that exercise it (tests/test_compiled_step.py) choose the mode themselves, the rest run the op plans
+os.environ.setdefault("VIDEOMT_FAST_COMPILE", "off")
+
 
 def _cuda_available() -> bool:
     # torch.cuda.device_count() asks NVML while CUDA is not initialized, so the devices can still be

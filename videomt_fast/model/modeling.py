@@ -244,7 +244,7 @@ class Embeddings(nn.Module):
         weight = self.position_embeddings.weight
         if tuple(grid) == tuple(self.grid_size):
             return weight
-        if torch.compiler.is_compiling():  # part of the graph: no cache keyed by addresses
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # part of the graph: no address cache
             return self._resized(weight, grid)
         key = (tuple(grid), weight.data_ptr(), 0 if weight.is_inference() else weight._version, weight.dtype,
                weight.device)
@@ -714,6 +714,7 @@ class _Segmenter(nn.Module):
         plan: str | None = None,
         budget_s: float = 60.0,
         shapes: Any = (),
+        compile: str | None = None,
     ) -> "_Segmenter":
         """Set the model up for its device, in place; returns it (:mod:`videomt_fast.runtime.fast`).
 
@@ -728,11 +729,15 @@ class _Segmenter(nn.Module):
         The NaN/inf scan of inputs is off on the fast path (a reduction and a host sync per call);
         ``check_finite=True`` keeps it. ``clone_outputs=False`` lets graphed calls return their static
         output buffers (valid until the next call) instead of copies. ``shapes``: ``(frames per call,
-        height, width)`` triples to plan now instead of at their first call.
+        height, width)`` triples to plan now instead of at their first call. ``compile`` (VidEoMT sessions on
+        a CPU): ``"auto"`` compiles a session's whole frame step into one native call where the step is
+        host-bound and keeps it when it verifies and is faster, ``"on"`` tries it regardless, ``"off"``
+        never (default ``$VIDEOMT_FAST_COMPILE`` or ``"auto"``; :mod:`videomt_fast.runtime.compiled`).
         """
         self._refresh_mask_probs()
         return runtime().optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
-                                  clone_outputs=clone_outputs, plan=plan, budget_s=budget_s, shapes=shapes)
+                                  clone_outputs=clone_outputs, plan=plan, budget_s=budget_s, shapes=shapes,
+                                  compile=compile)
 
     def backend_report(self) -> dict[str, dict[str, Any]]:
         """Which backend each op would use on this model's device, and why."""

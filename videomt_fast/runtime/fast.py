@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -40,7 +39,8 @@ from videomt_fast.model.modeling import (
     VideomtForUniversalSegmentation,
     VideomtForUniversalSegmentationOutput,
 )
-from videomt_fast.runtime import plans
+from videomt_fast.runtime import compiled, plans
+from videomt_fast.runtime.tokens import full_weights_token, weights_token
 from videomt_fast.runtime.session import VideomtSession, check_step_frames
 
 
@@ -51,6 +51,7 @@ class FastSettings:
     clone_outputs: bool = True  # graph outputs live in static buffers overwritten by the next step
     plan: str | None = None  # "auto" | "recalibrate" | "static" (None: $VIDEOMT_FAST_PLAN, else "auto")
     budget_s: float = 60.0  # calibration time budget per plan
+    compile: str | None = None  # "auto" | "on" | "off" (None: $VIDEOMT_FAST_COMPILE, else "auto")
     cpu_dtype: str | None = None  # "pending" until a CPU model's dtype was decided at its first shape
     cpu_dtype_report: dict = field(default_factory=dict)
 
@@ -74,7 +75,7 @@ def _cast(model, dtype: torch.dtype) -> None:
 
 def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool = True,
              check_finite: bool | None = None, clone_outputs: bool = True, plan: str | None = None,
-             budget_s: float = 60.0, shapes=()):
+             budget_s: float = 60.0, shapes=(), compile: str | None = None):
     """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
     shapes = [_shape(s) for s in shapes]
     cpu_auto = False
@@ -88,13 +89,14 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         _cast(model, dtype)
     plans.plan_mode(plan)  # an unknown mode fails here, not at the first frame
+    compiled.compile_mode(compile)
     model.check_finite = bool(check_finite) if check_finite is not None else False
     if model.device.type == "cuda":
         from videomt_fast import ops
 
         ops.preload_backends()  # import the kernels now, outside any traced or captured region
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs,
-                                       plan=plan, budget_s=budget_s,
+                                       plan=plan, budget_s=budget_s, compile=compile,
                                        cpu_dtype="pending" if cpu_auto and model.dtype == torch.float32 else None)
     for name in ("_plans", "_active", "_graphed_query_steps", "_predictor"):
         model.__dict__.pop(name, None)  # plans and graphs of the old weights / dtype
@@ -106,7 +108,9 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
             model, pixels, probs, offsets)
     plans.apply(model, None)
     for rows, height, width in shapes:  # plan now, not at the first call of that shape
-        plan_for(model, rows, (height, width))
+        plan = plan_for(model, rows, (height, width))
+        if isinstance(model, VideomtForUniversalSegmentation):
+            compiled_step(model, plan)
     return model.eval()
 
 
@@ -213,6 +217,13 @@ def current_plan(model, rows: int, size: tuple[int, int]) -> plans.Plan:
     return plan
 
 
+def compiled_step(model, plan: plans.Plan):
+    """The compiled frame step a session of ``model`` runs under ``plan`` (None: the plan's ops), decided at
+    first use (:mod:`videomt_fast.runtime.compiled`; CPU only)."""
+    settings = model.fast_settings
+    return compiled.step_for(model, plan, mode=settings.compile, budget_s=settings.budget_s)
+
+
 def _encoder(model, frames: torch.Tensor):
     """The clip forward's batched early layers: the plan of that many frames (early stage only)."""
     if torch.compiler.is_compiling():
@@ -223,29 +234,6 @@ def _encoder(model, frames: torch.Tensor):
 
 # --------------------------------------------------------------------------------------------
 # what a graph baked in
-
-_REGISTRATIONS = [0]  # bumped by every parameter or buffer (re)registration, process-wide
-
-
-def _bump(*_: Any) -> None:
-    _REGISTRATIONS[0] += 1
-
-
-torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
-torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
-
-
-def weights_token(model) -> tuple:
-    """Cheap per-step token of the weights a graph reads: the registration counter, and the first and last
-    weight's address, dtype and device (a move or cast changes them)."""
-    first, last = model.embeddings.patch_embeddings.projection.weight, model.class_predictor.weight
-    return _REGISTRATIONS[0], first.data_ptr(), last.data_ptr(), first.dtype, first.device
-
-
-def full_weights_token(model) -> tuple:
-    """The address, dtype and device of every parameter and buffer (compared at capture and per video)."""
-    return tuple((t.data_ptr(), t.dtype, t.device) for t in list(model.parameters()) + list(model.buffers()))
-
 
 def capture_graph(fn, device: torch.device, pool=None):
     """``(graph, outputs, pool)``: ``fn()`` run twice on a side stream of ``device`` (kernels compile, the

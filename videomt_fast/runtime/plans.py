@@ -22,9 +22,10 @@ A plan is built for one model on one device, in one dtype, for one input shape `
    :data:`GATE_CLASSES` of queries. Otherwise sites fall back to the reference one by one, worst error
    first, until it does.
 
-On a CPU the candidates are the reference ops; what a plan decides there is the compute dtype: with
-``dtype="auto"`` and a CPU with native bf16 (AVX512-BF16 or AMX), bfloat16 is kept when it passes the gate
-and is faster (:func:`choose_cpu_dtype`).
+On a CPU the candidates are the reference ops; what a plan decides there is the compute dtype (with
+``dtype="auto"`` and a CPU with native bf16, AVX512-BF16 or AMX, bfloat16 is kept when it passes the gate
+and is faster: :func:`choose_cpu_dtype`) and, for a VidEoMT session, whether its frame step runs as one
+compiled call (the ``step.frame_step`` site, :mod:`videomt_fast.runtime.compiled`).
 
 A plan is applied by installing, per op site, an :class:`~videomt_fast.ops.OpTable` of the chosen callables
 (:func:`apply`): a planned frame calls them directly, with no dispatch. Plans are cached on disk
@@ -60,7 +61,7 @@ BITS_FLOOR = 1e-3  # share of packed mask bits that may flip (logits within roun
 GATE_MASKS = 0.995  # binarized masks: share of pixels equal to the float32 reference
 GATE_CLASSES = 0.99  # class argmax: share of queries equal to the float32 reference
 MODES = ("auto", "recalibrate", "static")
-STAGES = ("early", "query", "masked", "head", "frame", "post")
+STAGES = ("early", "query", "masked", "head", "frame", "post", "step")
 PLAN_VERSION = 1
 
 
@@ -140,7 +141,7 @@ class Plan:
         """Look up the chosen callables (raises KeyError when one is no longer available)."""
         by_stage: dict[str, dict[str, Callable]] = {}
         for site in self.sites.values():
-            if site.stage == "post":  # the processors dispatch these per call (exclusions apply there)
+            if site.stage in ("post", "step"):  # processors dispatch post per call; a session runs the step
                 continue
             found = ops.candidates(site.op, self.device)
             if site.chosen not in found:
@@ -619,7 +620,7 @@ def run_gate(model, plan: Plan) -> None:
         chosen = next(c for c in site.candidates if c.name == site.chosen)
         return (chosen.error or 0.0) / (chosen.tolerance or 1.0)
 
-    pending = sorted((s for s in plan.sites.values() if s.chosen != "reference" and s.stage != "post"),
+    pending = sorted((s for s in plan.sites.values() if s.chosen != "reference" and s.stage not in ("post", "step")),
                      key=badness, reverse=True)
     while not gate_passes(result) and pending:
         site = pending.pop(0)

@@ -66,12 +66,18 @@ class VideomtSession:
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
         model = self.model
         size = check_step_frames(model, frames, self.batch_size, self.frame_size)
+        step = None
         if getattr(model, "fast_settings", None) is not None:  # optimized: the execution plan of this shape
-            from videomt_fast.runtime.fast import current_plan
+            from videomt_fast.runtime.fast import compiled_step, current_plan
 
-            current_plan(model, self.batch_size, size)
-        hidden = model.encode_frames(frames)
-        masks, classes, sequence, queries = model.query_step(hidden, self._queries, model.grid_for(*size))
+            plan = current_plan(model, self.batch_size, size)
+            if self._queries is not None and frames.dtype != torch.float64:
+                step = compiled_step(model, plan)  # a later frame as one compiled call, where the plan chose it
+        if step is not None:
+            masks, classes, sequence, queries = step(frames, self._queries, check_all=self.frame_index == 1)
+        else:
+            hidden = model.encode_frames(frames)
+            masks, classes, sequence, queries = model.query_step(hidden, self._queries, model.grid_for(*size))
         self._queries = queries
         self.frame_size = size
         self.frame_index += 1

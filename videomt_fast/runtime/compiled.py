@@ -1,0 +1,409 @@
+"""Compiled frame steps: a CPU plan candidate that runs a session's whole frame in one native call.
+
+On a CPU a small model's frame is host-bound: a frame is some two hundred ATen calls, and each pays
+Python, argument parsing and dispatch, which can cost more than its arithmetic. This candidate exports
+the steady-state frame step of a VidEoMT session (embeddings, every layer, the final norm, the head; the
+queries carried in from the previous frame) with ``torch.export`` and compiles it ahead of time with
+AOTInductor into a shared library: one call per frame, fused elementwise kernels, no Python between ops.
+The library reads the model's own weight tensors (bound by address, not copied), so in-place updates
+(``load_state_dict``) are seen; tensors replaced since binding are bound again before the next frame
+(:mod:`videomt_fast.runtime.tokens`). The first frame of a video (learned queries only) runs the op plan.
+
+It is a site of the execution plan (``step.frame_step``; candidates ``ops``, the op plan's frame, and
+``aot-inductor``), decided like any other:
+
+1. **Worth compiling** (``auto``): the op plan's step is timed and its arithmetic estimated from its
+   FLOPs at this CPU's measured matrix-product rate; the step is compiled only when at least a third of
+   its time is not arithmetic (:data:`HOST_SHARE`), i.e. where compiling can pay. ``on`` compiles
+   regardless, ``off`` never (``VIDEOMT_FAST_COMPILE`` or ``optimize(compile=...)``).
+2. **Compiled within the budget**, in a child process killed when the plan's time budget runs out (a
+   compiler that fails or hangs is excluded with its error; the session keeps the op plan).
+3. **Verified**: on a calibration frame its outputs (masks, classes, sequence, queries) are compared with
+   a float64 reference under the op rule (at most twice the op plan's own error plus a floor), and the
+   agreement gate against float32 is applied.
+4. **Timed** interleaved with the op plan's step; chosen when at least 5% faster.
+
+The library is cached beside the plan (same key), so this happens once per machine,
+model config, dtype and shape. CPU only: on a GPU a session step is one CUDA-graph replay already.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from videomt_fast import ops
+from videomt_fast.runtime import plans
+from videomt_fast.runtime.tokens import full_weights_token, weights_token
+
+MODES = ("auto", "on", "off")
+NAME = "aot-inductor"
+SITE = "step.frame_step"
+HOST_SHARE = 1 / 3  # auto: compile when at least this share of the op plan's step is not arithmetic
+MIN_GAIN = 0.95  # chosen when its step takes at most this share of the op plan's
+MIN_COMPILE_S = 5.0  # less budget left than this: not attempted
+UNREAD = {"model.embeddings.mask_token", "model.attn_mask_probs"}  # held by the model, never read by a frame
+INPUT_DTYPE = torch.float32  # frames enter the library in float32 (float16/bfloat16 frames convert exactly)
+
+
+def compile_mode(requested: str | None = None) -> str:
+    """``requested``, else ``$VIDEOMT_FAST_COMPILE``, else ``auto``."""
+    mode = (requested or os.environ.get("VIDEOMT_FAST_COMPILE") or "auto").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"compile mode (VIDEOMT_FAST_COMPILE or compile=) must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+# --------------------------------------------------------------------------------------------
+# the step as a module, its cost, its export
+
+
+class FrameStep(torch.nn.Module):
+    """``(frames (B, 3, H, W), previous queries (B, Q, d)) -> (masks, classes, sequence, queries)``: a
+    session's later frame, as ``encode_frames`` then ``query_step`` of the wrapped model."""
+
+    def __init__(self, model, size: tuple[int, int]):
+        super().__init__()
+        self.model = model
+        self.grid = model.grid_for(*size)
+
+    def forward(self, frames: torch.Tensor, prev: torch.Tensor):
+        hidden = self.model.encode_frames(frames)
+        return self.model.query_step(hidden, prev, self.grid)
+
+
+def step_flops(config, rows: int, size: tuple[int, int]) -> float:
+    """Multiply-add FLOPs (x2) of one later frame: patch embedding, every layer (matrix products and
+    attention), the head."""
+    d, m = config.hidden_size, config.mlp_hidden_size
+    ph, pw = config.patch_hw
+    patches = (size[0] // ph) * (size[1] // pw)
+    seq = config.num_prefix_tokens + patches
+    q = config.num_queries
+    mlp = (3 if config.use_swiglu_ffn else 2) * d * m
+    per_token = 4 * d * d + mlp  # qkv, output projection, the MLP
+
+    def layer(n: int) -> float:
+        return 2 * n * per_token + 4 * n * n * d
+
+    early = config.num_hidden_layers - config.num_blocks
+    flops = 2 * patches * 3 * ph * pw * d + early * layer(seq) + config.num_blocks * layer(seq + q)
+    flops += 2 * q * d * d  # query update
+    grid_pixels = patches * 4 ** config.num_upscale_blocks
+    flops += 2 * q * d * (3 * d + config.num_labels + 1) + 2 * q * d * grid_pixels  # mask head, classes, masks
+    flops += sum(2 * patches * 4 ** (i + 1) * d * (d + 9) for i in range(config.num_upscale_blocks))  # upscale
+    return float(rows * flops)
+
+
+def gemm_rate(config, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
+    """FLOP/s of this CPU on the model's largest per-frame matrix product (a query layer's fc1)."""
+    n = rows * (config.num_queries + config.num_prefix_tokens + 16)
+    a = torch.randn(n, config.hidden_size).to(dtype)
+    w = torch.randn(config.mlp_hidden_size, config.hidden_size).to(dtype)
+    torch.nn.functional.linear(a, w)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, w)
+        times.append(time.perf_counter() - t0)
+    return 2 * n * config.hidden_size * config.mlp_hidden_size / max(sorted(times)[repeats // 2], 1e-9)
+
+
+def export_step(model, rows: int, size: tuple[int, int]):
+    """``torch.export`` of :class:`FrameStep` on the reference ops (what the op plan runs on a CPU)."""
+    step = FrameStep(model, size)
+    cfg = model.config
+    previous = [(module, module.impl) for _, module in plans.op_sites(model)]
+    try:
+        plans.apply(model, None)
+        with torch.inference_mode(False), torch.no_grad(), ops.use_backend("reference"):
+            frames = torch.zeros(rows, cfg.num_channels, *size, dtype=INPUT_DTYPE, device=model.device)
+            prev = torch.zeros(rows, cfg.num_queries, cfg.hidden_size, dtype=model.dtype, device=model.device)
+            return torch.export.export(step, (frames, prev), strict=False)
+    finally:
+        for module, table in previous:
+            module.impl = table
+
+
+def _compile_in_child(exported_path: str, package_path: str, timeout_s: float) -> tuple[bool, str]:
+    """Run the AOTInductor compile in a child process (its own process group, killed at the deadline).
+    Returns ``(ok, error)``."""
+    cmd = [sys.executable, "-m", "videomt_fast.runtime.compiled", exported_path, package_path,
+           "--threads", str(torch.get_num_threads())]
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # the compiler's own workers too
+            except OSError:
+                pass
+            proc.wait()
+            return False, f"budget: the compile did not finish within the {timeout_s:.0f} s left of the plan's budget"
+        if rc != 0:
+            log.seek(0)
+            lines = [line for line in log.read().splitlines() if line.strip()]
+            last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+            return False, f"the compiler failed (exit {rc}): {last.strip()[:300]}"
+    return True, ""
+
+
+def _child(argv: list[str]) -> int:
+    """``python -m videomt_fast.runtime.compiled EXPORTED PACKAGE --threads N``: compile one exported step."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m videomt_fast.runtime.compiled")
+    p.add_argument("exported")
+    p.add_argument("package")
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)  # the generated code's parallel loops follow it
+    exported = torch.export.load(args.exported)
+    tmp = str(Path(args.package).with_suffix(".partial.pt2"))  # the compiler wants a .pt2 name
+    torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
+        "aot_inductor.package_constants_in_so": False,  # the weights are the model's, bound at load
+        "always_keep_tensor_constants": True,  # no small weight inlined as literals (they could not change)
+    })
+    os.replace(tmp, args.package)  # never a half-written library under the final name
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# a loaded library bound to a model
+
+
+class CompiledStep:
+    """A compiled :class:`FrameStep` bound to ``model``'s tensors. ``step(frames, prev)`` returns
+    ``(masks, classes, sequence, queries)``; ``check_all`` compares every tensor's address (the first
+    later frame of each video), else only the cheap token."""
+
+    def __init__(self, package: str, model, rows: int, size: tuple[int, int],
+                 extra_constants: dict[str, torch.Tensor] | None = None):
+        self.package = package
+        self.shape = (rows, model.config.num_channels, *size)
+        self._runner = torch._inductor.aoti_load_package(package)
+        self._extra = dict(extra_constants or {})
+        self.bind(model)
+
+    def bind(self, model) -> None:
+        live = {f"model.{k}": v for k, v in model.named_parameters()}
+        live.update({f"model.{k}": v for k, v in model.named_buffers()})
+        live.update(self._extra)
+        needed = self._runner.get_constant_fqns()
+        missing = [k for k in needed if k not in live]
+        if missing:
+            raise RuntimeError(f"the compiled step reads tensors the model does not have: {missing[:3]}")
+        baked = sorted(set(live) - set(needed) - set(self._extra) - UNREAD)
+        if baked:  # values compiled in would not follow weight updates
+            raise RuntimeError(f"the compiled step does not bind {baked[:3]}")
+        self._runner.load_constants({k: live[k].detach() for k in needed}, check_full_update=True,
+                                    user_managed=True)
+        self._model, self._token, self._full = model, weights_token(model), full_weights_token(model)
+
+    def __call__(self, frames: torch.Tensor, prev: torch.Tensor, check_all: bool = False):
+        model = self._model
+        if weights_token(model) != self._token or (check_all and full_weights_token(model) != self._full):
+            if full_weights_token(model) != self._full:
+                self.bind(model)  # replaced tensors: bind the new ones before they are read
+            self._token = weights_token(model)
+        if frames.dtype != INPUT_DTYPE:
+            frames = frames.to(INPUT_DTYPE)  # exact for float16/bfloat16; the library casts on, as the model does
+        return tuple(self._runner(frames.contiguous(), prev.contiguous()))
+
+
+# --------------------------------------------------------------------------------------------
+# the plan site
+
+
+def package_path(plan: plans.Plan) -> Path:
+    """The compiled library's file: beside the plan's JSON in the plan cache, under the same key."""
+    return plans._cache_file(plan.key).with_suffix(".step.pt2")
+
+
+def _later_frame(model, rows: int, size: tuple[int, int]):
+    """A calibration pair ``(frame, prev)``: a later frame and the queries its first frame propagates."""
+    pixels = plans.calibration_input(model, rows, size, frames=2, seed=2).to(INPUT_DTYPE)
+    with torch.inference_mode(False), torch.no_grad():
+        _, _, _, prev = model.query_step(model.encode_frames(pixels[:, 0]), None, model.grid_for(*size))
+    return pixels[:, 1].contiguous(), prev.clone()
+
+
+def _truth(model, frame: torch.Tensor, prev: torch.Tensor, size: tuple[int, int]):
+    """float64 and float32 reference outputs of the later frame (copies of the model, reference ops)."""
+    ref = plans.float32_reference(model)
+    grid = model.grid_for(*size)
+    with torch.no_grad(), ops.use_backend("reference"):
+        f32 = ref.query_step(ref.encode_frames(frame.float()), prev.float(), grid)
+        ref.double()
+        f64 = ref.query_step(ref.encode_frames(frame.double()), prev.double(), grid)
+    del ref
+    return f64, f32
+
+
+def _interleaved(fns: dict[str, Any], rounds: int = 7) -> dict[str, float]:
+    """Median milliseconds per call of each function, alternated call by call."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+
+
+def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: float = 60.0,
+             compiler=None) -> plans.Site:
+    """Decide the ``step.frame_step`` site of ``plan`` (a VidEoMT session plan on a CPU): measure, compile,
+    verify, time; record it in the plan (and the plan cache). ``compiler(exported, package, timeout_s) ->
+    (ok, error)`` replaces the child-process compile (tests)."""
+    mode = compile_mode(mode)
+    start = time.perf_counter()
+    rows, size = plan.rows, tuple(plan.size)
+    site = plans.Site(stage="step", op="frame_step", shapes=[[rows, model.config.num_channels, *size]],
+                      chosen="ops")
+    ops_c = plans.Candidate(name="ops", status="chosen")
+    comp = plans.Candidate(name=NAME, status="excluded")
+    site.candidates = [ops_c, comp]
+    plan.sites[SITE] = site
+    plan._step = None
+    grid = model.grid_for(*size)
+    frame, prev = _later_frame(model, rows, size)
+
+    def run_ops():
+        with torch.no_grad():
+            return model.query_step(model.encode_frames(frame), prev, grid)
+
+    ops_c.time_ms = round(_interleaved({"ops": run_ops})["ops"], 4)
+    arith_ms = step_flops(model.config, rows, size) / gemm_rate(model.config, rows, model.dtype) * 1e3
+    host_share = max(0.0, 1.0 - arith_ms / ops_c.time_ms)
+    figures = f"op plan step {ops_c.time_ms:.2f} ms, arithmetic about {arith_ms:.2f} ms"
+    if mode == "auto" and host_share < HOST_SHARE:
+        comp.reason = f"auto: not host-bound ({figures}); VIDEOMT_FAST_COMPILE=on compiles anyway"
+        return _finish(plan, site)
+    package = package_path(plan)
+    extra_path = package.with_suffix(".constants.pt")
+    try:
+        exported = export_step(model, rows, size)
+    except Exception as exc:
+        comp.reason = f"export raised {type(exc).__name__}: {plans._first_line(exc)}"
+        return _finish(plan, site)
+    extra = {k: v for k, v in exported.constants.items() if isinstance(v, torch.Tensor)}
+    left = budget_s - (time.perf_counter() - start) - (plan.calibration_s if plan.mode == "calibrated" else 0.0)
+    if left < MIN_COMPILE_S:
+        comp.reason = f"budget: {max(0.0, left):.0f} s of the plan's {budget_s:.0f} s budget left, too little to compile"
+        return _finish(plan, site)
+    compile_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="videomt_fast-step-") as tmp:
+        target = package
+        try:
+            package.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            target = Path(tmp) / package.name  # an unwritable cache: compiled for this process only
+        exported_path = os.path.join(tmp, "step.pt2")
+        torch.export.save(exported, exported_path)
+        del exported
+        ok, error = (compiler or _compile_in_child)(exported_path, str(target), left)
+        compiled_s = time.perf_counter() - compile_start
+        if not ok:
+            comp.reason = error
+            return _finish(plan, site)
+        if extra:
+            torch.save(extra, extra_path if target == package else Path(tmp) / extra_path.name)
+        try:
+            step = CompiledStep(str(target), model, rows, size, extra)
+        except Exception as exc:
+            comp.reason = f"the compiled library failed to load: {type(exc).__name__}: {plans._first_line(exc)}"
+            return _finish(plan, site)
+    plan.notes.append(f"{SITE}: {NAME} compiled in {compiled_s:.1f} s ({figures})")
+    _verify_and_time(model, plan, site, step, frame, prev, run_ops, size)
+    return _finish(plan, site)
+
+
+def _verify_and_time(model, plan, site, step, frame, prev, run_ops, size) -> None:
+    ops_c, comp = site.candidates
+    f64, f32 = _truth(model, frame, prev, size)
+    try:
+        with torch.no_grad():
+            out = step(frame, prev, check_all=True)
+    except Exception as exc:
+        comp.reason = f"raised {type(exc).__name__}: {plans._first_line(exc)}"
+        return
+    ops_out = run_ops()
+    ops_c.error = plans._error(ops_out, f64)
+    comp.error = plans._error(out, f64)
+    comp.tolerance = ops_c.tolerance = plans.tolerance(model.dtype, ops_c.error)
+    if math.isnan(comp.error) or not comp.error <= comp.tolerance:
+        comp.reason = ("NaN or inf in the output" if math.isnan(comp.error)
+                       else f"error {comp.error:.2e} over tolerance {comp.tolerance:.2e}")
+        return
+    agree = plans.agreement(out[0], out[1], f32[0], f32[1])
+    if not plans.gate_passes(agree):
+        comp.reason = f"misses the agreement gate (masks {agree['masks']:.4f}, classes {agree['classes']:.4f})"
+        return
+    with torch.inference_mode():
+        timed = _interleaved({"ops": run_ops, NAME: lambda: step(frame, prev)})
+    ops_c.time_ms, comp.time_ms = round(timed["ops"], 4), round(timed[NAME], 4)
+    comp.status = "ok"
+    if comp.time_ms <= MIN_GAIN * ops_c.time_ms:
+        site.chosen, comp.status, ops_c.status = NAME, "chosen", "ok"
+        plan._step = step
+
+
+def _finish(plan: plans.Plan, site: plans.Site) -> plans.Site:
+    if plan.key:
+        plans.save_cached(plan)
+    return site
+
+
+def attach(model, plan: plans.Plan) -> CompiledStep | None:
+    """Load and bind the library a cached plan chose (None when the plan did not choose one). Raises when
+    the chosen library cannot be used (missing, unloadable)."""
+    site = plan.sites.get(SITE)
+    if site is None or site.chosen != NAME:
+        return None
+    package = package_path(plan)
+    extra_path = package.with_suffix(".constants.pt")
+    extra = torch.load(extra_path, weights_only=True) if extra_path.exists() else None
+    return CompiledStep(str(package), model, plan.rows, tuple(plan.size), extra)
+
+
+_UNDECIDED = object()
+
+
+def step_for(model, plan: plans.Plan, mode: str | None = None, budget_s: float = 60.0) -> CompiledStep | None:
+    """The compiled step a session runs for ``plan`` (None: the op plan), deciding the site on first use."""
+    held = plan.__dict__.get("_step", _UNDECIDED)
+    if held is not _UNDECIDED:
+        return held
+    mode = compile_mode(mode)
+    if mode == "off" or model.device.type != "cpu" or plan.mode == "static" or not hasattr(model, "query_updater"):
+        plan.__dict__["_step"] = None
+        return None
+    site = plan.sites.get(SITE)
+    retry = site is not None and mode == "on" and site.chosen != NAME and any(
+        c.name == NAME and c.reason.startswith("auto:") for c in site.candidates)
+    if site is not None and not retry:
+        try:
+            plan.__dict__["_step"] = attach(model, plan)
+            return plan.__dict__["_step"]
+        except Exception as exc:  # the cached library is gone or broken: decide again
+            plan.notes.append(f"{SITE}: cached library not usable ({type(exc).__name__}: "
+                              f"{plans._first_line(exc)}); compiled again")
+    consider(model, plan, mode=mode, budget_s=budget_s)
+    return plan.__dict__.get("_step")
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
