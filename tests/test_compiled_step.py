@@ -186,14 +186,24 @@ def test_a_compile_past_the_budget_is_killed(tmp_path):
     assert not (tmp_path / "out.pt2").exists()
 
 
+def test_host_model_has_the_structure_and_little_arithmetic(library):
+    model, plan = library["model"], library["plan"]
+    small, size = compiled.host_model(model, plan)
+    assert size == model.config.patch_hw and small.config.num_queries == 1
+    assert len(small.layers) == len(model.layers) and small.query_start == model.query_start
+    assert all(m.impl is plan.table(stage) for stage, m in plans.op_sites(small))
+    assert compiled.step_flops(small.config, 1, size) < 0.1 * compiled.step_flops(model.config, 1, SIZE)
+
+
 def test_auto_compiles_only_a_host_bound_step(cache, monkeypatch):
     calls = []
     monkeypatch.setattr(compiled, "_compile_in_child", lambda *a: (calls.append(a), (False, "not reached"))[1])
-    monkeypatch.setattr(compiled, "gemm_rate", lambda *a, **k: 1.0)  # 1 FLOP/s: all arithmetic
+    monkeypatch.setattr(compiled, "HOST_SHARE", 1.01)  # no step is this host-bound
     model, _ = _pair()
     model.optimize(dtype=torch.float32, compile="auto", shapes=[(1, *SIZE)])
     site = plans_of(model)[0].sites[compiled.SITE]
     assert calls == [] and site.chosen == "ops" and site.candidates[1].reason.startswith("auto: not host-bound")
+    assert any("of which host time about" in n for n in plans_of(model)[0].notes)
     # "on" retries what "auto" declined
     again, _ = _pair()
     again.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
