@@ -6,13 +6,14 @@ in one process on the same weights and frames:
 
 * ``hf``: transformers' ``VideomtForUniversalSegmentation`` on a one-frame clip (what a user calls per frame);
 * ``plain``: videomt_fast's session without ``optimize()`` (every op dispatched per call);
-* ``fast``: videomt_fast's session after ``optimize()`` (the execution plan's callables; CUDA graphs on a GPU).
+* ``fast``: videomt_fast's session after ``optimize()`` (the execution plan: on a GPU CUDA graphs; on a CPU
+  the plan's op callables, or its compiled frame step where the plan chose one, ``--compile``).
 
 On a GPU the host time is the time until ``step()`` returns, without synchronizing (the launches and the
 replay are what the host pays); the device time per frame is reported beside it. Writes JSON under
 ``bench/results/`` (or ``--out``) and prints the ratios.
 
-    python bench/host_time.py [--device cpu|cuda] [--queries 200] [--threads 1] [--repeats 7]
+    python bench/host_time.py [--device cpu|cuda] [--queries 200] [--threads 1] [--repeats 7] [--compile auto]
 """
 
 from __future__ import annotations
@@ -26,6 +27,15 @@ import sys
 import time
 
 
+def _step_site(model) -> str:
+    """What the fast session's later frames ran: the compiled step or the plan's ops."""
+    from videomt_fast.runtime import compiled
+    from videomt_fast.runtime.fast import plans_of
+
+    sites = [p.sites.get(compiled.SITE) for p in plans_of(model)]
+    return next((s.chosen for s in sites if s is not None), "ops")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None)
@@ -36,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median reported)")
     p.add_argument("--steps", type=int, default=20, help="frames per round and provider")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="the fast session's compiled frame step on a CPU (optimize(compile=...), default auto)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/host_time_<device>_<time>.json)")
     args = p.parse_args(argv)
 
@@ -53,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     hf = transformers.VideomtForUniversalSegmentation(transformers.VideomtConfig(**cfg)).eval().to(device)
     plain = videomt_fast.from_transformers(hf).eval().to(device)
     fast = videomt_fast.from_transformers(hf).eval().to(device)
-    fast.optimize(dtype=torch.float32, shapes=[(1, args.size, args.size)])
+    t0 = time.perf_counter()
+    fast.optimize(dtype=torch.float32, shapes=[(1, args.size, args.size)], compile=args.compile)
+    optimize_s = time.perf_counter() - t0
     frames = torch.randn(args.steps, 1, 3, args.size, args.size, device=device)
     sessions = {"plain": plain.new_session(), "fast": fast.new_session()}
 
@@ -91,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "tool": "bench/host_time.py",
         "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
         "torch": torch.__version__, "transformers": transformers.__version__, "videomt_fast": videomt_fast.__version__,
-        "threads": args.threads, "config": cfg, "frame": [args.size, args.size], "steps": args.steps,
+        "threads": args.threads, "config": cfg, "compile": args.compile, "optimize_s": round(optimize_s, 2),
+        "fast_step": _step_site(fast), "frame": [args.size, args.size], "steps": args.steps,
         "repeats": args.repeats, "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "host_ms_per_frame": {n: {"median": med[n], "min": min(v), "max": max(v)} for n, v in host.items()},
         "total_ms_per_frame": {n: statistics.median(v) for n, v in total.items()},
@@ -105,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     for n in host:
         print(f"{n:6s} host {med[n]:8.3f} ms/frame (min {min(host[n]):.3f}, max {max(host[n]):.3f})")
-    print(f"fast / hf = {result['ratio_fast_over_hf']:.3f}   plain / hf = {result['ratio_plain_over_hf']:.3f}")
+    print(f"fast / hf = {result['ratio_fast_over_hf']:.3f}   plain / hf = {result['ratio_plain_over_hf']:.3f}   "
+          f"(fast later frames: {result['fast_step']}; optimize() {optimize_s:.1f} s)")
     print(f"wrote {out}")
     return 0
 
