@@ -64,10 +64,12 @@ def library(tmp_path_factory):
         plan = plans_of(model)[0]
         site = plan.sites[compiled.SITE]
         assert site.chosen == compiled.NAME, plan.format()
-        package = compiled.package_path(plan)
-        keep = tmp_path_factory.mktemp("library") / "step.pt2"
-        shutil.copy(package, keep)
-        yield {"path": keep, "model": model, "ref": ref, "plan": plan}
+        keep = tmp_path_factory.mktemp("library")
+        paths = {}
+        for form, package in compiled.package_paths(plan).items():
+            paths[form] = keep / package.name
+            shutil.copy(package, paths[form])
+        yield {"paths": paths, "model": model, "ref": ref, "plan": plan}
     finally:
         mp.undo()
 
@@ -81,9 +83,12 @@ def cache(tmp_path, monkeypatch):
 
 
 def _copying(library, calls):
-    def compiler(exported, package, timeout_s):
-        calls.append((exported, package, timeout_s))
-        shutil.copy(library["path"], package)
+    """A compiler stand-in: the fixture's libraries copied to the requested files."""
+    def compiler(jobs, timeout_s):
+        calls.append((jobs, timeout_s))
+        for _, package in jobs:
+            form = next(f for f in compiled.FORMS if package.endswith(f".step-{f}.pt2"))
+            shutil.copy(library["paths"][form], package)
         return True, ""
     return compiler
 
@@ -95,7 +100,7 @@ def test_compiled_session_matches_the_reference_and_skips_the_python_frame(libra
     assert comp.status == "chosen" and comp.error <= comp.tolerance and comp.time_ms > 0 and ops_c.time_ms > 0
     frames = _frames()
     _assert_close(_run(model, frames), _run(ref, frames))
-    # the later frames run as one call: the model's Python frame is never entered for them
+    # every frame runs as one call: the model's Python frame is never entered
     calls = []
     original = model.encode_frames
     model.encode_frames = lambda x: (calls.append(1), original(x))[1]
@@ -103,7 +108,7 @@ def test_compiled_session_matches_the_reference_and_skips_the_python_frame(libra
         _run(model, frames)
     finally:
         del model.encode_frames
-    assert len(calls) == 1  # the first frame only (learned queries: the op plan)
+    assert calls == []
     assert "compiled in" in " ".join(library["plan"].notes)
 
 
@@ -127,7 +132,7 @@ def test_second_model_loads_the_cached_library(library, cache, monkeypatch):
     monkeypatch.setattr(compiled, "_compile_in_child", _copying(library, calls))
     first, ref = _pair()
     first.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
-    assert len(calls) == 1 and calls[0][2] > compiled.MIN_COMPILE_S
+    assert len(calls) == 1 and calls[0][1] > compiled.MIN_COMPILE_S and len(calls[0][0]) == 2
     second, _ = _pair()
     second.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
     plan = plans_of(second)[0]
@@ -135,7 +140,7 @@ def test_second_model_loads_the_cached_library(library, cache, monkeypatch):
     frames = _frames()
     _assert_close(_run(second, frames), _run(ref, frames))
     # the library deleted from the cache: compiled again, and said so
-    compiled.package_path(plan).unlink()
+    compiled.package_paths(plan)["first"].unlink()
     third, _ = _pair()
     third.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
     assert len(calls) == 2
@@ -152,6 +157,8 @@ def test_a_faulty_library_is_excluded_with_its_reason_and_the_ops_run(library, c
         out = real(self, frames, prev, check_all)
         if fault == "raises":
             raise RuntimeError("library failure")
+        if (fault == "wrong") != (prev is None):  # wrong: the first-frame library; nan: the later-frame one
+            return out
         bad = out[0].clone()
         bad[0, 0] = math.nan if fault == "nan" else bad[0, 0] + 10 * float(bad.abs().max())
         return (bad,) + out[1:]
@@ -162,7 +169,8 @@ def test_a_faulty_library_is_excluded_with_its_reason_and_the_ops_run(library, c
     site = plans_of(model)[0].sites[compiled.SITE]
     comp = site.candidates[1]
     assert site.chosen == "ops" and comp.status == "excluded"
-    expected = {"raises": "raised RuntimeError: library failure", "wrong": "over tolerance", "nan": "NaN"}[fault]
+    expected = {"raises": "raised RuntimeError: library failure", "wrong": "first frame: error",
+                "nan": "later frame: NaN"}[fault]
     assert expected in comp.reason
     frames = _frames(3)
     outs, refs = _run(model, frames), _run(ref, frames)
@@ -181,7 +189,7 @@ def test_a_failing_compiler_is_excluded_with_its_error(cache, monkeypatch):
 
 def test_a_compile_past_the_budget_is_killed(tmp_path):
     exported = tmp_path / "missing.pt2"  # the child would fail later; it is killed first
-    ok, error = compiled._compile_in_child(str(exported), str(tmp_path / "out.pt2"), 0.2)
+    ok, error = compiled._compile_in_child([(str(exported), str(tmp_path / "out.pt2"))], 0.2)
     assert not ok and error.startswith("budget:")
     assert not (tmp_path / "out.pt2").exists()
 
@@ -243,3 +251,16 @@ def test_step_flops_counts_the_products_of_a_frame():
     attention = rows * 4 * cfg.hidden_size * (early * seq**2 + cfg.num_blocks * (seq + cfg.num_queries) ** 2)
     estimate = compiled.step_flops(cfg, rows, SIZE)
     assert abs(estimate - (counted + attention)) <= 0.05 * (counted + attention)
+
+
+def test_plan_command_shows_the_step_site(cache, monkeypatch, capsys):
+    from videomt_fast.apps import cli
+
+    monkeypatch.setattr(compiled, "HOST_SHARE", 1.01)
+    assert cli.main(["plan", "--arch", "vit-s", "--size", "32x48", "--dtype", "float32", "--compile", "auto"]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith(compiled.SITE))
+    assert "ops" in line and "aot-inductor: excluded (auto: not host-bound" in line
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["plan", "--compile", "maybe"])
+    assert exit_info.value.code == 2

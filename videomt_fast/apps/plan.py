@@ -3,7 +3,8 @@
 Builds (or reads from the plan cache) the plan ``optimize()`` would run for one input shape and prints,
 per op site, the implementation chosen, every candidate's time and error against the float64 reference,
 and why any candidate was excluded (a kernel that raised, mismatched, returned NaN or refused the
-inputs), plus the whole-model agreement gate and, on a CPU, the dtype decision. Backends that could not
+inputs), plus the whole-model agreement gate and, on a CPU, the dtype decision and whether a VidEoMT
+session's frame step runs as one compiled call (``step.frame_step``). Backends that could not
 be loaded (Triton missing, a CUDA extension that failed to build) are listed with their errors.
 """
 
@@ -28,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("auto", "recalibrate", "static"), default=None,
                    help="auto: use the plan cache (default, or $VIDEOMT_FAST_PLAN); recalibrate: measure again; "
                         "static: no calibration")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default=None,
+                   help="VidEoMT on a CPU: whether a session's frame step may run as one compiled call (auto: where "
+                        "the step is host-bound; default $VIDEOMT_FAST_COMPILE or auto)")
     p.add_argument("--budget", type=float, default=60.0, help="calibration time budget in seconds (default 60)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     return p
@@ -51,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     import videomt_fast
     from videomt_fast import ops
     from videomt_fast.model.configuration import EomtConfig, VideomtConfig, config_from_preset
-    from videomt_fast.runtime.fast import plan_for
+    from videomt_fast.runtime.fast import compiled_step, plan_for
 
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -77,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if size[0] % ph or size[1] % pw:
         parser.error(f"--size {size[0]}x{size[1]}: height and width must be multiples of the patch size {ph}x{pw}")
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model.optimize(dtype=dtype, plan=args.mode, budget_s=args.budget)
+    model.optimize(dtype=dtype, plan=args.mode, budget_s=args.budget, compile=args.compile)
     with torch.no_grad():
         plan = plan_for(model, args.rows, size)
+        if args.model == "videomt":
+            compiled_step(model, plan)  # the session's frame step: the plan's ops or one compiled call
     if args.json:
         print(json.dumps({"plan": plan.to_json(), "cpu_dtype": model.fast_settings.cpu_dtype_report or None,
                           "load_errors": ops.load_errors(), "exclusions": ops.exclusions()}, indent=1))

@@ -7,7 +7,8 @@ queries carried in from the previous frame) with ``torch.export`` and compiles i
 AOTInductor into a shared library: one call per frame, fused elementwise kernels, no Python between ops.
 The library reads the model's own weight tensors (bound by address, not copied), so in-place updates
 (``load_state_dict``) are seen; tensors replaced since binding are bound again before the next frame
-(:mod:`videomt_fast.runtime.tokens`). The first frame of a video (learned queries only) runs the op plan.
+(:mod:`videomt_fast.runtime.tokens`). A video's first frame (from the learned queries) has a library of
+its own, compiled in the same job.
 
 It is a site of the execution plan (``step.frame_step``; candidates ``ops``, the op plan's frame, and
 ``aot-inductor``), decided like any other:
@@ -72,16 +73,21 @@ def compile_mode(requested: str | None = None) -> str:
 
 class FrameStep(torch.nn.Module):
     """``(frames (B, 3, H, W), previous queries (B, Q, d)) -> (masks, classes, sequence, queries)``: a
-    session's later frame, as ``encode_frames`` then ``query_step`` of the wrapped model."""
+    session's later frame, as ``encode_frames`` then ``query_step`` of the wrapped model; with
+    ``first=True``, ``frames -> ...``: a video's first frame (the learned queries)."""
 
-    def __init__(self, model, size: tuple[int, int]):
+    def __init__(self, model, size: tuple[int, int], first: bool = False):
         super().__init__()
         self.model = model
         self.grid = model.grid_for(*size)
+        self.first = first
 
-    def forward(self, frames: torch.Tensor, prev: torch.Tensor):
+    def forward(self, frames: torch.Tensor, prev: torch.Tensor | None = None):
         hidden = self.model.encode_frames(frames)
-        return self.model.query_step(hidden, prev, self.grid)
+        return self.model.query_step(hidden, None if self.first else prev, self.grid)
+
+
+FORMS = ("later", "first")  # the library of a later frame, and of a video's first frame
 
 
 def step_flops(config, rows: int, size: tuple[int, int]) -> float:
@@ -136,9 +142,9 @@ def gemm_rate(config, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
     return 2 * n * config.hidden_size * config.mlp_hidden_size / max(sorted(times)[repeats // 2], 1e-9)
 
 
-def export_step(model, rows: int, size: tuple[int, int]):
+def export_step(model, rows: int, size: tuple[int, int], first: bool = False):
     """``torch.export`` of :class:`FrameStep` on the reference ops (what the op plan runs on a CPU)."""
-    step = FrameStep(model, size)
+    step = FrameStep(model, size, first)
     cfg = model.config
     previous = [(module, module.impl) for _, module in plans.op_sites(model)]
     try:
@@ -146,17 +152,18 @@ def export_step(model, rows: int, size: tuple[int, int]):
         with torch.inference_mode(False), torch.no_grad(), ops.use_backend("reference"):
             frames = torch.zeros(rows, cfg.num_channels, *size, dtype=INPUT_DTYPE, device=model.device)
             prev = torch.zeros(rows, cfg.num_queries, cfg.hidden_size, dtype=model.dtype, device=model.device)
-            return torch.export.export(step, (frames, prev), strict=False)
+            return torch.export.export(step, (frames,) if first else (frames, prev), strict=False)
     finally:
         for module, table in previous:
             module.impl = table
 
 
-def _compile_in_child(exported_path: str, package_path: str, timeout_s: float) -> tuple[bool, str]:
-    """Run the AOTInductor compile in a child process (its own process group, killed at the deadline).
-    Returns ``(ok, error)``."""
-    cmd = [sys.executable, "-m", "videomt_fast.runtime.compiled", exported_path, package_path,
-           "--threads", str(torch.get_num_threads())]
+def _compile_in_child(jobs: list[tuple[str, str]], timeout_s: float) -> tuple[bool, str]:
+    """Compile ``(exported program file, library file)`` pairs with AOTInductor in a child process (its own
+    process group, killed at the deadline). Returns ``(ok, error)``."""
+    cmd = [sys.executable, "-m", "videomt_fast.runtime.compiled", "--threads", str(torch.get_num_threads())]
+    for exported, package in jobs:
+        cmd += ["--job", exported, package]
     with tempfile.TemporaryFile(mode="w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
@@ -177,22 +184,23 @@ def _compile_in_child(exported_path: str, package_path: str, timeout_s: float) -
 
 
 def _child(argv: list[str]) -> int:
-    """``python -m videomt_fast.runtime.compiled EXPORTED PACKAGE --threads N``: compile one exported step."""
+    """``python -m videomt_fast.runtime.compiled --threads N --job EXPORTED LIBRARY [--job ...]``: compile
+    exported steps (one process: the second reuses the first's kernels)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m videomt_fast.runtime.compiled")
-    p.add_argument("exported")
-    p.add_argument("package")
+    p.add_argument("--job", nargs=2, action="append", required=True, metavar=("EXPORTED", "LIBRARY"))
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)  # the generated code's parallel loops follow it
-    exported = torch.export.load(args.exported)
-    tmp = str(Path(args.package).with_suffix(".partial.pt2"))  # the compiler wants a .pt2 name
-    torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
-        "aot_inductor.package_constants_in_so": False,  # the weights are the model's, bound at load
-        "always_keep_tensor_constants": True,  # no small weight inlined as literals (they could not change)
-    })
-    os.replace(tmp, args.package)  # never a half-written library under the final name
+    for exported_path, package in args.job:
+        exported = torch.export.load(exported_path)
+        tmp = str(Path(package).with_suffix(".partial.pt2"))  # the compiler wants a .pt2 name
+        torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs={
+            "aot_inductor.package_constants_in_so": False,  # the weights are the model's, bound at load
+            "always_keep_tensor_constants": True,  # no small weight inlined as literals (they could not change)
+        })
+        os.replace(tmp, package)  # never a half-written library under the final name
     return 0
 
 
@@ -201,15 +209,15 @@ def _child(argv: list[str]) -> int:
 
 
 class CompiledStep:
-    """A compiled :class:`FrameStep` bound to ``model``'s tensors. ``step(frames, prev)`` returns
-    ``(masks, classes, sequence, queries)``; ``check_all`` compares every tensor's address (the first
-    later frame of each video), else only the cheap token."""
+    """The compiled :class:`FrameStep` libraries (first and later frame) bound to ``model``'s tensors.
+    ``step(frames, prev)`` returns ``(masks, classes, sequence, queries)`` (``prev`` None: a first frame);
+    ``check_all`` compares every tensor's address (a video's first frame), else only the cheap token."""
 
-    def __init__(self, package: str, model, rows: int, size: tuple[int, int],
+    def __init__(self, packages: dict[str, str], model, rows: int, size: tuple[int, int],
                  extra_constants: dict[str, torch.Tensor] | None = None):
-        self.package = package
+        self.packages = dict(packages)
         self.shape = (rows, model.config.num_channels, *size)
-        self._runner = torch._inductor.aoti_load_package(package)
+        self._runners = {form: torch._inductor.aoti_load_package(path) for form, path in packages.items()}
         self._extra = dict(extra_constants or {})
         self.bind(model)
 
@@ -217,18 +225,20 @@ class CompiledStep:
         live = {f"model.{k}": v for k, v in model.named_parameters()}
         live.update({f"model.{k}": v for k, v in model.named_buffers()})
         live.update(self._extra)
-        needed = self._runner.get_constant_fqns()
-        missing = [k for k in needed if k not in live]
-        if missing:
-            raise RuntimeError(f"the compiled step reads tensors the model does not have: {missing[:3]}")
-        baked = sorted(set(live) - set(needed) - set(self._extra) - UNREAD)
-        if baked:  # values compiled in would not follow weight updates
-            raise RuntimeError(f"the compiled step does not bind {baked[:3]}")
-        self._runner.load_constants({k: live[k].detach() for k in needed}, check_full_update=True,
-                                    user_managed=True)
+        for form, runner in self._runners.items():
+            needed = runner.get_constant_fqns()
+            missing = [k for k in needed if k not in live]
+            if missing:
+                raise RuntimeError(f"the compiled {form}-frame step reads tensors the model does not have: "
+                                   f"{missing[:3]}")
+            baked = sorted(set(live) - set(needed) - set(self._extra) - UNREAD
+                           - ({"model.query_updater.weight", "model.query_updater.bias"} if form == "first" else set()))
+            if baked:  # values compiled in would not follow weight updates
+                raise RuntimeError(f"the compiled {form}-frame step does not bind {baked[:3]}")
+            runner.load_constants({k: live[k].detach() for k in needed}, check_full_update=True, user_managed=True)
         self._model, self._token, self._full = model, weights_token(model), full_weights_token(model)
 
-    def __call__(self, frames: torch.Tensor, prev: torch.Tensor, check_all: bool = False):
+    def __call__(self, frames: torch.Tensor, prev: torch.Tensor | None, check_all: bool = False):
         model = self._model
         if weights_token(model) != self._token or (check_all and full_weights_token(model) != self._full):
             if full_weights_token(model) != self._full:
@@ -236,36 +246,42 @@ class CompiledStep:
             self._token = weights_token(model)
         if frames.dtype != INPUT_DTYPE:
             frames = frames.to(INPUT_DTYPE)  # exact for float16/bfloat16; the library casts on, as the model does
-        return tuple(self._runner(frames.contiguous(), prev.contiguous()))
+        if prev is None:
+            return tuple(self._runners["first"](frames.contiguous()))
+        return tuple(self._runners["later"](frames.contiguous(), prev.contiguous()))
 
 
 # --------------------------------------------------------------------------------------------
 # the plan site
 
 
-def package_path(plan: plans.Plan) -> Path:
-    """The compiled library's file: beside the plan's JSON in the plan cache, under the same key."""
-    return plans._cache_file(plan.key).with_suffix(".step.pt2")
+def package_paths(plan: plans.Plan) -> dict[str, Path]:
+    """The compiled libraries' files (per form): beside the plan's JSON in the plan cache, same key."""
+    base = plans._cache_file(plan.key)
+    return {form: base.with_suffix(f".step-{form}.pt2") for form in FORMS}
 
 
-def _later_frame(model, rows: int, size: tuple[int, int]):
-    """A calibration pair ``(frame, prev)``: a later frame and the queries its first frame propagates."""
+def _calibration_frames(model, rows: int, size: tuple[int, int]):
+    """``(first frame, later frame, prev)``: two calibration frames and the queries the first propagates."""
     pixels = plans.calibration_input(model, rows, size, frames=2, seed=2).to(INPUT_DTYPE)
     with torch.inference_mode(False), torch.no_grad():
         _, _, _, prev = model.query_step(model.encode_frames(pixels[:, 0]), None, model.grid_for(*size))
-    return pixels[:, 1].contiguous(), prev.clone()
+    return pixels[:, 0].contiguous(), pixels[:, 1].contiguous(), prev.clone()
 
 
-def _truth(model, frame: torch.Tensor, prev: torch.Tensor, size: tuple[int, int]):
-    """float64 and float32 reference outputs of the later frame (copies of the model, reference ops)."""
+def _truth(model, first: torch.Tensor, later: torch.Tensor, prev: torch.Tensor, size: tuple[int, int]):
+    """float64 and float32 reference outputs ``{form: (masks, classes, sequence, queries)}`` of the two
+    calibration frames (the later one from ``prev``), on copies of the model with the reference ops."""
     ref = plans.float32_reference(model)
     grid = model.grid_for(*size)
+    out = {}
     with torch.no_grad(), ops.use_backend("reference"):
-        f32 = ref.query_step(ref.encode_frames(frame.float()), prev.float(), grid)
-        ref.double()
-        f64 = ref.query_step(ref.encode_frames(frame.double()), prev.double(), grid)
+        for dtype in (torch.float32, torch.float64):
+            ref.to(dtype)
+            out[dtype] = {"first": ref.query_step(ref.encode_frames(first.to(dtype)), None, grid),
+                          "later": ref.query_step(ref.encode_frames(later.to(dtype)), prev.to(dtype), grid)}
     del ref
-    return f64, f32
+    return out[torch.float64], out[torch.float32]
 
 
 def _interleaved(fns: dict[str, Any], rounds: int = 7) -> dict[str, float]:
@@ -284,8 +300,8 @@ def _interleaved(fns: dict[str, Any], rounds: int = 7) -> dict[str, float]:
 def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: float = 60.0,
              compiler=None) -> plans.Site:
     """Decide the ``step.frame_step`` site of ``plan`` (a VidEoMT session plan on a CPU): measure, compile,
-    verify, time; record it in the plan (and the plan cache). ``compiler(exported, package, timeout_s) ->
-    (ok, error)`` replaces the child-process compile (tests)."""
+    verify, time; record it in the plan (and the plan cache). ``compiler(jobs, timeout_s) -> (ok, error)``
+    replaces the child-process compile (tests)."""
     mode = compile_mode(mode)
     start = time.perf_counter()
     rows, size = plan.rows, tuple(plan.size)
@@ -295,13 +311,13 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
     comp = plans.Candidate(name=NAME, status="excluded")
     site.candidates = [ops_c, comp]
     plan.sites[SITE] = site
-    plan._step = None
+    plan.__dict__["_step"] = None
     grid = model.grid_for(*size)
-    frame, prev = _later_frame(model, rows, size)
+    first, later, prev = _calibration_frames(model, rows, size)
 
-    def run_ops():
+    def run_ops(frames=later, queries=prev):
         with torch.no_grad():
-            return model.query_step(model.encode_frames(frame), prev, grid)
+            return model.query_step(model.encode_frames(frames), queries, grid)
 
     small, small_size = host_model(model, plan)
     small_frame = torch.randn(rows, small.config.num_channels, *small_size)
@@ -319,75 +335,89 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
                f"arithmetic about {arith_ms:.2f} ms at this CPU's matrix-product rate")
     plan.notes.append(f"{SITE}: {figures}")
     if mode == "auto" and host_share < HOST_SHARE:
-        comp.reason = f"auto: not host-bound ({figures}); VIDEOMT_FAST_COMPILE=on compiles anyway"
+        comp.reason = (f"auto: not host-bound (host time {host_share:.0%} of the op plan's step, under "
+                       f"{HOST_SHARE:.0%}); VIDEOMT_FAST_COMPILE=on compiles anyway")
         return _finish(plan, site)
-    package = package_path(plan)
-    extra_path = package.with_suffix(".constants.pt")
+    packages = package_paths(plan)
+    extra_path = packages["later"].with_suffix(".constants.pt")
     try:
-        exported = export_step(model, rows, size)
+        exported = {form: export_step(model, rows, size, first=form == "first") for form in FORMS}
     except Exception as exc:
         comp.reason = f"export raised {type(exc).__name__}: {plans._first_line(exc)}"
         return _finish(plan, site)
-    extra = {k: v for k, v in exported.constants.items() if isinstance(v, torch.Tensor)}
+    extra = {k: v for ep in exported.values() for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     left = budget_s - (time.perf_counter() - start) - (plan.calibration_s if plan.mode == "calibrated" else 0.0)
     if left < MIN_COMPILE_S:
         comp.reason = f"budget: {max(0.0, left):.0f} s of the plan's {budget_s:.0f} s budget left, too little to compile"
         return _finish(plan, site)
     compile_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="videomt_fast-step-") as tmp:
-        target = package
+        targets = dict(packages)
         try:
-            package.parent.mkdir(parents=True, exist_ok=True)
-        except OSError:
-            target = Path(tmp) / package.name  # an unwritable cache: compiled for this process only
-        exported_path = os.path.join(tmp, "step.pt2")
-        torch.export.save(exported, exported_path)
+            plans.cache_dir().mkdir(parents=True, exist_ok=True)
+        except OSError:  # an unwritable cache: compiled for this process only
+            targets = {form: Path(tmp) / path.name for form, path in packages.items()}
+            extra_path = Path(tmp) / extra_path.name
+        jobs = []
+        for form, ep in exported.items():
+            jobs.append((os.path.join(tmp, f"{form}.pt2"), str(targets[form])))
+            torch.export.save(ep, jobs[-1][0])
         del exported
-        ok, error = (compiler or _compile_in_child)(exported_path, str(target), left)
+        ok, error = (compiler or _compile_in_child)(jobs, left)
         compiled_s = time.perf_counter() - compile_start
         if not ok:
             comp.reason = error
             return _finish(plan, site)
         if extra:
-            torch.save(extra, extra_path if target == package else Path(tmp) / extra_path.name)
+            torch.save(extra, extra_path)
         try:
-            step = CompiledStep(str(target), model, rows, size, extra)
+            step = CompiledStep({form: str(path) for form, path in targets.items()}, model, rows, size, extra)
         except Exception as exc:
             comp.reason = f"the compiled library failed to load: {type(exc).__name__}: {plans._first_line(exc)}"
             return _finish(plan, site)
-    plan.notes.append(f"{SITE}: {NAME} compiled in {compiled_s:.1f} s")
-    _verify_and_time(model, plan, site, step, frame, prev, run_ops, size)
+    plan.notes.append(f"{SITE}: {NAME} compiled in {compiled_s:.1f} s (first-frame and later-frame libraries)")
+    _verify_and_time(model, plan, site, step, (first, later, prev), run_ops, size)
     return _finish(plan, site)
 
 
-def _verify_and_time(model, plan, site, step, frame, prev, run_ops, size) -> None:
+def _verify_and_time(model, plan, site, step, calibration, run_ops, size) -> None:
+    """Both forms against float64 (the op rule) and float32 (the gate); then the later frame timed."""
     ops_c, comp = site.candidates
-    f64, f32 = _truth(model, frame, prev, size)
+    first, later, prev = calibration
+    f64, f32 = _truth(model, first, later, prev, size)
+    inputs = {"first": (first, None), "later": (later, prev)}
     try:
         with torch.no_grad():
-            out = step(frame, prev, check_all=True)
+            outs = {form: step(frames, queries, check_all=True) for form, (frames, queries) in inputs.items()}
     except Exception as exc:
         comp.reason = f"raised {type(exc).__name__}: {plans._first_line(exc)}"
         return
-    ops_out = run_ops()
-    ops_c.error = plans._error(ops_out, f64)
-    comp.error = plans._error(out, f64)
-    comp.tolerance = ops_c.tolerance = plans.tolerance(model.dtype, ops_c.error)
+    errors, tols = {}, {}
+    for form, (frames, queries) in inputs.items():
+        ops_error = plans._error(run_ops(frames, queries), f64[form])
+        tols[form] = plans.tolerance(model.dtype, ops_error)
+        errors[form] = plans._error(outs[form], f64[form])
+        ops_c.error = ops_error if ops_c.error is None else max(ops_c.error, ops_error)
+    worst = max(FORMS, key=lambda form: (math.isnan(errors[form]), errors[form] / tols[form]))
+    comp.error, comp.tolerance = errors[worst], tols[worst]
+    ops_c.tolerance = comp.tolerance
     if math.isnan(comp.error) or not comp.error <= comp.tolerance:
-        comp.reason = ("NaN or inf in the output" if math.isnan(comp.error)
-                       else f"error {comp.error:.2e} over tolerance {comp.tolerance:.2e}")
+        comp.reason = (f"{worst} frame: NaN or inf in the output" if math.isnan(comp.error)
+                       else f"{worst} frame: error {comp.error:.2e} over tolerance {comp.tolerance:.2e}")
         return
-    agree = plans.agreement(out[0], out[1], f32[0], f32[1])
-    if not plans.gate_passes(agree):
-        comp.reason = f"misses the agreement gate (masks {agree['masks']:.4f}, classes {agree['classes']:.4f})"
-        return
+    for form in FORMS:
+        agree = plans.agreement(outs[form][0], outs[form][1], f32[form][0], f32[form][1])
+        if not plans.gate_passes(agree):
+            comp.reason = (f"{form} frame: misses the agreement gate (masks {agree['masks']:.4f}, "
+                           f"classes {agree['classes']:.4f})")
+            return
     with torch.inference_mode():
-        timed = _interleaved({"ops": run_ops, NAME: lambda: step(frame, prev)})
+        timed = _interleaved({"ops": run_ops, NAME: lambda: step(later, prev)})
     ops_c.time_ms, comp.time_ms = round(timed["ops"], 4), round(timed[NAME], 4)
     comp.status = "ok"
     if comp.time_ms <= MIN_GAIN * ops_c.time_ms:
         site.chosen, comp.status, ops_c.status = NAME, "chosen", "ok"
-        plan._step = step
+        plan.__dict__["_step"] = step
 
 
 def _finish(plan: plans.Plan, site: plans.Site) -> plans.Site:
@@ -397,15 +427,16 @@ def _finish(plan: plans.Plan, site: plans.Site) -> plans.Site:
 
 
 def attach(model, plan: plans.Plan) -> CompiledStep | None:
-    """Load and bind the library a cached plan chose (None when the plan did not choose one). Raises when
-    the chosen library cannot be used (missing, unloadable)."""
+    """Load and bind the libraries a cached plan chose (None when the plan did not choose them). Raises when
+    they cannot be used (missing, unloadable)."""
     site = plan.sites.get(SITE)
     if site is None or site.chosen != NAME:
         return None
-    package = package_path(plan)
-    extra_path = package.with_suffix(".constants.pt")
+    packages = package_paths(plan)
+    extra_path = packages["later"].with_suffix(".constants.pt")
     extra = torch.load(extra_path, weights_only=True) if extra_path.exists() else None
-    return CompiledStep(str(package), model, plan.rows, tuple(plan.size), extra)
+    return CompiledStep({form: str(path) for form, path in packages.items()}, model, plan.rows,
+                        tuple(plan.size), extra)
 
 
 _UNDECIDED = object()

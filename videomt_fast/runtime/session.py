@@ -71,10 +71,10 @@ class VideomtSession:
             from videomt_fast.runtime.fast import compiled_step, current_plan
 
             plan = current_plan(model, self.batch_size, size)
-            if self._queries is not None and frames.dtype != torch.float64:
-                step = compiled_step(model, plan)  # a later frame as one compiled call, where the plan chose it
+            if frames.dtype != torch.float64:
+                step = compiled_step(model, plan)  # the frame as one compiled call, where the plan chose it
         if step is not None:
-            masks, classes, sequence, queries = step(frames, self._queries, check_all=self.frame_index == 1)
+            masks, classes, sequence, queries = step(frames, self._queries, check_all=self._queries is None)
         else:
             hidden = model.encode_frames(frames)
             masks, classes, sequence, queries = model.query_step(hidden, self._queries, model.grid_for(*size))
