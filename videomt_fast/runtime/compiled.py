@@ -47,7 +47,8 @@ import torch
 
 from videomt_fast import ops
 from videomt_fast.runtime import plans
-from videomt_fast.runtime.tokens import full_weights_token, weights_token
+from videomt_fast.runtime import tokens
+from videomt_fast.runtime.tokens import full_weights_token
 
 MODES = ("auto", "on", "off")
 NAME = "aot-inductor"
@@ -225,6 +226,7 @@ class CompiledStep:
         live = {f"model.{k}": v for k, v in model.named_parameters()}
         live.update({f"model.{k}": v for k, v in model.named_buffers()})
         live.update(self._extra)
+        bound = {}
         for form, runner in self._runners.items():
             needed = runner.get_constant_fqns()
             missing = [k for k in needed if k not in live]
@@ -235,15 +237,33 @@ class CompiledStep:
                            - ({"model.query_updater.weight", "model.query_updater.bias"} if form == "first" else set()))
             if baked:  # values compiled in would not follow weight updates
                 raise RuntimeError(f"the compiled {form}-frame step does not bind {baked[:3]}")
-            runner.load_constants({k: live[k].detach() for k in needed}, check_full_update=True, user_managed=True)
-        self._model, self._token, self._full = model, weights_token(model), full_weights_token(model)
+            bound[form] = {k: live[k].detach() for k in needed}
+            runner.load_constants(bound[form], check_full_update=True, user_managed=True)
+        self._bound = bound  # the library holds raw pointers: these references keep the memory alive
+        self._model, self._full = model, full_weights_token(model)
+        self._seen(model)
+
+    def _seen(self, model) -> None:
+        self._registrations = tokens.registrations()
+        self._tensors = list(model.parameters()) + list(model.buffers())
+        self._ptrs = [t.data_ptr() for t in self._tensors]
+
+    def _changed(self, check_all: bool) -> bool:
+        """Whether a tensor may have moved since binding: a parameter or buffer registered anywhere, else
+        (per frame) the first and last tensor's address, or (``check_all``) every tensor's."""
+        if tokens.registrations() != self._registrations:
+            return True
+        if check_all:
+            return [t.data_ptr() for t in self._tensors] != self._ptrs
+        return self._tensors[0].data_ptr() != self._ptrs[0] or self._tensors[-1].data_ptr() != self._ptrs[-1]
 
     def __call__(self, frames: torch.Tensor, prev: torch.Tensor | None, check_all: bool = False):
-        model = self._model
-        if weights_token(model) != self._token or (check_all and full_weights_token(model) != self._full):
+        if self._changed(check_all):
+            model = self._model
             if full_weights_token(model) != self._full:
                 self.bind(model)  # replaced tensors: bind the new ones before they are read
-            self._token = weights_token(model)
+            else:
+                self._seen(model)  # a registration elsewhere in the process: not ours
         if frames.dtype != INPUT_DTYPE:
             frames = frames.to(INPUT_DTYPE)  # exact for float16/bfloat16; the library casts on, as the model does
         if prev is None:

@@ -23,6 +23,11 @@ torch.nn.modules.module.register_module_parameter_registration_hook(_bump)
 torch.nn.modules.module.register_module_buffer_registration_hook(_bump)
 
 
+def registrations() -> int:
+    """How many parameter or buffer (re)registrations this process has seen."""
+    return _REGISTRATIONS[0]
+
+
 def weights_token(model) -> tuple:
     """Cheap per-step token of the weights: the registration counter, and the first and last weight's
     address, dtype and device (a move or cast changes them)."""
