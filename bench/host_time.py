@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cfg = dict(hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 32),
-               num_blocks=4, num_queries=args.queries, image_size=args.size, num_labels=10)
+               num_blocks=min(4, args.layers), num_queries=args.queries, image_size=args.size, num_labels=10)
     torch.manual_seed(0)
     hf = transformers.VideomtForUniversalSegmentation(transformers.VideomtConfig(**cfg)).eval().to(device)
     plain = videomt_fast.from_transformers(hf).eval().to(device)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from videomt_fast.model.configuration import VideomtConfig
+from videomt_fast.model.cost import frame_flops
 from videomt_fast.model.modeling import VideomtForUniversalSegmentation
 from videomt_fast.runtime import compiled, plans
 from videomt_fast.runtime.fast import plans_of
@@ -200,7 +201,7 @@ def test_host_model_has_the_structure_and_little_arithmetic(library):
     assert size == model.config.patch_hw and small.config.num_queries == 1
     assert len(small.layers) == len(model.layers) and small.query_start == model.query_start
     assert all(m.impl is plan.table(stage) for stage, m in plans.op_sites(small))
-    assert compiled.step_flops(small.config, 1, size) < 0.1 * compiled.step_flops(model.config, 1, SIZE)
+    assert frame_flops(small.config, *size)["total"] < 0.1 * frame_flops(model.config, *SIZE)["total"]
 
 
 def test_auto_compiles_only_a_host_bound_step(cache, monkeypatch):
@@ -232,7 +233,7 @@ def test_compile_off_and_bad_modes(cache, monkeypatch):
         model.optimize()
 
 
-def test_step_flops_counts_the_products_of_a_frame():
+def test_frame_flops_counts_the_products_of_a_later_frame():
     from torch.utils.flop_counter import FlopCounterMode
 
     from videomt_fast import ops
@@ -249,7 +250,7 @@ def test_step_flops_counts_the_products_of_a_frame():
     seq = cfg.num_prefix_tokens + grid[0] * grid[1]
     early = cfg.num_hidden_layers - cfg.num_blocks
     attention = rows * 4 * cfg.hidden_size * (early * seq**2 + cfg.num_blocks * (seq + cfg.num_queries) ** 2)
-    estimate = compiled.step_flops(cfg, rows, SIZE)
+    estimate = rows * frame_flops(cfg, *SIZE)["total"]
     assert abs(estimate - (counted + attention)) <= 0.05 * (counted + attention)
 
 

@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from videomt_fast import ops
+from videomt_fast.model.cost import frame_flops
 from videomt_fast.runtime import plans
 from videomt_fast.runtime import tokens
 from videomt_fast.runtime.tokens import full_weights_token
@@ -89,29 +90,6 @@ class FrameStep(torch.nn.Module):
 
 
 FORMS = ("later", "first")  # the library of a later frame, and of a video's first frame
-
-
-def step_flops(config, rows: int, size: tuple[int, int]) -> float:
-    """Multiply-add FLOPs (x2) of one later frame: patch embedding, every layer (matrix products and
-    attention), the head."""
-    d, m = config.hidden_size, config.mlp_hidden_size
-    ph, pw = config.patch_hw
-    patches = (size[0] // ph) * (size[1] // pw)
-    seq = config.num_prefix_tokens + patches
-    q = config.num_queries
-    mlp = (3 if config.use_swiglu_ffn else 2) * d * m
-    per_token = 4 * d * d + mlp  # qkv, output projection, the MLP
-
-    def layer(n: int) -> float:
-        return 2 * n * per_token + 4 * n * n * d
-
-    early = config.num_hidden_layers - config.num_blocks
-    flops = 2 * patches * 3 * ph * pw * d + early * layer(seq) + config.num_blocks * layer(seq + q)
-    flops += 2 * q * d * d  # query update
-    grid_pixels = patches * 4 ** config.num_upscale_blocks
-    flops += 2 * q * d * (3 * d + config.num_labels + 1) + 2 * q * d * grid_pixels  # mask head, classes, masks
-    flops += sum(2 * patches * 4 ** (i + 1) * d * (d + 9) for i in range(config.num_upscale_blocks))  # upscale
-    return float(rows * flops)
 
 
 def host_model(model, plan: plans.Plan):
@@ -350,7 +328,8 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
     timed = _interleaved({"ops": run_ops, "host": run_small})
     ops_c.time_ms = round(timed["ops"], 4)
     host_share = min(1.0, timed["host"] / ops_c.time_ms)
-    arith_ms = step_flops(model.config, rows, size) / gemm_rate(model.config, rows, model.dtype) * 1e3
+    flops = rows * frame_flops(model.config, *size)["total"]
+    arith_ms = flops / gemm_rate(model.config, rows, model.dtype) * 1e3
     figures = (f"op plan step {ops_c.time_ms:.2f} ms, of which host time about {timed['host']:.2f} ms; "
                f"arithmetic about {arith_ms:.2f} ms at this CPU's matrix-product rate")
     plan.notes.append(f"{SITE}: {figures}")
