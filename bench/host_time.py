@@ -46,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median reported)")
     p.add_argument("--steps", type=int, default=20, help="frames per video, round and provider (at least 2)")
-    p.add_argument("--dtype", choices=("float32", "auto"), default="float32",
-                   help="the fast model's dtype: float32 (default, as transformers') or auto (optimize() decides: "
-                        "bf16 on a CPU with native bf16 when it passes the agreement gate and is faster)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "auto"), default="float32",
+                   help="the fast model's dtype: float32 (default, as transformers'), bfloat16, or auto (optimize() "
+                        "decides: bf16 on a CPU with native bf16 when it passes the agreement gate and is faster)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="the fast session's compiled frame step on a CPU (optimize(compile=...), default auto)")
     p.add_argument("--out", default=None, help="JSON path (default bench/results/host_time_<device>_<time>.json)")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     plain = videomt_fast.from_transformers(hf).eval().to(device)
     fast = videomt_fast.from_transformers(hf).eval().to(device)
     t0 = time.perf_counter()
-    fast.optimize(dtype=torch.float32 if args.dtype == "float32" else "auto", shapes=[(1, args.size, args.size)], compile=args.compile)
+    fast.optimize(dtype="auto" if args.dtype == "auto" else getattr(torch, args.dtype), shapes=[(1, args.size, args.size)], compile=args.compile)
     optimize_s = time.perf_counter() - t0
     frames = torch.randn(args.steps, 1, 3, args.size, args.size, device=device)
     sessions = {"plain": plain.new_session(), "fast": fast.new_session()}
