@@ -187,6 +187,20 @@ def _child(argv: list[str]) -> int:
 # a loaded library bound to a model
 
 
+def _direct_call(runner):
+    """``fn(list of input tensors) -> tuple of outputs`` for a loaded library: its runner without the
+    argument and result trees (which parse their specs from JSON on every call), where the outputs are a
+    flat tuple; else the runner itself."""
+    from torch.utils import _pytree as pytree
+
+    spec = pytree.treespec_loads(runner.loader.get_call_spec()[1])
+    leaves = list(range(spec.num_leaves))
+    if pytree.tree_unflatten(leaves, spec) != tuple(leaves):
+        return lambda inputs: tuple(runner(*inputs))
+    run = runner.loader.boxed_run
+    return lambda inputs: tuple(run(inputs))
+
+
 class CompiledStep:
     """The compiled :class:`FrameStep` libraries (first and later frame) bound to ``model``'s tensors.
     ``step(frames, prev)`` returns ``(masks, classes, sequence, queries)`` (``prev`` None: a first frame);
@@ -197,6 +211,7 @@ class CompiledStep:
         self.packages = dict(packages)
         self.shape = (rows, model.config.num_channels, *size)
         self._runners = {form: torch._inductor.aoti_load_package(path) for form, path in packages.items()}
+        self._calls = {form: _direct_call(runner) for form, runner in self._runners.items()}
         self._extra = dict(extra_constants or {})
         self.bind(model)
 
@@ -245,8 +260,8 @@ class CompiledStep:
         if frames.dtype != INPUT_DTYPE:
             frames = frames.to(INPUT_DTYPE)  # exact for float16/bfloat16; the library casts on, as the model does
         if prev is None:
-            return tuple(self._runners["first"](frames.contiguous()))
-        return tuple(self._runners["later"](frames.contiguous(), prev.contiguous()))
+            return self._calls["first"]([frames.contiguous()])
+        return self._calls["later"]([frames.contiguous(), prev.contiguous()])
 
 
 # --------------------------------------------------------------------------------------------
