@@ -2,8 +2,8 @@
 
 On a CPU a small model's frame is host-bound: a frame is some two hundred ATen calls, and each pays
 Python, argument parsing and dispatch, which can cost more than its arithmetic. This candidate exports
-the steady-state frame step of a VidEoMT session (embeddings, every layer, the final norm, the head; the
-queries carried in from the previous frame) with ``torch.export`` and compiles it ahead of time with
+the frame step of a VidEoMT session (embeddings, every layer, the final norm, the head; the queries
+carried in from the previous frame) with ``torch.export`` and compiles it ahead of time with
 AOTInductor into a shared library: one call per frame, fused elementwise kernels, no Python between ops.
 The library reads the model's own weight tensors (bound by address, not copied), so in-place updates
 (``load_state_dict``) are seen; tensors replaced since binding are bound again before the next frame
@@ -22,13 +22,13 @@ It is a site of the execution plan (``step.frame_step``; candidates ``ops``, the
    CPU's measured matrix-product rate).
 2. **Compiled within the budget**, in a child process killed when the plan's time budget runs out (a
    compiler that fails or hangs is excluded with its error; the session keeps the op plan).
-3. **Verified**: on a calibration frame its outputs (masks, classes, sequence, queries) are compared with
-   a float64 reference under the op rule (at most twice the op plan's own error plus a floor), and the
-   agreement gate against float32 is applied.
-4. **Timed** interleaved with the op plan's step; chosen when at least 5% faster.
+3. **Verified**: on two calibration frames (a first and a later one) both libraries' outputs (masks,
+   classes, sequence, queries) are compared with a float64 reference under the op rule (at most twice the
+   op plan's own error plus a floor), and the agreement gate against float32 is applied.
+4. **Timed** interleaved with the op plan's step (a later frame); chosen when at least 5% faster.
 
-The library is cached beside the plan (same key), so this happens once per machine,
-model config, dtype and shape. CPU only: on a GPU a session step is one CUDA-graph replay already.
+The libraries are cached beside the plan (same key), so this happens once per machine, model config,
+dtype and shape. CPU only: on a GPU a session step is one CUDA-graph replay already.
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ import torch
 
 from videomt_fast import ops
 from videomt_fast.model.cost import frame_flops
-from videomt_fast.runtime import plans
-from videomt_fast.runtime import tokens
+from videomt_fast.runtime import plans, tokens
 from videomt_fast.runtime.tokens import full_weights_token
 
 MODES = ("auto", "on", "off")
