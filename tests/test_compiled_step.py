@@ -145,7 +145,8 @@ def test_second_model_loads_the_cached_library(library, cache, monkeypatch):
     third, _ = _pair()
     third.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
     assert len(calls) == 2
-    assert any("not usable" in n for n in plans_of(third)[0].notes)
+    notes = plans_of(third)[0].notes
+    assert any("not usable" in n for n in notes) and sum("compiled in" in n for n in notes) == 1
 
 
 @pytest.mark.parametrize("fault", ["raises", "wrong", "nan"])
@@ -190,9 +191,16 @@ def test_a_failing_compiler_is_excluded_with_its_error(cache, monkeypatch):
 
 def test_a_compile_past_the_budget_is_killed(tmp_path):
     exported = tmp_path / "missing.pt2"  # the child would fail later; it is killed first
-    ok, error = compiled._compile_in_child([(str(exported), str(tmp_path / "out.pt2"))], 0.2)
+    jobs = [(str(exported), str(tmp_path / f"{form}.pt2")) for form in compiled.FORMS]
+    ok, error = compiled._compile_in_child(jobs, 0.2)
     assert not ok and error.startswith("budget:")
-    assert not (tmp_path / "out.pt2").exists()
+    assert not any((tmp_path / f"{form}.pt2").exists() for form in compiled.FORMS)
+
+
+def test_a_failing_compile_reports_the_compilers_error(tmp_path):
+    exported = tmp_path / "missing.pt2"
+    ok, error = compiled._compile_in_child([(str(exported), str(tmp_path / "out.pt2"))], 120)
+    assert not ok and error.startswith("the compiler failed (exit 1):") and "missing.pt2" in error
 
 
 def test_host_model_has_the_structure_and_little_arithmetic(library):

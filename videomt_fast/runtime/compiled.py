@@ -8,7 +8,7 @@ AOTInductor into a shared library: one call per frame, fused elementwise kernels
 The library reads the model's own weight tensors (bound by address, not copied), so in-place updates
 (``load_state_dict``) are seen; tensors replaced since binding are bound again before the next frame
 (:mod:`videomt_fast.runtime.tokens`). A video's first frame (from the learned queries) has a library of
-its own, compiled in the same job.
+its own, compiled alongside.
 
 It is a site of the execution plan (``step.frame_step``; candidates ``ops``, the op plan's frame, and
 ``aot-inductor``), decided like any other:
@@ -20,8 +20,9 @@ It is a site of the execution plan (``step.frame_step``; candidates ``ops``, the
    compiling can pay. ``on`` compiles regardless, ``off`` never (``VIDEOMT_FAST_COMPILE`` or
    ``optimize(compile=...)``). The plan notes both times and an estimate of the arithmetic (FLOPs at this
    CPU's measured matrix-product rate).
-2. **Compiled within the budget**, in a child process killed when the plan's time budget runs out (a
-   compiler that fails or hangs is excluded with its error; the session keeps the op plan).
+2. **Compiled within the budget**, in child processes (one per library, side by side) killed when the
+   plan's time budget runs out (a compiler that fails or hangs is excluded with its error; the session
+   keeps the op plan).
 3. **Verified**: on two calibration frames (a first and a later one) both libraries' outputs (masks,
    classes, sequence, queries) are compared with a float64 reference under the op rule (at most twice the
    op plan's own error plus a floor), and the agreement gate against float32 is applied.
@@ -137,33 +138,41 @@ def export_step(model, rows: int, size: tuple[int, int], first: bool = False):
 
 
 def _compile_in_child(jobs: list[tuple[str, str]], timeout_s: float) -> tuple[bool, str]:
-    """Compile ``(exported program file, library file)`` pairs with AOTInductor in a child process (its own
-    process group, killed at the deadline). Returns ``(ok, error)``."""
-    cmd = [sys.executable, "-m", "videomt_fast.runtime.compiled", "--threads", str(torch.get_num_threads())]
-    for exported, package in jobs:
-        cmd += ["--job", exported, package]
-    with tempfile.TemporaryFile(mode="w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
+    """Compile ``(exported program file, library file)`` pairs with AOTInductor, each in a child process of
+    its own, side by side (their own process groups, all killed at the deadline). Returns ``(ok, error)``."""
+    deadline = time.monotonic() + timeout_s
+    children = []
+    try:
+        for exported, package in jobs:
+            log = tempfile.TemporaryFile(mode="w+")
+            cmd = [sys.executable, "-m", "videomt_fast.runtime.compiled", "--threads", str(torch.get_num_threads()),
+                   "--job", exported, package]
+            children.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True), log))
+        for proc, log in children:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)  # the compiler's own workers too
-            except OSError:
-                pass
-            proc.wait()
-            return False, f"budget: the compile did not finish within the {timeout_s:.0f} s left of the plan's budget"
-        if rc != 0:
-            log.seek(0)
-            lines = [line for line in log.read().splitlines() if line.strip()]
-            last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
-            return False, f"the compiler failed (exit {rc}): {last.strip()[:300]}"
-    return True, ""
+                rc = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                return False, f"budget: the compile did not finish within the {timeout_s:.0f} s left of the plan's budget"
+            if rc != 0:
+                log.seek(0)
+                lines = [line for line in log.read().splitlines() if line.strip()]
+                last = next((line for line in reversed(lines) if "Error" in line), lines[-1] if lines else "")
+                return False, f"the compiler failed (exit {rc}): {last.strip()[:300]}"
+        return True, ""
+    finally:
+        for proc, log in children:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the compiler's own workers too
+                except OSError:
+                    pass
+                proc.wait()
+            log.close()
 
 
 def _child(argv: list[str]) -> int:
     """``python -m videomt_fast.runtime.compiled --threads N --job EXPORTED LIBRARY [--job ...]``: compile
-    exported steps (one process: the second reuses the first's kernels)."""
+    exported steps."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m videomt_fast.runtime.compiled")
@@ -323,6 +332,7 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
     comp = plans.Candidate(name=NAME, status="excluded")
     site.candidates = [ops_c, comp]
     plan.sites[SITE] = site
+    plan.notes[:] = [n for n in plan.notes if not n.startswith(f"{SITE}:")]  # of an earlier decision
     plan.__dict__["_step"] = None
     grid = model.grid_for(*size)
     first, later, prev = _calibration_frames(model, rows, size)
@@ -467,14 +477,17 @@ def step_for(model, plan: plans.Plan, mode: str | None = None, budget_s: float =
     site = plan.sites.get(SITE)
     retry = site is not None and mode == "on" and site.chosen != NAME and any(
         c.name == NAME and c.reason.startswith("auto:") for c in site.candidates)
+    unusable = None
     if site is not None and not retry:
         try:
             plan.__dict__["_step"] = attach(model, plan)
             return plan.__dict__["_step"]
         except Exception as exc:  # the cached library is gone or broken: decide again
-            plan.notes.append(f"{SITE}: cached library not usable ({type(exc).__name__}: "
-                              f"{plans._first_line(exc)}); compiled again")
+            unusable = f"{type(exc).__name__}: {plans._first_line(exc)}"
     consider(model, plan, mode=mode, budget_s=budget_s)
+    if unusable:
+        plan.notes.append(f"{SITE}: the cached library was not usable ({unusable}); decided again")
+        _finish(plan, plan.sites[SITE])
     return plan.__dict__.get("_step")
 
 
