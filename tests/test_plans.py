@@ -49,7 +49,32 @@ def no_dispatch(*args, **kwargs):
     raise AssertionError("per-call dispatch ran on a planned path")
 
 
+class _NoReads(dict):
+    """An environment that fails on any read: a planned frame must not look at it."""
+
+    def _fail(self, *args, **kwargs):
+        raise AssertionError(f"environment read on a planned frame: {args[:1]}")
+
+    __getitem__ = get = __contains__ = _fail
+
+
 # ------------------------------------------------------------------ building
+
+
+def test_a_planned_frame_reads_no_environment(model, monkeypatch):
+    import os
+
+    model.optimize(dtype=torch.float32)
+    x = video(1, 3)
+    with torch.no_grad():
+        session = model.new_session()
+        session.step(x[:, 0])  # builds the plan of this shape (the switches are read here)
+        want = model(pixel_values_videos=x)  # and the clip forward's plans
+        monkeypatch.setattr(os, "environ", _NoReads(os.environ))
+        for t in range(1, 3):
+            session.step(x[:, t])
+        got = model(pixel_values_videos=x)
+    assert torch.equal(got.masks_queries_logits, want.masks_queries_logits)
 
 
 def test_cpu_plan_covers_every_site_and_runs_without_dispatch(model, monkeypatch):

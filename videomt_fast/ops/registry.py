@@ -143,6 +143,16 @@ def exclude(name: str, backend: str, why: str) -> None:
     _EXCLUDED[(name, backend)] = why
 
 
+def exclusion_count() -> int:
+    """How many (op, backend) pairs are excluded in this process (exclusions are only ever added)."""
+    return len(_EXCLUDED)
+
+
+def forced_override() -> str | None:
+    """The backend a :func:`use_backend` context forces in this thread (None outside one); no environment read."""
+    return getattr(_forced, "value", None)
+
+
 def exclusions() -> dict[str, str]:
     """``{"op/backend": why}`` for every implementation excluded in this process."""
     return {f"{op}/{backend}": why for (op, backend), why in _EXCLUDED.items()}

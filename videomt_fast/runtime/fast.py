@@ -39,6 +39,7 @@ from videomt_fast.model.modeling import (
     VideomtForUniversalSegmentation,
     VideomtForUniversalSegmentationOutput,
 )
+from videomt_fast.ops import registry
 from videomt_fast.runtime import compiled, plans
 from videomt_fast.runtime.tokens import full_weights_token, weights_token
 from videomt_fast.runtime.session import VideomtSession, check_step_frames
@@ -166,10 +167,11 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
         if report["dtype"] == "bfloat16":
             _cast(model, torch.bfloat16)
             settings.dtype = model.dtype
-    # per frame: a dict lookup; which layers are masked (EoMT's probabilities as last read by the forward's
-    # input check) and the switches in force are part of the key
+    # per frame: a dict lookup, no environment read; which layers are masked (EoMT's probabilities as last
+    # read by the forward's input check), a use_backend() in force and the exclusions so far are part of the
+    # key (environment switches are read when a plan is built: optimize(shapes=...) or a shape's first call)
     probs = tuple(model.__dict__.get("_mask_probs_value") or ())
-    key = (rows, tuple(size), stages, model.dtype, probs, repr(plans.switch_state()))
+    key = (rows, tuple(size), stages, model.dtype, probs, registry.forced_override(), registry.exclusion_count())
     cache = model.__dict__.setdefault("_plans", {})
     plan = cache.get(key)
     if plan is None:
