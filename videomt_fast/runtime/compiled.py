@@ -471,7 +471,8 @@ def step_for(model, plan: plans.Plan, mode: str | None = None, budget_s: float =
     if held is not _UNDECIDED:
         return held
     mode = compile_mode(mode)
-    if mode == "off" or model.device.type != "cpu" or plan.mode == "static" or not hasattr(model, "query_updater"):
+    if (mode == "off" or model.device.type != "cpu" or plan.mode == "static" or not plan.key
+            or not hasattr(model, "query_updater")):  # a plan outside the cache (no key) has no library files
         plan.__dict__["_step"] = None
         return None
     site = plan.sites.get(SITE)
