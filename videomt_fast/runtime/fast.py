@@ -12,6 +12,8 @@
   per input shape), the clip forward replays its per-frame query layers and head
   (:class:`GraphedQueryStep`), and EoMT's plain ``model(pixel_values=...)`` replays one graph per input
   shape (:class:`GraphedPredictor`);
+* on a CPU, a VidEoMT session's frame may run as one call into a library compiled ahead of time, where
+  the frame is host-bound and the library verifies and is faster (:mod:`videomt_fast.runtime.compiled`);
 * the NaN/inf scan of inputs is off (it costs a reduction and a host sync per call, which keeps the CPU
   from running ahead of the GPU); ``optimize(check_finite=True)`` keeps it.
 
