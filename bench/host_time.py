@@ -27,15 +27,6 @@ import sys
 import time
 
 
-def _step_site(model) -> str:
-    """What the fast session's later frames ran: the compiled step or the plan's ops."""
-    from videomt_fast.runtime import compiled
-    from videomt_fast.runtime.fast import plans_of
-
-    sites = [p.sites.get(compiled.SITE) for p in plans_of(model)]
-    return next((s.chosen for s in sites if s is not None), "ops")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None)
@@ -60,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     import videomt_fast
-    from videomt_fast.runtime.fast import plans_of
+    from videomt_fast.runtime.fast import plans_of, session_step_kind
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -142,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
         "torch": torch.__version__, "transformers": transformers.__version__, "videomt_fast": videomt_fast.__version__,
         "threads": args.threads, "config": cfg, "compile": args.compile, "fast_dtype": str(fast.dtype), "optimize_s": round(optimize_s, 2),
-        "fast_step": _step_site(fast), "frame": [args.size, args.size], "steps": args.steps,
+        "fast_step": session_step_kind(fast), "frame": [args.size, args.size], "steps": args.steps,
         "repeats": args.repeats, "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "host_ms_per_frame": {n: {"median": med[n], "min": min(v), "max": max(v)} for n, v in host.items()},
         "total_ms_per_frame": {n: statistics.median(v) for n, v in total.items()},

@@ -89,20 +89,6 @@ def build_model(args: argparse.Namespace):
     return model.eval(), []
 
 
-def _session_step(model) -> str:
-    """What the timed session steps ran: a CUDA-graph replay, the compiled frame step, or the plan's ops
-    (the stages above always run op by op)."""
-    from videomt_fast.runtime import compiled
-    from videomt_fast.runtime.fast import graphs_enabled, plans_of
-
-    if getattr(model, "fast_settings", None) is None:
-        return "ops (unplanned)"
-    if graphs_enabled(model):
-        return "cuda graph"
-    sites = [p.sites.get(compiled.SITE) for p in plans_of(model)]
-    return "compiled frame step (aot-inductor)" if any(s and s.chosen == compiled.NAME for s in sites) else "ops"
-
-
 def _plan_json(model) -> list[dict] | None:
     """The execution plans the profiled model ran (None for the reference provider)."""
     from videomt_fast.runtime.fast import plans_of
@@ -197,6 +183,7 @@ def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     from videomt_fast import ops
+    from videomt_fast.runtime.fast import session_step_kind
 
     device = args.device
     if args.threads:
@@ -265,7 +252,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "stages": stages,
         "plan": _plan_json(model),
         "sum_of_stages_ms": total,
-        "session_step": _session_step(model),
+        "session_step": session_step_kind(model),
         "session_step_ms_median": percentile(step_ms, 50),
         "session_step_ms_p90": percentile(step_ms, 90),
         "gflop_per_frame": {k: v / 1e9 for k, v in flops.items()},

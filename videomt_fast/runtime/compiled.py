@@ -125,16 +125,11 @@ def export_step(model, rows: int, size: tuple[int, int], first: bool = False):
     """``torch.export`` of :class:`FrameStep` on the reference ops (what the op plan runs on a CPU)."""
     step = FrameStep(model, size, first)
     cfg = model.config
-    previous = [(module, module.impl) for _, module in plans.op_sites(model)]
-    try:
+    with plans.tables_restored(model), torch.inference_mode(False), torch.no_grad(), ops.use_backend("reference"):
         plans.apply(model, None)
-        with torch.inference_mode(False), torch.no_grad(), ops.use_backend("reference"):
-            frames = torch.zeros(rows, cfg.num_channels, *size, dtype=INPUT_DTYPE, device=model.device)
-            prev = torch.zeros(rows, cfg.num_queries, cfg.hidden_size, dtype=model.dtype, device=model.device)
-            return torch.export.export(step, (frames,) if first else (frames, prev), strict=False)
-    finally:
-        for module, table in previous:
-            module.impl = table
+        frames = torch.zeros(rows, cfg.num_channels, *size, dtype=INPUT_DTYPE, device=model.device)
+        prev = torch.zeros(rows, cfg.num_queries, cfg.hidden_size, dtype=model.dtype, device=model.device)
+        return torch.export.export(step, (frames,) if first else (frames, prev), strict=False)
 
 
 def _compile_in_child(jobs: list[tuple[str, str]], timeout_s: float) -> tuple[bool, str]:

@@ -228,6 +228,17 @@ def compiled_step(model, plan: plans.Plan):
     return compiled.step_for(model, plan, mode=settings.compile, budget_s=settings.budget_s)
 
 
+def session_step_kind(model) -> str:
+    """What a session step of ``model`` runs: ``"cuda graph"``, the compiled frame step (``"aot-inductor"``),
+    the plan's ``"ops"``, or ``"ops (unplanned)"`` before :func:`optimize`."""
+    if getattr(model, "fast_settings", None) is None:
+        return "ops (unplanned)"
+    if graphs_enabled(model):
+        return "cuda graph"
+    sites = [p.sites.get(compiled.SITE) for p in plans_of(model)]
+    return compiled.NAME if any(s is not None and s.chosen == compiled.NAME for s in sites) else "ops"
+
+
 def _encoder(model, frames: torch.Tensor):
     """The clip forward's batched early layers: the plan of that many frames (early stage only)."""
     if torch.compiler.is_compiling():

@@ -37,6 +37,7 @@ dispatcher's static priority, resolved once).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -62,6 +63,7 @@ GATE_MASKS = 0.995  # binarized masks: share of pixels equal to the float32 refe
 GATE_CLASSES = 0.99  # class argmax: share of queries equal to the float32 reference
 MODES = ("auto", "recalibrate", "static")
 STAGES = ("early", "query", "masked", "head", "frame", "post", "step")
+UNTABLED = ("post", "step")  # sites the plan decides but does not install as op tables (processors, sessions)
 PLAN_VERSION = 1
 
 
@@ -141,7 +143,7 @@ class Plan:
         """Look up the chosen callables (raises KeyError when one is no longer available)."""
         by_stage: dict[str, dict[str, Callable]] = {}
         for site in self.sites.values():
-            if site.stage in ("post", "step"):  # processors dispatch post per call; a session runs the step
+            if site.stage in UNTABLED:  # processors dispatch post per call; a session runs the step
                 continue
             found = ops.candidates(site.op, self.device)
             if site.chosen not in found:
@@ -208,6 +210,17 @@ def apply(model, plan: Plan | None) -> None:
     """Install ``plan``'s tables in the model's op sites (``None``: per-call dispatch everywhere)."""
     for stage, module in op_sites(model):
         module.impl = ops.DISPATCH if plan is None else plan.table(stage)
+
+
+@contextlib.contextmanager
+def tables_restored(model) -> Iterator[None]:
+    """Whatever op tables the body installs, the model's own are back afterwards."""
+    previous = [(module, module.impl) for _, module in op_sites(model)]
+    try:
+        yield
+    finally:
+        for module, table in previous:
+            module.impl = table
 
 
 def apply_stage(model, plan: Plan, stage: str) -> None:
@@ -282,15 +295,10 @@ def run_frames(model, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def record_calls(model, rows: int, size: tuple[int, int], stages: list[str]) -> dict:
     """``{(stage, op): {form: args}}`` of a two-frame run (VidEoMT's later frames take another form)."""
     calls: dict = {}
-    previous = [(module, module.impl) for _, module in op_sites(model)]
-    try:
+    with tables_restored(model), torch.no_grad():
         for stage, module in op_sites(model):
             module.impl = _Recorder(stage, calls)
-        with torch.no_grad():
-            run_frames(model, calibration_input(model, rows, size, frames=2, seed=1))
-    finally:
-        for module, table in previous:
-            module.impl = table
+        run_frames(model, calibration_input(model, rows, size, frames=2, seed=1))
     return {k: v for k, v in calls.items() if k[0] in stages}
 
 
@@ -550,14 +558,9 @@ def gate_passes(result: dict[str, float]) -> bool:
 
 
 def _gate(model, plan: Plan, pixels: torch.Tensor, reference: tuple) -> dict[str, float]:
-    previous = [(module, module.impl) for _, module in op_sites(model)]
-    try:
+    with tables_restored(model), torch.no_grad():
         apply(model, plan.resolve())
-        with torch.no_grad():
-            masks, classes = run_frames(model, pixels.to(model.dtype))
-    finally:
-        for module, table in previous:
-            module.impl = table
+        masks, classes = run_frames(model, pixels.to(model.dtype))
     return agreement(masks, classes, *reference)
 
 
@@ -620,7 +623,7 @@ def run_gate(model, plan: Plan) -> None:
         chosen = next(c for c in site.candidates if c.name == site.chosen)
         return (chosen.error or 0.0) / (chosen.tolerance or 1.0)
 
-    pending = sorted((s for s in plan.sites.values() if s.chosen != "reference" and s.stage not in ("post", "step")),
+    pending = sorted((s for s in plan.sites.values() if s.chosen != "reference" and s.stage not in UNTABLED),
                      key=badness, reverse=True)
     while not gate_passes(result) and pending:
         site = pending.pop(0)
