@@ -88,6 +88,7 @@ setup(
         "numpy",
         "safetensors",
         "huggingface_hub",
+        "tqdm",  # the planning progress line
     ],
     extras_require={
         "video": ["av", "pycocotools", "tqdm"],

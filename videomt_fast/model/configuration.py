@@ -119,6 +119,15 @@ class _SegmenterConfig:
     label2id: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json fields, kept for round trips
 
+    # fields that do not change what inference computes: training losses and regularization, output
+    # switches, label names, other JSON fields (read by :meth:`structure`)
+    NON_STRUCTURAL: ClassVar[frozenset[str]] = frozenset({
+        "hidden_dropout_prob", "initializer_range", "drop_path_rate", "attention_dropout", "no_object_weight",
+        "class_weight", "mask_weight", "dice_weight", "train_num_points", "oversample_ratio",
+        "importance_sample_ratio", "return_dict", "output_hidden_states", "output_attentions", "id2label",
+        "label2id", "extra",
+    })
+
     def __init__(self, **kwargs: Any) -> None:
         names = {f.name for f in fields(self)}
         for f in fields(self):
@@ -209,6 +218,14 @@ class _SegmenterConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid {name}: {message}")
+
+    def structure(self) -> dict[str, Any]:
+        """What decides the computation and its shapes: every field except :attr:`NON_STRUCTURAL`, plus the
+        model type and the label count. Equal for a config and its round trip through transformers (which
+        adds fields of its own), so it keys what is measured per model shape (execution plans)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.NON_STRUCTURAL}
+        out.update(model_type=self.model_type, num_labels=len(self.id2label))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     # ------------------------------------------------------------------ derived sizes
     @property

@@ -715,6 +715,7 @@ class _Segmenter(nn.Module):
         budget_s: float = 60.0,
         shapes: Any = (),
         compile: str | None = None,
+        verbose: bool | None = None,
     ) -> "_Segmenter":
         """Set the model up for its device, in place; returns it (:mod:`videomt_fast.runtime.fast`).
 
@@ -724,7 +725,11 @@ class _Segmenter(nn.Module):
         Per input shape an execution plan picks, per op site, the implementation verified against the
         float64 reference and timed fastest here (``plan``: ``"auto"`` uses the on-disk cache,
         ``"recalibrate"`` measures again, ``"static"`` skips calibration; default ``$VIDEOMT_FAST_PLAN``
-        or ``"auto"``; ``budget_s`` bounds each calibration). On CUDA, :meth:`new_session`, the clip
+        or ``"auto"``). ``budget_s`` is a wall-clock promise per input shape: everything planning a shape
+        spends (the CPU dtype decision, recording, verification, timing, the gate, a compiled step) fits in
+        it, and what did not fit is left unmeasured and named in the plan's notes. A wait of more than a
+        couple of seconds shows one progress line on stderr when it is a terminal (``verbose=True``: always;
+        ``False``: never). On CUDA, :meth:`new_session`, the clip
         forward's per-frame steps and EoMT's forward replay CUDA graphs (``cuda_graphs=False``: eager).
         The NaN/inf scan of inputs is off on the fast path (a reduction and a host sync per call);
         ``check_finite=True`` keeps it. ``clone_outputs=False`` lets graphed calls return their static
@@ -737,7 +742,7 @@ class _Segmenter(nn.Module):
         self._refresh_mask_probs()
         return runtime().optimize(self, dtype=dtype, cuda_graphs=cuda_graphs, check_finite=check_finite,
                                   clone_outputs=clone_outputs, plan=plan, budget_s=budget_s, shapes=shapes,
-                                  compile=compile)
+                                  compile=compile, verbose=verbose)
 
     def backend_report(self) -> dict[str, dict[str, Any]]:
         """Which backend each op would use on this model's device, and why."""

@@ -57,6 +57,7 @@ SITE = "step.frame_step"
 HOST_SHARE = 0.25  # auto: compile when at least this share of the op plan's step is host time
 MIN_GAIN = 0.95  # chosen when its step takes at most this share of the op plan's
 MIN_COMPILE_S = 5.0  # less budget left than this: not attempted
+VERIFY_RESERVE_S = 3.0  # of the budget, kept for verifying and timing what was compiled
 UNREAD = {"model.embeddings.mask_token", "model.attn_mask_probs"}  # held by the model, never read by a frame
 INPUT_DTYPE = torch.float32  # frames enter the library in float32 (float16/bfloat16 frames convert exactly)
 
@@ -105,20 +106,6 @@ def host_model(model, plan: plans.Plan):
     for stage, module in plans.op_sites(small):
         module.impl = plan.table(stage)
     return small, cfg.patch_hw
-
-
-def gemm_rate(config, rows: int, dtype: torch.dtype, repeats: int = 5) -> float:
-    """FLOP/s of this CPU on the model's largest per-frame matrix product (a query layer's fc1)."""
-    n = rows * (config.num_queries + config.num_prefix_tokens + 16)
-    a = torch.randn(n, config.hidden_size).to(dtype)
-    w = torch.randn(config.mlp_hidden_size, config.hidden_size).to(dtype)
-    torch.nn.functional.linear(a, w)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(a, w)
-        times.append(time.perf_counter() - t0)
-    return 2 * n * config.hidden_size * config.mlp_hidden_size / max(sorted(times)[repeats // 2], 1e-9)
 
 
 def export_step(model, rows: int, size: tuple[int, int], first: bool = False):
@@ -300,12 +287,18 @@ def _truth(model, first: torch.Tensor, later: torch.Tensor, prev: torch.Tensor, 
     return out[torch.float64], out[torch.float32]
 
 
-def _interleaved(fns: dict[str, Any], rounds: int = 7) -> dict[str, float]:
-    """Median milliseconds per call of each function, alternated call by call."""
+def _interleaved(fns: dict[str, Any], rounds: int = 7, budget: plans.Budget | None = None,
+                 share: float = 0.5) -> dict[str, float]:
+    """Median milliseconds per call of each function, alternated call by call: ``rounds`` rounds, fewer
+    (at least two) when they would take more than ``share`` of what is left of ``budget``."""
     times: dict[str, list[float]] = {k: [] for k in fns}
+    stop = None if budget is None else budget.elapsed() + share * max(0.0, budget.left())
     for fn in fns.values():
         fn()
-    for _ in range(rounds):
+    for r in range(rounds):
+        if r >= 2 and stop is not None and budget.elapsed() > stop:
+            budget.skip(f"the compiled step's timing ({r} of {rounds} rounds)")
+            break
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
@@ -313,13 +306,14 @@ def _interleaved(fns: dict[str, Any], rounds: int = 7) -> dict[str, float]:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: float = 60.0,
+def consider(model, plan: plans.Plan, *, mode: str | None = None, budget: plans.Budget | float | None = None,
              compiler=None) -> plans.Site:
-    """Decide the ``step.frame_step`` site of ``plan`` (a VidEoMT session plan on a CPU): measure, compile,
-    verify, time; record it in the plan (and the plan cache). ``compiler(jobs, timeout_s) -> (ok, error)``
-    replaces the child-process compile (tests)."""
+    """Decide the ``step.frame_step`` site of ``plan`` (a VidEoMT session plan on a CPU) within ``budget``
+    (seconds or a :class:`~videomt_fast.runtime.plans.Budget`): measure, compile, verify, time; record it in
+    the plan (and the plan cache). ``compiler(jobs, timeout_s) -> (ok, error)`` replaces the child-process
+    compile (tests)."""
     mode = compile_mode(mode)
-    start = time.perf_counter()
+    budget = plans.as_budget(budget)
     rows, size = plan.rows, tuple(plan.size)
     site = plans.Site(stage="step", op="frame_step", shapes=[[rows, model.config.num_channels, *size]],
                       chosen="ops")
@@ -330,12 +324,7 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
     plan.notes[:] = [n for n in plan.notes if not n.startswith(f"{SITE}:")]  # of an earlier decision
     plan.__dict__["_step"] = None
     grid = model.grid_for(*size)
-    first, later, prev = _calibration_frames(model, rows, size)
-
-    def run_ops(frames=later, queries=prev):
-        with torch.no_grad():
-            return model.query_step(model.encode_frames(frames), queries, grid)
-
+    budget.phase("compiled frame step: host time")
     small, small_size = host_model(model, plan)
     small_frame = torch.randn(rows, small.config.num_channels, *small_size)
     small_prev = torch.randn(rows, 1, small.config.hidden_size).to(small.dtype)
@@ -344,30 +333,51 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
         with torch.no_grad():
             return small.query_step(small.encode_frames(small_frame), small_prev, (1, 1))
 
-    timed = _interleaved({"ops": run_ops, "host": run_small})
+    host_ms = _interleaved({"host": run_small})["host"]
+    flops = rows * frame_flops(model.config, *size)["total"]
+    tokens = rows * (model.config.num_queries + model.config.num_prefix_tokens + 16)
+    arith_ms = flops / plans.gemm_rate(model.config, tokens, model.dtype) * 1e3
+    if mode == "auto" and host_ms < (HOST_SHARE / 4) * arith_ms:
+        # clearly not host-bound: the op step (arithmetic-bound, possibly seconds) is not timed to find that out
+        comp.reason = (f"auto: not host-bound (host time {host_ms:.2f} ms per frame, measured; the arithmetic is "
+                       f"estimated at {arith_ms:.0f} ms from the FLOPs at this CPU's matrix-product rate); "
+                       "VIDEOMT_FAST_COMPILE=on compiles anyway")
+        plan.notes.append(f"{SITE}: host time {host_ms:.2f} ms per frame (measured); arithmetic about "
+                          f"{arith_ms:.0f} ms (estimated, not measured)")
+        return _finish(plan, site)
+    first, later, prev = _calibration_frames(model, rows, size)
+
+    def run_ops(frames=later, queries=prev):
+        with torch.no_grad():
+            return model.query_step(model.encode_frames(frames), queries, grid)
+
+    budget.phase("compiled frame step: timing the op plan's step")
+    timed = _interleaved({"ops": run_ops, "host": run_small}, budget=budget, share=0.25)
     ops_c.time_ms = round(timed["ops"], 4)
     host_share = min(1.0, timed["host"] / ops_c.time_ms)
-    flops = rows * frame_flops(model.config, *size)["total"]
-    arith_ms = flops / gemm_rate(model.config, rows, model.dtype) * 1e3
-    figures = (f"op plan step {ops_c.time_ms:.2f} ms, of which host time about {timed['host']:.2f} ms; "
-               f"arithmetic about {arith_ms:.2f} ms at this CPU's matrix-product rate")
-    plan.notes.append(f"{SITE}: {figures}")
+    plan.notes.append(f"{SITE}: op plan step {ops_c.time_ms:.2f} ms, of which host time about {timed['host']:.2f} ms "
+                      "(both measured)")
     if mode == "auto" and host_share < HOST_SHARE:
         comp.reason = (f"auto: not host-bound (host time {host_share:.0%} of the op plan's step, under "
                        f"{HOST_SHARE:.0%}); VIDEOMT_FAST_COMPILE=on compiles anyway")
         return _finish(plan, site)
     packages = package_paths(plan)
     extra_path = packages["later"].with_suffix(".constants.pt")
+    budget.phase("compiled frame step: exporting")
     try:
         exported = {form: export_step(model, rows, size, first=form == "first") for form in FORMS}
     except Exception as exc:
         comp.reason = f"export raised {type(exc).__name__}: {plans._first_line(exc)}"
         return _finish(plan, site)
     extra = {k: v for ep in exported.values() for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
-    left = budget_s - (time.perf_counter() - start) - (plan.calibration_s if plan.mode == "calibrated" else 0.0)
+    # verification and timing follow the compile: keep a little for them
+    left = budget.left() - VERIFY_RESERVE_S
     if left < MIN_COMPILE_S:
-        comp.reason = f"budget: {max(0.0, left):.0f} s of the plan's {budget_s:.0f} s budget left, too little to compile"
+        comp.reason = (f"budget: {max(0.0, budget.left()):.0f} s of the {budget.seconds:.0f} s planning budget "
+                       "left, too little to compile")
+        budget.skip("the compiled frame step (not compiled)")
         return _finish(plan, site)
+    budget.phase("compiled frame step: compiling")
     compile_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="videomt_fast-step-") as tmp:
         targets = dict(packages)
@@ -385,6 +395,8 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
         compiled_s = time.perf_counter() - compile_start
         if not ok:
             comp.reason = error
+            if error.startswith("budget"):
+                budget.skip("the compiled frame step (its compile was stopped)")
             return _finish(plan, site)
         if extra:
             torch.save(extra, extra_path)
@@ -394,11 +406,12 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget_s: floa
             comp.reason = f"the compiled library failed to load: {type(exc).__name__}: {plans._first_line(exc)}"
             return _finish(plan, site)
     plan.notes.append(f"{SITE}: {NAME} compiled in {compiled_s:.1f} s (first-frame and later-frame libraries)")
-    _verify_and_time(model, plan, site, step, (first, later, prev), run_ops, size)
+    budget.phase("compiled frame step: verifying and timing")
+    _verify_and_time(model, plan, site, step, (first, later, prev), run_ops, size, budget)
     return _finish(plan, site)
 
 
-def _verify_and_time(model, plan, site, step, calibration, run_ops, size) -> None:
+def _verify_and_time(model, plan, site, step, calibration, run_ops, size, budget=None) -> None:
     """Both forms against float64 (the op rule) and float32 (the gate); then the later frame timed."""
     ops_c, comp = site.candidates
     first, later, prev = calibration
@@ -423,14 +436,13 @@ def _verify_and_time(model, plan, site, step, calibration, run_ops, size) -> Non
         comp.reason = (f"{worst} frame: NaN or inf in the output" if math.isnan(comp.error)
                        else f"{worst} frame: error {comp.error:.2e} over tolerance {comp.tolerance:.2e}")
         return
-    for form in FORMS:
-        agree = plans.agreement(outs[form][0], outs[form][1], f32[form][0], f32[form][1])
-        if not plans.gate_passes(agree):
-            comp.reason = (f"{form} frame: misses the agreement gate (masks {agree['masks']:.4f}, "
-                           f"classes {agree['classes']:.4f})")
+    for form, (frames, queries) in inputs.items():
+        verdict = plans.judge(outs[form][:2], f32[form][:2], model.dtype, peer=run_ops(frames, queries)[:2])
+        if not verdict["passed"]:
+            comp.reason = f"{form} frame: misses the agreement gate ({plans.gate_summary(verdict)})"
             return
     with torch.inference_mode():
-        timed = _interleaved({"ops": run_ops, NAME: lambda: step(later, prev)})
+        timed = _interleaved({"ops": run_ops, NAME: lambda: step(later, prev)}, budget=budget)
     ops_c.time_ms, comp.time_ms = round(timed["ops"], 4), round(timed[NAME], 4)
     comp.status = "ok"
     if comp.time_ms <= MIN_GAIN * ops_c.time_ms:
@@ -457,13 +469,14 @@ def attach(model, plan: plans.Plan) -> CompiledStep | None:
                         tuple(plan.size), extra)
 
 
-_UNDECIDED = object()
+UNDECIDED = object()
 
 
-def step_for(model, plan: plans.Plan, mode: str | None = None, budget_s: float = 60.0) -> CompiledStep | None:
+def step_for(model, plan: plans.Plan, mode: str | None = None,
+             budget: plans.Budget | float | None = None) -> CompiledStep | None:
     """The compiled step a session runs for ``plan`` (None: the op plan), deciding the site on first use."""
-    held = plan.__dict__.get("_step", _UNDECIDED)
-    if held is not _UNDECIDED:
+    held = plan.__dict__.get("_step", UNDECIDED)
+    if held is not UNDECIDED:
         return held
     mode = compile_mode(mode)
     if (mode == "off" or model.device.type != "cpu" or plan.mode == "static" or not plan.key
@@ -480,7 +493,7 @@ def step_for(model, plan: plans.Plan, mode: str | None = None, budget_s: float =
             return plan.__dict__["_step"]
         except Exception as exc:  # the cached library is gone or broken: decide again
             unusable = f"{type(exc).__name__}: {plans._first_line(exc)}"
-    consider(model, plan, mode=mode, budget_s=budget_s)
+    consider(model, plan, mode=mode, budget=budget)
     if unusable:
         plan.notes.append(f"{SITE}: the cached library was not usable ({unusable}); decided again")
         _finish(plan, plan.sites[SITE])

@@ -43,6 +43,7 @@ from videomt_fast.model.modeling import (
 )
 from videomt_fast.ops import registry
 from videomt_fast.runtime import compiled, plans
+from videomt_fast.runtime.cudagraph import capture_graph
 from videomt_fast.runtime.tokens import full_weights_token, weights_token
 from videomt_fast.runtime.session import VideomtSession, check_step_frames
 
@@ -53,7 +54,8 @@ class FastSettings:
     cuda_graphs: bool = True
     clone_outputs: bool = True  # graph outputs live in static buffers overwritten by the next step
     plan: str | None = None  # "auto" | "recalibrate" | "static" (None: $VIDEOMT_FAST_PLAN, else "auto")
-    budget_s: float = 60.0  # calibration time budget per plan
+    budget_s: float = 60.0  # wall-clock budget of planning one input shape (dtype, plan, compiled step)
+    verbose: bool | None = None  # progress line: None when stderr is a terminal, True always, False never
     compile: str | None = None  # "auto" | "on" | "off" (None: $VIDEOMT_FAST_COMPILE, else "auto")
     cpu_dtype: str | None = None  # "pending" until a CPU model's dtype was decided at its first shape
     cpu_dtype_report: dict = field(default_factory=dict)
@@ -78,7 +80,7 @@ def _cast(model, dtype: torch.dtype) -> None:
 
 def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool = True,
              check_finite: bool | None = None, clone_outputs: bool = True, plan: str | None = None,
-             budget_s: float = 60.0, shapes=(), compile: str | None = None):
+             budget_s: float = 60.0, shapes=(), compile: str | None = None, verbose: bool | None = None):
     """Set ``model`` up for speed in place and return it (see :meth:`_Segmenter.optimize`)."""
     shapes = [_shape(s) for s in shapes]
     cpu_auto = False
@@ -91,6 +93,8 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}")
         _cast(model, dtype)
+    if not (isinstance(budget_s, (int, float)) and not isinstance(budget_s, bool) and budget_s > 0):
+        raise ValueError(f"budget_s must be a positive number of seconds, got {budget_s!r}")
     plans.plan_mode(plan)  # an unknown mode fails here, not at the first frame
     compiled.compile_mode(compile)
     model.check_finite = bool(check_finite) if check_finite is not None else False
@@ -99,7 +103,7 @@ def optimize(model, dtype: torch.dtype | str | None = "auto", cuda_graphs: bool 
 
         ops.preload_backends()  # import the kernels now, outside any traced or captured region
     model.fast_settings = FastSettings(dtype=model.dtype, cuda_graphs=cuda_graphs, clone_outputs=clone_outputs,
-                                       plan=plan, budget_s=budget_s, compile=compile,
+                                       plan=plan, budget_s=budget_s, compile=compile, verbose=verbose,
                                        cpu_dtype="pending" if cpu_auto and model.dtype == torch.float32 else None)
     for name in ("_plans", "_active", "_graphed_query_steps", "_predictor"):
         model.__dict__.pop(name, None)  # plans and graphs of the old weights / dtype
@@ -160,11 +164,14 @@ def graphs_enabled(model) -> bool:
 def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | None = None) -> plans.Plan:
     """The model's plan at ``rows`` frames of ``size`` under the current backend switches (built on first
     use: from the disk cache or calibrated). On a CPU with ``dtype="auto"`` the first call also decides
-    the dtype."""
+    the dtype. Everything the first use of a shape spends shares one budget (``optimize(budget_s=)``),
+    which the plan keeps for its compiled frame step."""
     settings = model.fast_settings
+    budget = None
     if settings.cpu_dtype == "pending":
         _check_shape(model, rows, tuple(size))
-        report = plans.cpu_dtype_decision(model, rows, size, settings.plan)
+        budget = _budget(model, rows, size)
+        report = plans.cpu_dtype_decision(model, rows, size, settings.plan, budget=budget)
         settings.cpu_dtype, settings.cpu_dtype_report = report["dtype"], report
         if report["dtype"] == "bfloat16":
             _cast(model, torch.bfloat16)
@@ -178,12 +185,25 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
     plan = cache.get(key)
     if plan is None:
         _check_shape(model, rows, tuple(size))
+        budget = budget or _budget(model, rows, size)
         report = settings.cpu_dtype_report
         notes = [f"cpu dtype: {report['reason']} ({_dtype_figures(report)})"] if report else []
         plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages or plans.stages_of(model)),
-                         budget_s=settings.budget_s, notes=notes)
+                         budget=budget, notes=notes)
+        plan.__dict__["_planning_s"] = budget.elapsed()  # what is left of the budget goes to a compiled step
         cache[key] = plan
+    if budget is not None:
+        budget.progress.close()
     return plan
+
+
+def _budget(model, rows: int, size: tuple[int, int], seconds: float | None = None) -> plans.Budget:
+    from videomt_fast.runtime.progress import PlanProgress
+
+    settings = model.fast_settings
+    progress = PlanProgress(f"videomt_fast: planning {rows}x{size[0]}x{size[1]} on {model.device.type}",
+                            settings.verbose)
+    return plans.Budget(settings.budget_s if seconds is None else seconds, progress=progress)
 
 
 def _dtype_figures(report: dict) -> str:
@@ -225,7 +245,14 @@ def compiled_step(model, plan: plans.Plan):
     """The compiled frame step a session of ``model`` runs under ``plan`` (None: the plan's ops), decided at
     first use (:mod:`videomt_fast.runtime.compiled`; CPU only)."""
     settings = model.fast_settings
-    return compiled.step_for(model, plan, mode=settings.compile, budget_s=settings.budget_s)
+    held = plan.__dict__.get("_step", compiled.UNDECIDED)
+    if held is not compiled.UNDECIDED:
+        return held
+    budget = _budget(model, plan.rows, tuple(plan.size), settings.budget_s - plan.__dict__.get("_planning_s", 0.0))
+    try:
+        return compiled.step_for(model, plan, mode=settings.compile, budget=budget)
+    finally:
+        budget.progress.close()
 
 
 def session_step_kind(model) -> str:
@@ -249,25 +276,6 @@ def _encoder(model, frames: torch.Tensor):
 
 # --------------------------------------------------------------------------------------------
 # what a graph baked in
-
-def capture_graph(fn, device: torch.device, pool=None):
-    """``(graph, outputs, pool)``: ``fn()`` run twice on a side stream of ``device`` (kernels compile, the
-    allocator and caches settle), then captured on that same stream into a CUDA graph drawing on ``pool``
-    (a new one when None), whatever device is current."""
-    with torch.cuda.device(device):
-        if pool is None:
-            pool = torch.cuda.graph_pool_handle()
-        stream = torch.cuda.Stream(device=device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream):
-            outputs = fn()
-    return graph, outputs, pool
-
 
 def _pinned_position_table(model, size: tuple[int, int]) -> torch.Tensor:
     """The position table a graph at this frame size reads: the graph owner keeps a reference, so the
