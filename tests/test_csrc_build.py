@@ -94,3 +94,30 @@ def test_package_imports_without_the_extension():
         "assert 'videomt_fast._C' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(CSRC.parent))
+
+
+def test_a_stale_build_lock_is_cleared_and_a_live_one_is_not_waited_on_forever(tmp_path, monkeypatch):
+    """torch's just-in-time builder waits on another build's lock file forever: a build killed while holding
+    it (a phase at its time limit) would hang every later load. A lock older than the longest build is
+    removed; a fresh one is waited on for a bounded time, then named in the error. Mutation caught: a load
+    that calls torch's builder directly (it never returns here)."""
+    import os
+    import time
+
+    build = tmp_path / "postprocess-0123"
+    build.mkdir()
+    lock = build / "lock"
+    lock.write_text("")
+    old = time.time() - _ext.LOCK_STALE_S - 5
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        _ext.wait_for_lock(build, timeout_s=0)
+    assert not lock.exists()
+    lock.write_text("")  # a live build's lock
+    with pytest.raises(RuntimeError, match="holds .*lock"):
+        _ext.wait_for_lock(build, timeout_s=0)
+    assert lock.exists()
+    monkeypatch.setenv("VIDEOMT_FAST_EXT_CACHE", str(tmp_path))
+    with pytest.warns(RuntimeWarning):
+        assert _ext.clear_locks() == [lock]  # the only builder on its machine clears whatever is there
+    assert not lock.exists()

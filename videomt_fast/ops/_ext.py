@@ -7,6 +7,11 @@ at package import: :mod:`videomt_fast.ops.cuda` calls :func:`load` from its guar
 
 Switches: ``VIDEOMT_FAST_NO_JIT=1`` skips the just-in-time build; ``VIDEOMT_FAST_EXT_CACHE`` sets the
 build folder (default ``~/.cache/videomt_fast``).
+
+torch's builder takes a lock file in the build folder and waits on another build's lock forever; a
+builder killed while holding it (a time limit, ``kill -9``) would leave every later load spinning. Here a
+load waits at most ``VIDEOMT_FAST_JIT_WAIT_S`` seconds (default 600) for another build, and removes a
+lock older than :data:`LOCK_STALE_S` (no build of these sources takes that long) with a warning.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import importlib
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -47,6 +53,46 @@ def _cache_dir(src: Path) -> Path:
     return root / f"postprocess-{digest.hexdigest()[:16]}"
 
 
+LOCK_STALE_S = 900.0  # a build lock older than this was left by a builder that is gone
+
+
+def clear_stale_lock(build: Path, max_age_s: float = LOCK_STALE_S) -> bool:
+    """Remove ``build/lock`` when it is at least ``max_age_s`` old (0: whatever its age, for a caller that
+    knows no build is running). Returns whether one was removed."""
+    lock = Path(build) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < max_age_s:
+        return False
+    lock.unlink(missing_ok=True)
+    warnings.warn(f"videomt_fast: removed a stale build lock {lock} ({age:.0f} s old)", RuntimeWarning, stacklevel=2)
+    return True
+
+
+def clear_locks() -> list[Path]:
+    """Remove every build lock under the build folder: for a caller that knows it is the only builder on its
+    machine (the GPU check), after an earlier run was killed mid-build."""
+    root = Path(os.environ.get("VIDEOMT_FAST_EXT_CACHE", Path.home() / ".cache" / "videomt_fast"))
+    removed = [lock for lock in root.glob("postprocess-*/lock") if clear_stale_lock(lock.parent, 0.0)]
+    return removed
+
+
+def wait_for_lock(build: Path, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Return once no other build holds ``build``'s lock (a stale one is removed); raise after
+    ``timeout_s`` seconds instead of waiting forever."""
+    lock = Path(build) / "lock"
+    deadline = time.monotonic() + timeout_s
+    while lock.exists():
+        if clear_stale_lock(build):
+            return
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"another build of the extension holds {lock} (waited {timeout_s:.0f} s); "
+                               "remove the file if no build is running")
+        time.sleep(poll_s)
+
+
 def _jit_build() -> ModuleType:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, load as load_extension
@@ -63,6 +109,7 @@ def _jit_build() -> ModuleType:
         raise RuntimeError("csrc sources not found next to the package")
     build = _cache_dir(src)
     build.mkdir(parents=True, exist_ok=True)
+    wait_for_lock(build, float(os.environ.get("VIDEOMT_FAST_JIT_WAIT_S", "600")))
     return load_extension(
         name="videomt_fast_C",
         sources=[str(src / name) for name in SOURCES],
