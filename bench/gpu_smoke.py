@@ -3,33 +3,36 @@
     python bench/gpu_smoke.py --out "$OUT"            # on a GPU machine (bench/gpu_check.sh runs this)
     python bench/gpu_smoke.py --dry --out /tmp/smoke  # on a CPU: tiny shapes, no timing (the CI test runs this)
 
-Phases, most important first; each runs in its own process under its own time limit, all of them
-within ``--deadline`` seconds (a phase is cut to the time left, or skipped):
+The headline comes first: FPS of ViT-S, ViT-B and ViT-L at 640x640, online and offline, videomt_fast
+``fast`` against transformers SDPA bf16 (and eager fp32, the agreement reference), then against
+``torch.compile`` of transformers; then the checks. Each phase runs in its own process under its own
+limit, all within ``--deadline`` seconds (a phase is cut to the time left, or skipped). The deadline is
+planned on the estimates in :data:`PHASES` (a fresh H100/H200, empty Triton, Inductor and plan caches);
+``tests/test_gpu_smoke.py`` checks that they fit it.
 
-* ``build`` (in the background from the start): the CUDA post-processing extension.
+* ``build`` (in the background from the start, at low priority and half the cores, so it does not slow
+  the timed phases' Python): the CUDA post-processing extension. Phases started before it finished never
+  build it themselves (``VIDEOMT_FAST_NO_JIT=1``); a lock left by an earlier killed run is cleared first.
 * ``env``: device, driver, versions.
-* ``ops``: every op at ViT-S and ViT-L shapes (640x640, batch 1) in the argument forms the model calls
-  it with (strided query rows, fused QKV, mask bits, both GEMM epilogues): the implementation the plan
-  assigns is a fast one and agrees with the float64 reference within twice PyTorch's own bf16 error
-  (fp32 inputs: relative error < 1e-5). Runs with ``VIDEOMT_FAST_CHECK_LAUNCHES=1``: a faulting kernel
-  is named.
-* ``plans``: execution plans of ViT-S and ViT-L at 640x640 in bf16: every candidate of every op site
-  verified against float64 and timed, the choice through the whole-model gate; the plan tables are
-  archived with the benchmark JSON, and the FPS phases reuse the same plan cache.
+* ``fps-vit-s|b|l``: ``python -m bench`` per model (CUDA events, rotated inputs, MFU from the FLOP model),
+  online and offline. The fast provider's ``optimize()`` calibrates the execution plans of these shapes
+  (every candidate verified against float64 and timed as a CUDA graph, the whole-model gate): the plan
+  tables are in the benchmark JSON, the phase fails when a plan misses its gate, and every later phase
+  reads the same plan cache.
+* ``compile-vit-s|b|l``: ``torch.compile`` of transformers (online).
 * ``graphs``: ``tests/test_gpu_graphs.py`` (graphed sessions at 640x640, ViT-S then ViT-L, equal the
-  eager session bit for bit and the fp32 reference within the bf16 rule; graphed clip forward and the
-  masked EoMT predictor equal eager).
+  eager session bit for bit under deterministic cuDNN and cuBLAS settings, and the fp32 reference within
+  the bf16 rule; graphed clip forward and masked EoMT predictor equal eager; the plan's kernels ran).
 * ``post``: CUDA post-processing of one 1080p frame with 200 queries equals the reference pixel for
   pixel (a pixel may differ only where its decision is within 1e-5 of the threshold) and its extra
-  device memory is measured; then ``tests/test_postprocess_cuda.py``.
-* ``fps-vit-s|b|l``: online FPS at 640x640, videomt_fast ``fast`` vs transformers SDPA bf16, one
-  process per model (``python -m bench``: CUDA events, rotated inputs, MFU from the FLOP model);
-  ``compile-vit-s`` (``torch.compile`` of transformers) only when time is left.
+  device memory is measured; then ``post-tests`` (``tests/test_postprocess_cuda.py``).
+* ``ops`` (optional, last): every Triton kernel in every argument form at ViT-S and ViT-L shapes, chosen
+  or not, against float64 (the plans verify the chosen ones already).
 
-Writes to ``--out``: ``smoke.json`` (each phase's status, seconds, limit and results; environment; the
-FPS table), ``smoke.log`` (every phase's output), ``build.log`` and ``bench.tar.gz`` (the benchmark
-JSON files, for ``bench/results/``). Exit status 0 only when every phase passed (``--dry``: when none
-failed; phases that need CUDA are skipped there).
+Writes to ``--out``: ``smoke.json`` (each phase's status, seconds, limit, estimate and results;
+environment; the FPS table; the plans' gates), ``smoke.log`` (every phase's output), ``build.log`` and
+``bench.tar.gz`` (the benchmark JSON files, for ``bench/results/``). Exit status 0 only when every
+required phase passed (``--dry``: when none failed; phases that need CUDA are skipped there).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import tarfile
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +58,41 @@ DEADLINE_S = 400  # leaves the 7-minute call margin for the start of Python, the
 BUILD_LIMIT_S = 300
 MIN_PHASE_S = 15  # a phase with less time than this left is skipped
 FPS_ARCHS = ("vit-s", "vit-b", "vit-l")
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    name: str
+    estimate_s: int  # on a fresh H100/H200: empty Triton, Inductor and plan caches; what the deadline is planned on
+    limit_s: int  # the most it may take (cut to the time left)
+    required: bool = True
+    why: str = ""
+
+
+# In running order. Estimates (not yet measured on the device; the first call's smoke.json has the real
+# seconds per phase): a process starts in ~8 s (torch, transformers, Triton); a model's plan compiles its
+# Triton kernels (~0.5 s each, ~20 per shape) and verifies and times every candidate (~10 s); transformers'
+# fp32 master is built on the CPU (ViT-L ~8 s); timing the three providers online and offline ~15 s;
+# torch.compile of transformers (Inductor, default mode, one shape) 30-45 s.
+PHASES: tuple[PhasePlan, ...] = (
+    PhasePlan("env", 10, 30, why="device, driver, versions"),
+    PhasePlan("fps-vit-s", 55, 100, why="headline: plans + online/offline FPS vs transformers"),
+    PhasePlan("fps-vit-b", 45, 80, why="headline"),
+    PhasePlan("fps-vit-l", 60, 100, why="headline"),
+    PhasePlan("compile-vit-s", 40, 70, why="headline: torch.compile of transformers"),
+    PhasePlan("compile-vit-b", 40, 70, why="headline"),
+    PhasePlan("compile-vit-l", 50, 90, why="headline"),
+    PhasePlan("graphs", 45, 100, why="graphed = eager bit for bit, vs fp32, the plan's kernels ran"),
+    PhasePlan("post", 10, 45, why="CUDA post-processing at 1080p"),
+    PhasePlan("post-tests", 25, 60, why="tests/test_postprocess_cuda.py"),
+    PhasePlan("ops", 25, 90, required=False, why="every Triton kernel in every form (the plans verify the chosen ones)"),
+)
+PLANNED = {p.name: p for p in PHASES}
+
+
+def planned_seconds(names) -> int:
+    """The estimate of running these phases (what the deadline is planned on)."""
+    return sum(PLANNED[n].estimate_s for n in names)
 
 
 # ------------------------------------------------------------------ the driver
@@ -76,6 +115,7 @@ class Driver:
         self.build: subprocess.Popen | None = None
         self.build_started = 0.0
         self.build_failed = False
+        self.build_done = False
         # --dry proves the code paths, not the timing: a busy CPU (CI) gets four times each limit
         self.scale = 4 if args.dry else 1
 
@@ -92,9 +132,12 @@ class Driver:
 
     def env(self, **extra: str) -> dict[str, str]:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # a bare machine: the checkout
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
-        if self.args.dry or self.build_failed:
-            env["VIDEOMT_FAST_NO_JIT"] = "1"  # nothing to build on a CPU; after a failed build, no second try
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path,
+                   VIDEOMT_FAST_PLAN_CACHE=str(self.work / "plan-cache"), **extra)  # one plan cache for every phase
+        if self.args.dry or self.build_failed or not self.build_done:
+            # nothing to build on a CPU; while the background build runs, a phase never builds (it would wait
+            # on the build's lock, or leave one behind when killed at its limit); after a failure, no second try
+            env["VIDEOMT_FAST_NO_JIT"] = "1"
         return env
 
     def worker(self, phase: str) -> list[str]:
@@ -118,13 +161,17 @@ class Driver:
                     continue
             return proc.returncode, True
 
-    def run(self, name: str, limit: float, cmd: list[str], kind: str = "worker", required: bool = True,
-            env: dict[str, str] | None = None) -> dict[str, Any]:
-        """Run one phase; ``kind`` says where its verdict comes from: ``worker`` (its JSON), ``pytest``
-        (its junit XML), ``bench`` (return code and the benchmark JSON)."""
-        phase: dict[str, Any] = {"name": name, "required": required, "limit_s": None, "seconds": 0.0, "rc": None}
+    def run(self, name: str, cmd: list[str], kind: str = "worker", env: dict[str, str] | None = None,
+            planned: str | None = None, out_dir: Path | None = None, plan: PhasePlan | None = None) -> dict[str, Any]:
+        """Run one phase under its planned limit (:data:`PHASES`; ``planned`` names the entry when the phase
+        is named otherwise, e.g. ``fps-tiny`` of a dry run; ``plan`` gives one outright); ``kind`` says where
+        its verdict comes from: ``worker`` (its JSON), ``pytest`` (its junit XML), ``bench`` (return code and
+        the benchmark JSON in ``out_dir``: every row ran, every plan passed its gate)."""
+        plan = plan or PLANNED[planned or name]
+        phase: dict[str, Any] = {"name": name, "required": plan.required, "limit_s": None,
+                                 "estimate_s": plan.estimate_s, "seconds": 0.0, "rc": None}
         self.phases.append(phase)
-        budget = min(limit * self.scale, self.left())
+        budget = min(plan.limit_s * self.scale, self.left())
         if budget < MIN_PHASE_S:
             phase.update(status="skip", reason=f"deadline: {self.left():.0f} s left of {self.args.deadline} s")
             self.say(f"=== {name}: skipped ({phase['reason']})")
@@ -148,7 +195,7 @@ class Driver:
         elif kind == "pytest":
             self._pytest_verdict(phase, junit, rc)
         else:
-            phase.update(status="pass" if rc == 0 else "fail", reason=None if rc == 0 else f"exit status {rc}")
+            self._bench_verdict(phase, out_dir, rc)
         self.say(f"=== {name}: {phase['status']} in {phase['seconds']} s" + (f" ({phase['reason']})" if phase.get("reason") else ""))
         return phase
 
@@ -163,6 +210,26 @@ class Driver:
         if rc != 0 and status == "pass":
             status = "fail"
         phase.update(status=status, reason=result.get("reason"))
+
+    def _bench_verdict(self, phase: dict, out_dir: Path | None, rc: int | None) -> None:
+        files = sorted(out_dir.glob("*.json")) if out_dir is not None and out_dir.exists() else []
+        if rc != 0 or not files:
+            phase.update(status="fail", reason=f"exit status {rc}" + ("" if files else ", no benchmark JSON"))
+            return
+        data = json.loads(files[-1].read_text())
+        rows = data.get("rows") or []
+        bad_rows = [f"{r.get('provider')} {r.get('mode')}: {r.get('reason')}" for r in rows if r.get("status") != "ok"]
+        plans = plan_summaries(data.get("plan"))
+        phase["result"] = {"file": files[-1].name, "rows": len(rows), "plans": plans}
+        missed = [p["shape"] for p in plans if p["gate"] and not p["gate"].get("passed")]
+        if bad_rows:
+            phase.update(status="fail", reason="rows that did not run: " + "; ".join(bad_rows)[:500])
+        elif missed:
+            phase.update(status="fail", reason=f"plans that missed their gate: {missed}")
+        else:
+            fallbacks = sum(len(p["gate"].get("fallbacks") or []) for p in plans if p["gate"])
+            phase.update(status="pass", reason=f"{len(rows)} rows, {len(plans)} plans"
+                         + (f", {fallbacks} site(s) moved back to the reference by the gate" if fallbacks else ""))
 
     def _pytest_verdict(self, phase: dict, junit: Path, rc: int | None) -> None:
         if not junit.exists():
@@ -186,11 +253,22 @@ class Driver:
 
     def start_build(self) -> None:
         self.build_started = time.monotonic()
-        env = self.env(VIDEOMT_FAST_EXT_VERBOSE="1")
+        if not self.args.dry:
+            from videomt_fast.ops import _ext
+
+            for lock in _ext.clear_locks():  # the only builder on this machine: an earlier run was killed mid-build
+                self.say(f"=== removed a build lock left by an earlier run: {lock}")
+        cores = os.cpu_count() or 2
+        env = self.env(VIDEOMT_FAST_EXT_VERBOSE="1", MAX_JOBS=os.environ.get("MAX_JOBS", str(max(1, cores // 2))))
+        env.pop("VIDEOMT_FAST_NO_JIT", None)
+        if self.args.dry:
+            env["VIDEOMT_FAST_NO_JIT"] = "1"
         self._build_log = open(self.out / "build.log", "w")
         self.build = subprocess.Popen(self.worker("build"), cwd=ROOT, stdout=self._build_log,
-                                      stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.say(f"=== build started in the background (limit {BUILD_LIMIT_S} s), log in build.log")
+                                      stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                      preexec_fn=lambda: os.nice(19))  # the timed phases' Python comes first
+        self.say(f"=== build started in the background (limit {BUILD_LIMIT_S} s, {env['MAX_JOBS']} jobs, low "
+                 "priority), log in build.log")
 
     def finish_build(self) -> dict[str, Any]:
         phase: dict[str, Any] = {"name": "build", "required": not self.args.dry, "limit_s": BUILD_LIMIT_S * self.scale}
@@ -205,6 +283,7 @@ class Driver:
         else:
             self._worker_verdict(phase, "build", rc)
         self.build_failed = phase["status"] in ("fail", "timeout")
+        self.build_done = phase["status"] == "pass"
         self.say(f"=== build: {phase['status']} after {phase['seconds']} s" + (f" ({phase['reason']})" if phase.get("reason") else ""))
         return phase
 
@@ -214,34 +293,37 @@ class Driver:
         a = self.args
         self.say(f"gpu_smoke {'--dry ' if a.dry else ''}started {_now()}, deadline {a.deadline} s, work dir {self.work}")
         self.start_build()
-        self.run("env", 60, self.worker("env"))
-        self.run("ops", 150, self.worker("ops"), env=self.env(VIDEOMT_FAST_CHECK_LAUNCHES="1",
-                                                              **({"TRITON_INTERPRET": "1"} if a.dry else {})))
-        self.run("plans", 120, self.worker("plans"), env=self.env(
-            VIDEOMT_FAST_PLAN_CACHE=str(self.work / "plan-cache"), **({"TRITON_INTERPRET": "1"} if a.dry else {})))
+        self.run("env", self.worker("env"))
+        for arch in (["tiny"] if a.dry else a.archs):  # the headline first
+            self.bench(f"fps-{arch}", arch, "hf-eager-fp32,hf-sdpa-bf16,fast", ("online", "offline"))
+        if a.compile and not a.dry:
+            for arch in a.archs:
+                self.bench(f"compile-{arch}", arch, "hf-compile", ("online",))
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfE"]
-        self.run("graphs", 170, pytest + ["tests/test_gpu_graphs.py"], kind="pytest")
+        # deterministic cuDNN algorithms and one cuBLAS workspace size on every stream: graphed and eager runs
+        # pick the same algorithms, so "equal bit for bit" is a sound claim (tests/test_gpu_graphs.py)
+        self.run("graphs", pytest + ["tests/test_gpu_graphs.py"], kind="pytest",
+                 env=self.env(CUBLAS_WORKSPACE_CONFIG=":4096:8"))
         self.finish_build()
-        self.run("post", 60, self.worker("post"))
-        self.run("post-tests", 90, pytest + ["tests/test_postprocess_cuda.py"], kind="pytest")
-        for arch in (["tiny"] if a.dry else a.archs):
-            out_dir = self.work / "bench" / arch
-            out_dir.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "bench", "--peers", "none", "--providers", "hf-sdpa-bf16,fast",
-                   "--mode", "online", "--out-dir", str(out_dir)]
-            if a.dry:  # tiny model on the CPU: the command line and the JSON are checked, nothing is timed
-                cmd += ["--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--agree-frames", "1"]
-            else:
-                cmd += ["--arch", arch, "--size", "640x640"]
-            self.run(f"fps-{arch}", 120, cmd, kind="bench",
-                     env=self.env(VIDEOMT_FAST_PLAN_CACHE=str(self.work / "plan-cache")))
-        if not a.dry and a.compile and self.left() > 150:
-            out_dir = self.work / "bench" / "compile-vit-s"
-            out_dir.mkdir(parents=True, exist_ok=True)
-            self.run("compile-vit-s", 150, [sys.executable, "-m", "bench", "--arch", "vit-s", "--size", "640x640",
-                                            "--peers", "none", "--providers", "hf-compile,fast", "--mode", "online",
-                                            "--out-dir", str(out_dir)], kind="bench", required=False)
+        self.run("post", self.worker("post"))
+        self.run("post-tests", pytest + ["tests/test_postprocess_cuda.py"], kind="pytest")
+        self.run("ops", self.worker("ops"), env=self.env(VIDEOMT_FAST_CHECK_LAUNCHES="1",
+                                                         **({"TRITON_INTERPRET": "1"} if a.dry else {})))
         return self.finish()
+
+    def bench(self, name: str, arch: str, providers: str, modes: tuple[str, ...]) -> dict[str, Any]:
+        out_dir = self.work / "bench" / name
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "bench", "--peers", "none", "--providers", providers, "--out-dir", str(out_dir)]
+        for mode in modes:
+            cmd += ["--mode", mode]
+        if self.args.dry:  # tiny model on the CPU: the command line, the plans and the JSON are checked, nothing timed
+            cmd += ["--tiny", "--device", "cpu", "--warmup", "0", "--repeats", "1", "--agree-frames", "1", "--frames", "2"]
+            planned = name.replace("-tiny", "-vit-s")
+        else:
+            cmd += ["--arch", arch, "--size", "640x640", "--frames", "16", "--repeats", "20"]
+            planned = name
+        return self.run(name, cmd, kind="bench", planned=planned, out_dir=out_dir)
 
     def finish(self) -> int:
         fps = _fps_rows(self.work / "bench", dry=self.args.dry)
@@ -278,8 +360,8 @@ class Driver:
         for p in self.phases:
             self.say(f"{p['name']:<14} {p['status']:<8} {p.get('seconds', 0):>6} s  {p.get('reason') or ''}")
         for row in fps:
-            self.say(f"fps {row['arch']:<6} {row['provider']:<13} {row['fps'] if row['fps'] is None else round(row['fps'], 1)} "
-                     f"frames/s  mfu {row['mfu']}")
+            self.say(f"fps {row['arch']:<6} {row['provider']:<13} {row['mode']:<8} "
+                     f"{row['fps'] if row['fps'] is None else round(row['fps'], 1)} frames/s  mfu {row['mfu']}")
         return 0 if status == "pass" else 1
 
 
@@ -289,16 +371,26 @@ def _write_json(path: Path, data: Any) -> None:
     tmp.replace(path)
 
 
+def plan_summaries(plan: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Per execution plan in a benchmark JSON: shape, dtype, mode, gate, the sites not on the reference."""
+    out = []
+    for p in (plan or {}).get("plans") or []:
+        out.append({"shape": f"{p['rows']}x{p['size'][0]}x{p['size'][1]}", "dtype": p["dtype"], "mode": p["mode"],
+                    "calibration_s": p.get("calibration_s"), "gate": p.get("gate") or {},
+                    "ours": {k: v["chosen"] for k, v in p["sites"].items() if v["chosen"] not in ("reference", "ops")},
+                    "notes": p.get("notes", [])})
+    return out
+
+
 def _fps_rows(bench_dir: Path, dry: bool) -> list[dict[str, Any]]:
-    """The online rows of every benchmark JSON: arch, provider, fps, mfu, status (no FPS from --dry)."""
+    """The rows of every benchmark JSON: arch, provider, mode, fps, mfu, status (no FPS from --dry)."""
     rows = []
     for path in sorted(bench_dir.rglob("*.json")) if bench_dir.exists() else []:
         data = json.loads(path.read_text())
         rows_of = data.get("rows")
         for r in rows_of if isinstance(rows_of, list) else []:  # (plan tables have no benchmark rows)
-            if r.get("mode") != "online":
-                continue
-            rows.append({"arch": data.get("arch"), "provider": r.get("provider"), "size": r.get("size"),
+            rows.append({"arch": data.get("arch"), "provider": r.get("provider"), "mode": r.get("mode"),
+                         "size": r.get("size"),
                          "dtype": r.get("dtype"), "status": r.get("status"),
                          "fps": None if dry else r.get("fps"), "mfu": None if dry else r.get("mfu"),
                          "latency_ms_p50": None if dry else r.get("latency_ms_p50"), "file": path.name})
@@ -337,8 +429,9 @@ def phase_build(args) -> dict[str, Any]:
     result = {"module": repr(module), "error": _ext.error(), "seconds": round(time.monotonic() - t0, 1)}
     if module is not None:
         return {"status": "pass", **result}
-    if args.dry and torch.version.cuda is None:
-        return {"status": "skip", "reason": "dry run on a CPU build of torch: nothing to build", **result}
+    if args.dry and not torch.cuda.is_available():  # a CPU build of torch, or a CUDA build with no device
+        why = "a CPU build of torch" if torch.version.cuda is None else "no CUDA device"
+        return {"status": "skip", "reason": f"dry run on {why}: nothing to build", **result}
     return {"status": "fail", "reason": f"extension unavailable: {_ext.error()}", **result}
 
 
@@ -471,51 +564,6 @@ def phase_ops(args) -> dict[str, Any]:
             f"{len(rows)} op calls", "failed": failures, "cases": rows}
 
 
-def phase_plans(args) -> dict[str, Any]:
-    """Execution plans at 640x640, batch 1, bf16 (``--dry``: a tiny model on the CPU with the Triton kernels
-    forced, in the interpreter): every candidate of every op site verified against float64 and timed, the
-    chosen plan through the whole-model gate. The plan tables are written for ``bench/results/``; the
-    benchmark phases after this one read the same plan cache (same configs: VidEoMT, 40 labels)."""
-    import contextlib
-
-    import torch
-
-    import videomt_fast
-    from videomt_fast import ops
-    from videomt_fast.model.configuration import VideomtConfig, config_from_preset
-    from videomt_fast.runtime.fast import plan_for
-
-    out_dir = Path(args.work) / "bench" / "plans"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if args.dry:
-        cases = [("tiny", VideomtConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2,
-                                        num_queries=8, image_size=64, num_labels=40), "cpu", 64)]
-    else:
-        cases = [(arch, config_from_preset(arch, num_labels=40, image_size=640), "cuda", 640)
-                 for arch in ("vit-s", "vit-l")]
-    rows, failures = [], []
-    for arch, config, device, size in cases:
-        torch.manual_seed(0)
-        model = videomt_fast.VideomtForUniversalSegmentation(config).to(device)
-        forced = ops.use_backend("triton") if args.dry else contextlib.nullcontext()
-        with forced:
-            model.optimize(dtype=torch.bfloat16 if not args.dry else torch.float32, budget_s=60)
-            plan = plan_for(model, 1, (size, size))
-        data = plan.to_json()
-        (out_dir / f"plan_{arch}_{plan.dtype}_{size}x{size}_{device}.json").write_text(json.dumps(data, indent=1))
-        chosen_ok = all(next(c for c in site.candidates if c.name == site.chosen).status == "chosen"
-                        for site in plan.sites.values())
-        ok = chosen_ok and (not plan.gate or plan.gate.get("passed", False))
-        rows.append({"arch": arch, "mode": plan.mode, "dtype": plan.dtype, "calibration_s": plan.calibration_s,
-                     "gate": plan.gate, "choices": plan.choices(), "ok": ok})
-        print(plan.format(), flush=True)
-        if not ok:
-            failures.append(arch)
-    return {"status": "fail" if failures else "pass",
-            "reason": f"gate failed for {failures}" if failures else f"{len(rows)} plans, gate passed",
-            "plans": rows}
-
-
 def phase_post(args) -> dict[str, Any]:
     import importlib.util
 
@@ -581,11 +629,11 @@ def phase_post(args) -> dict[str, Any]:
             "size": f"{sizes[0][0]}x{sizes[0][1]}", "queries": queries, "tasks": rows}
 
 
-PHASES = {"env": phase_env, "build": phase_build, "ops": phase_ops, "plans": phase_plans, "post": phase_post}
+WORKERS = {"env": phase_env, "build": phase_build, "ops": phase_ops, "post": phase_post}
 
 
 def run_worker(args) -> int:
-    result = PHASES[args.phase](args)
+    result = WORKERS[args.phase](args)
     _write_json(Path(args.work) / f"{args.phase}.json", result)
     return 0 if result.get("status") in ("pass", "skip") else 1
 
@@ -604,7 +652,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="models of the FPS phases (default vit-s,vit-b,vit-l)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile of transformers (ViT-S) when time is left (default on)")
-    p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.deadline is None:

@@ -88,31 +88,113 @@ def _driver(smoke, tmp_path, deadline=60.0, dry=True):
     return smoke.Driver(args)
 
 
+def _limit(smoke, seconds, required=True):
+    return smoke.PhasePlan("test", estimate_s=1, limit_s=seconds, required=required)
+
+
+def _bench_json(path: Path, rows=("ok",), gate=True):
+    plan = {"plans": [{"rows": 1, "size": [640, 640], "dtype": "bfloat16", "mode": "calibrated", "notes": [],
+                       "gate": {"passed": gate, "fallbacks": []},
+                       "sites": {"query.attention": {"chosen": "triton"}, "early.layer_norm": {"chosen": "reference"}}}]}
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "b.json").write_text(json.dumps({"rows": [{"provider": "fast", "mode": "online", "status": s,
+                                                       "reason": None if s == "ok" else "boom"} for s in rows],
+                                             "plan": plan}))
+    return path
+
+
 def test_driver_verdicts_are_honest(smoke, tmp_path):
     driver = _driver(smoke, tmp_path / "a", dry=False)
     py = sys.executable
-    assert driver.run("ok", 30, [py, "-c", "pass"], kind="bench")["status"] == "pass"
-    failed = driver.run("failed", 30, [py, "-c", "raise SystemExit(3)"], kind="bench")
+    good = _bench_json(tmp_path / "good")
+    ok = driver.run("ok", [py, "-c", "pass"], kind="bench", plan=_limit(smoke, 30), out_dir=good)
+    assert ok["status"] == "pass" and ok["result"]["plans"][0]["ours"] == {"query.attention": "triton"}, ok
+    failed = driver.run("failed", [py, "-c", "raise SystemExit(3)"], kind="bench", plan=_limit(smoke, 30),
+                        out_dir=good)
     assert failed["status"] == "fail" and failed["rc"] == 3
-    slow = driver.run("slow", 16, [py, "-c", "import time; time.sleep(60)"], kind="bench")
+    missed = driver.run("missed", [py, "-c", "pass"], kind="bench", plan=_limit(smoke, 30),
+                        out_dir=_bench_json(tmp_path / "missed", gate=False))
+    assert missed["status"] == "fail" and "missed their gate" in missed["reason"]
+    row = driver.run("row", [py, "-c", "pass"], kind="bench", plan=_limit(smoke, 30),
+                     out_dir=_bench_json(tmp_path / "row", rows=("ok", "error")))
+    assert row["status"] == "fail" and "did not run" in row["reason"]
+    slow = driver.run("slow", [py, "-c", "import time; time.sleep(60)"], kind="bench", plan=_limit(smoke, 16))
     assert slow["status"] == "timeout" and slow["seconds"] < 30
-    worker = driver.run("quiet", 30, [py, "-c", "pass"])  # a worker that wrote no result
+    worker = driver.run("quiet", [py, "-c", "pass"], plan=_limit(smoke, 30))  # a worker that wrote no result
     assert worker["status"] == "fail" and "no result" in worker["reason"]
+    optional = driver.run("optional", [py, "-c", "raise SystemExit(1)"], kind="bench", plan=_limit(smoke, 30, False))
+    assert optional["status"] == "fail"
     driver.args.deadline = driver.elapsed() + 5  # less than a phase's minimum left
-    late = driver.run("late", 30, [py, "-c", "pass"], kind="bench")
+    late = driver.run("late", [py, "-c", "pass"], kind="bench", plan=_limit(smoke, 30))
     assert late["status"] == "skip" and "deadline" in late["reason"]
     assert driver.finish() == 1
     report = json.loads((tmp_path / "a" / "smoke.json").read_text())
-    assert report["status"] == "fail" and report["failed"] == ["failed", "slow", "quiet"]
-    assert report["incomplete"] == ["late"]
+    assert report["status"] == "fail" and report["failed"] == ["failed", "missed", "row", "slow", "quiet"]
+    assert report["optional_failed"] == ["optional"] and report["incomplete"] == ["late"]
     log = (tmp_path / "a" / "smoke.log").read_text()
     assert "=== slow: timeout" in log and "=== late: skipped" in log
 
     only_late = _driver(smoke, tmp_path / "b", dry=False)
     only_late.args.deadline = 5
-    only_late.run("late", 30, [py, "-c", "pass"], kind="bench")
+    only_late.run("late", [py, "-c", "pass"], kind="bench", plan=_limit(smoke, 30))
     assert only_late.finish() == 1  # nothing failed, but a required phase never ran: not a pass
     assert json.loads((tmp_path / "b" / "smoke.json").read_text())["status"] == "incomplete"
+
+
+def test_the_phase_plan_fits_the_deadline_on_paper(smoke, tmp_path, monkeypatch):
+    """The phases main() runs, in order, are those of the plan; the headline (FPS of S/B/L online and offline
+    against transformers, then against torch.compile) comes before every check, and the estimates of the
+    required phases fit the deadline. Mutation caught: a phase added to main() without an estimate, the
+    headline moved behind the checks, or estimates past the deadline."""
+    driver = _driver(smoke, tmp_path / "plan", dry=False)
+    driver.args.archs, driver.args.compile = list(smoke.FPS_ARCHS), True
+    ran = []
+    monkeypatch.setattr(driver, "start_build", lambda: None)
+    monkeypatch.setattr(driver, "finish_build", lambda: ran.append("build") or {})
+    monkeypatch.setattr(driver, "finish", lambda: 0)
+
+    def run(name, cmd, kind="worker", env=None, planned=None, out_dir=None, plan=None):
+        ran.append(name)
+        assert (planned or name) in smoke.PLANNED
+        if kind == "bench":
+            assert "--mode" in cmd
+        return {"name": name, "status": "pass"}
+
+    monkeypatch.setattr(driver, "run", run)
+    driver.main()
+    phases = [n for n in ran if n != "build"]
+    assert phases == [p.name for p in smoke.PHASES], phases
+    headline = [n for n in phases if n.startswith(("fps-", "compile-"))]
+    assert headline == phases[1 : 1 + len(headline)] and len(headline) == 2 * len(smoke.FPS_ARCHS)
+    assert ran.index("build") < ran.index("post")  # post-processing needs the extension
+    required = [p.name for p in smoke.PHASES if p.required]
+    assert smoke.planned_seconds(required) <= smoke.DEADLINE_S, smoke.planned_seconds(required)
+    assert all(p.estimate_s < p.limit_s for p in smoke.PHASES)
+
+
+def test_phases_started_before_the_build_finished_never_build(smoke, tmp_path):
+    """A phase that built the extension itself would wait on the background build's lock (forever, with
+    torch's builder) or, killed at its limit, leave a lock behind. Mutation caught: NO_JIT only on a dry
+    run or after a failed build (the former rule)."""
+    driver = _driver(smoke, tmp_path / "jit", dry=False)
+    assert driver.env()["VIDEOMT_FAST_NO_JIT"] == "1"
+    assert driver.env()["VIDEOMT_FAST_PLAN_CACHE"] == str(driver.work / "plan-cache")  # one cache for all
+    driver.build_done = True
+    assert "VIDEOMT_FAST_NO_JIT" not in driver.env()
+    driver.build_done, driver.build_failed = False, True
+    assert driver.env()["VIDEOMT_FAST_NO_JIT"] == "1"
+
+
+def test_dry_build_phase_skips_with_a_cuda_torch_and_no_device(smoke, monkeypatch):
+    """A CUDA build of torch on a machine without a GPU (the GPU image's software on a CPU): the dry run
+    has nothing to build and says so. Mutation caught: skipping only for a CPU build of torch."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("VIDEOMT_FAST_NO_JIT", "1")
+    result = smoke.phase_build(types.SimpleNamespace(dry=True))
+    assert result["status"] == "skip" and "no CUDA device" in result["reason"], result
 
 
 def test_pytest_phase_reads_the_junit_report(smoke, tmp_path):
@@ -128,12 +210,12 @@ def test_pytest_phase_reads_the_junit_report(smoke, tmp_path):
     driver = _driver(smoke, tmp_path / "out")
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(test.parent),
             "-c", os.devnull]
-    bad = driver.run("bad", 60, base + [str(test)], kind="pytest")
+    bad = driver.run("bad", base + [str(test)], kind="pytest", plan=_limit(smoke, 60))
     assert bad["status"] == "fail" and bad["result"]["failures"] == 1, bad
     assert any("test_bad" in name for name in bad["result"]["failed"])
-    good = driver.run("good", 60, base + [str(test), "-k", "ok or skip"], kind="pytest")
+    good = driver.run("good", base + [str(test), "-k", "ok or skip"], kind="pytest", plan=_limit(smoke, 60))
     assert good["status"] == "pass" and good["result"]["skipped"] == 1, good
-    skipped = driver.run("skipped", 60, base + [str(test), "-k", "skip"], kind="pytest")
+    skipped = driver.run("skipped", base + [str(test), "-k", "skip"], kind="pytest", plan=_limit(smoke, 60))
     assert skipped["status"] == "skip", skipped
 
 
@@ -149,11 +231,10 @@ def test_dry_run_end_to_end(tmp_path):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:] + (out / "smoke.log").read_text()[-4000:]
     report = json.loads((out / "smoke.json").read_text())
     status = {p["name"]: p["status"] for p in report["phases"]}
-    assert status == {"env": "pass", "ops": "pass", "plans": "pass", "graphs": "skip", "build": "skip",
+    assert status == {"env": "pass", "ops": "pass", "graphs": "skip", "build": "skip",
                       "post": "pass", "post-tests": "skip", "fps-tiny": "pass"}, status
-    plans_result = next(p for p in report["phases"] if p["name"] == "plans")["result"]["plans"]
-    assert [p["arch"] for p in plans_result] == ["tiny"] and plans_result[0]["ok"]
-    assert set(plans_result[0]["choices"].values()) <= {"reference", "triton"}  # both were candidates
+    fps_phase = next(p for p in report["phases"] if p["name"] == "fps-tiny")
+    assert fps_phase["estimate_s"] and fps_phase["result"]["plans"], fps_phase  # the plans the rows ran
     assert report["status"] == "pass" and report["dry"] is True
     ops_result = next(p for p in report["phases"] if p["name"] == "ops")["result"]
     assert len(ops_result["cases"]) >= 40 and all(c["ok"] and c["planned"] == "triton" for c in ops_result["cases"])
@@ -161,7 +242,8 @@ def test_dry_run_end_to_end(tmp_path):
         "attention", "mask_bits", "layer_norm", "residual_layer_norm", "linear_gelu[cublas]", "linear_gelu[triton]",
         "linear_residual[cublas]", "linear_residual[triton]", "query_update"}
     assert report["fps"] and all(r["fps"] is None and r["mfu"] is None for r in report["fps"])  # no timing
-    assert {r["provider"] for r in report["fps"]} == {"hf-sdpa-bf16", "fast"}
+    assert {(r["provider"], r["mode"]) for r in report["fps"]} == {
+        (p, m) for p in ("hf-eager-fp32", "hf-sdpa-bf16", "fast") for m in ("online", "offline")}
     assert (out / "bench.tar.gz").exists() and (out / "smoke.log").exists() and (out / "build.log").exists()
     assert len(list(out.iterdir())) <= 8  # what a device call brings back
 
