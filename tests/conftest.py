@@ -31,6 +31,10 @@ def pytest_configure(config):
     global _MODE, _HIDDEN
     _MODE = triton_mode(_cuda_available(), os.environ.get("TRITON_INTERPRET"), config.getoption("markexpr"))
     os.environ["TRITON_INTERPRET"] = _MODE.env_value
+    if not _MODE.interpret:
+        # the gpu tests compare graphed and eager runs bit for bit: one cuBLAS workspace size on every stream
+        # (the capture stream included) so both pick the same algorithms; read when cuBLAS starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if _MODE.interpret and _MODE.skip_gpu is not None:
         # A CPU run on a CUDA machine: the devices are hidden, so that a test that takes CUDA when it is there
         # (a default device) runs on the CPU as in CI, never interpreted Triton on CUDA tensors.
@@ -60,3 +64,32 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _plan_cache(tmp_path_factory):
+    """Plans (and compiled steps) of this run in a folder of its own, unless the caller named one
+    (bench/gpu_smoke.py: one per call): a plan cached by an earlier run of other code never decides what a
+    test checks, and the suite leaves the user's cache alone."""
+    if "VIDEOMT_FAST_PLAN_CACHE" in os.environ:
+        yield
+        return
+    os.environ["VIDEOMT_FAST_PLAN_CACHE"] = str(tmp_path_factory.mktemp("plans"))
+    try:
+        yield
+    finally:
+        os.environ.pop("VIDEOMT_FAST_PLAN_CACHE", None)
+
+
+@pytest.fixture(autouse=True)
+def _gpu_determinism(request):
+    """For gpu tests: deterministic cuDNN algorithms, so graphed and eager convolutions agree bit for bit."""
+    if request.node.get_closest_marker("gpu") is None:
+        yield
+        return
+    deterministic, benchmark = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = deterministic, benchmark

@@ -252,3 +252,26 @@ def load_bench(name: str):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def assert_plans_ran_verified_kernels(model) -> dict:
+    """A GPU test's check of what ran: the model holds plans (calibrated in this run), every Triton and CUDA
+    candidate at every op site was verified on the device (none excluded as wrong, raising or NaN: a plan
+    that dropped them would pass the comparisons on reference ops alone), and each plan's tables hold the
+    chosen implementations. Returns ``{site: chosen}`` of the last plan."""
+    from videomt_fast import ops
+    from videomt_fast.runtime import plans as plans_mod
+    from videomt_fast.runtime.fast import plans_of
+
+    built = [p for p in plans_of(model) if p.mode in ("calibrated", "cached")]
+    assert built, "no calibrated plan: the test ran unplanned code"
+    for plan in built:
+        for site in plan.sites.values():
+            for c in site.candidates:
+                if c.name.startswith(("triton", "cuda")):
+                    assert c.status != "excluded" or c.reason.startswith("refuses"), \
+                        f"{site.key}: {c.name} excluded on the device ({c.reason})\n{plan.format()}"
+            if site.stage not in plans_mod.UNTABLED:
+                chosen = ops.candidates(site.op, plan.device)[site.chosen][0]
+                assert getattr(plan.table(site.stage), site.op) is chosen, f"{site.key} runs another implementation"
+    return built[-1].choices()

@@ -5,7 +5,12 @@ ViT-S and ViT-L VidEoMT / EoMT at 640x640 (1 + 4 + 1600 tokens, + 200 queries) r
 
 * ``model.to("cuda").optimize()`` then ``new_session()`` (a graphed session) equals, bit for bit, the same
   bf16 model stepped eagerly (``optimize(cuda_graphs=False)``): the same kernels on the same inputs, so
-  any difference is the graph (stale addresses, a missed copy, a wrong static buffer);
+  any difference is the graph (stale addresses, a missed copy, a wrong static buffer). Sound because the
+  algorithms are the same on both streams: cuDNN deterministic (tests/conftest.py, per gpu test) and one
+  cuBLAS workspace size on every stream (``CUBLAS_WORKSPACE_CONFIG``, set by conftest for gpu runs);
+* every Triton/CUDA candidate of the plans was verified on the device and the plans' tables hold what
+  they chose (``helpers.assert_plans_ran_verified_kernels``): the comparisons are of our kernels, not of
+  reference ops a plan fell back to;
 * the graphed session is judged against the fp32 reference ops like every low-precision kernel
   (``videomt_fast.testing.kernel_checks.assert_close``: at most twice PyTorch's own bf16 error);
 * the graphed clip forward and EoMT's graphed masked predictor equal their eager runs;
@@ -22,6 +27,8 @@ import torch
 from videomt_fast import EomtConfig, EomtForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation, ops
 from videomt_fast.model.configuration import config_from_preset
 from videomt_fast.testing.kernel_checks import assert_close
+
+from helpers import assert_plans_ran_verified_kernels
 
 pytestmark = pytest.mark.gpu
 
@@ -80,11 +87,19 @@ def test_graphed_session_equals_eager_bf16(videomt):
     clip = _clip()
     with torch.no_grad():
         graphed, eager = _sessions(fast, clip)
+    assert len(graphed) == len(eager) == FRAMES
     for t, (g, e) in enumerate(zip(graphed, eager)):
         for f in FIELDS:
             assert g[f].dtype == torch.bfloat16 and torch.isfinite(g[f]).all(), (preset, t, f)
-            same = torch.equal(g[f], e[f])
-            assert same, f"{preset} frame {t} {f}: graphed differs from eager ({(g[f] != e[f]).sum().item()} elements)"
+            assert torch.equal(g[f], e[f]), f"{preset} frame {t} {f}: graphed differs from eager ({_ulps(g[f], e[f])})"
+    assert_plans_ran_verified_kernels(fast)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How far apart, in units in the last place of bf16 at the larger magnitude."""
+    diff = (a.float() - b.float()).abs()
+    ulp = torch.finfo(a.dtype).eps * torch.maximum(a.float().abs(), b.float().abs()).clamp_min(1e-30)
+    return f"{int((a != b).sum())} elements differ, up to {float((diff / ulp).max()):.1f} ulp"
 
 
 def test_graphed_session_against_fp32_reference(videomt):
@@ -97,9 +112,11 @@ def test_graphed_session_against_fp32_reference(videomt):
         with ops.use_backend("reference"):
             truth = _step_all(ref.new_session(), clip, torch.float32)
             torch_bf16 = _step_all(_bf16_reference_copy(ref).new_session(), clip, torch.bfloat16)
+    assert len(graphed) == len(truth) == len(torch_bf16) == FRAMES
     for t in range(FRAMES):
         for f in FIELDS:
             assert_close(graphed[t][f], truth[t][f], torch_bf16[t][f], what=f"{preset} frame {t} {f}")
+    assert_plans_ran_verified_kernels(fast)
 
 
 def _bf16_reference_copy(ref):
@@ -124,6 +141,7 @@ def test_graphed_clip_forward_equals_eager(videomt):
     for f in FIELDS:
         assert torch.equal(getattr(graphed, f), getattr(eager, f)), f"{preset} {f}: graphed clip forward differs"
         assert torch.equal(getattr(graphed_again, f), getattr(eager, f)), f"{preset} {f}: replay differs"
+    assert_plans_ran_verified_kernels(fast)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -142,6 +160,8 @@ def test_graphed_masked_eomt_predictor_equals_eager(preset):
         assert torch.isfinite(getattr(graphed, f)).all()
         assert torch.equal(getattr(graphed, f), getattr(eager, f)), f"{preset} {f}: graphed predictor differs"
         assert torch.equal(getattr(graphed_again, f), getattr(eager, f)), f"{preset} {f}: replay differs"
+    choices = assert_plans_ran_verified_kernels(model)
+    assert "masked.attention" in choices  # the masked layers have a plan stage of their own
     del model
     torch.cuda.empty_cache()
 

@@ -11,7 +11,7 @@ from videomt_fast import ops
 from videomt_fast.ops import registry
 from videomt_fast.runtime import fast, plans
 
-from helpers import TINY, randomize_, video
+from helpers import TINY, assert_plans_ran_verified_kernels, randomize_, video
 
 SIZE = (TINY["image_size"], TINY["image_size"])
 
@@ -534,6 +534,14 @@ def test_postprocessing_sites_verify_time_and_exclude(monkeypatch):
         return found
 
     monkeypatch.setattr(ops, "candidates", with_fakes)
+    monkeypatch.setattr(plans, "_ext_ready", lambda: False)  # not built yet: not measured, not excluded
+    unbuilt = plans.postprocess_sites(torch.device("cpu"), 7, 5, (64, 80), stub_timer({"cuda": 1.0}))
+    unbuilt = {s.op: s for s in unbuilt}
+    for op in ("instance_segmentation", "semantic_segmentation"):
+        cuda = next(c for c in unbuilt[op].candidates if c.name == "cuda")
+        assert unbuilt[op].chosen == "reference" and cuda.status == "untimed" and "not built yet" in cuda.reason
+    assert not ops.exclusions()
+    monkeypatch.setattr(plans, "_ext_ready", lambda: True)
     sites = {s.op: s for s in plans.postprocess_sites(torch.device("cpu"), 7, 5, (64, 80), stub_timer({"cuda": 1.0}))}
     inst = {c.name: c for c in sites["instance_segmentation"].candidates}
     assert sites["instance_segmentation"].chosen == "reference" and inst["cuda"].status == "excluded"
@@ -571,6 +579,23 @@ def test_gpu_calibration_at_published_shapes_agrees_with_float32(arch):
     ref = plans.reference_outputs(model, x)
     verdict = plans.judge((masks, classes), ref, torch.bfloat16, peer=plans.peer_outputs(model, x))
     assert verdict["passed"], verdict
+    assert_plans_ran_verified_kernels(model)
+
+
+@pytest.mark.gpu
+def test_plan_timing_counts_the_device_not_python():
+    """A candidate timed as calls captured back to back in a CUDA graph: Python's cost of making the call
+    (here a 2 ms sleep before a tiny kernel) is not the op's. Mutation caught: timing one eager call between
+    two events (the former timer), which counts the launch (and here the sleep)."""
+    import time as _time
+
+    x = torch.zeros(1024, device="cuda")
+
+    def slow_to_launch(t):
+        _time.sleep(0.002)
+        return t.add_(1)
+
+    assert plans.default_timer(slow_to_launch, (x,), torch.device("cuda")) < 0.5
 
 
 def test_cpu_dtype_decision_is_measured_once_per_machine(model, monkeypatch):

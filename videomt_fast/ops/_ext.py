@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.util
 import os
 import shutil
 import threading
@@ -147,6 +148,22 @@ def load() -> ModuleType | None:
                 stacklevel=3,
             )
         return module
+
+
+def ready() -> bool:
+    """Whether :func:`load` gives the extension without a build: loaded already, built by ``setup.py``, or
+    built just in time earlier into the cache folder (and just-in-time loading is allowed)."""
+    if "module" in _STATE:
+        return _STATE["module"] is not None
+    if importlib.util.find_spec("videomt_fast._C") is not None:
+        return True
+    if os.environ.get("VIDEOMT_FAST_NO_JIT", "0") == "1":
+        return False
+    src = sources_dir()
+    try:
+        return src is not None and any(_cache_dir(src).glob("videomt_fast_C*.so"))
+    except Exception:
+        return False
 
 
 def error() -> str | None:

@@ -515,6 +515,12 @@ def _maps_error(out, truth) -> float:
     return worst
 
 
+def _ext_ready() -> bool:
+    from videomt_fast.ops import _ext
+
+    return _ext.ready()
+
+
 def postprocess_sites(device: torch.device, num_queries: int, num_labels: int, size: tuple[int, int],
                       timer: Timer, seed: int = 0, budget: Budget | None = None, reserve: float = 0.0) -> list[Site]:
     """Verify and time every post-processing implementation on random logits of these shapes (masks at a
@@ -540,6 +546,11 @@ def postprocess_sites(device: torch.device, num_queries: int, num_labels: int, s
             if name != "reference" and budget is not None and budget.left() <= reserve:
                 cand.status, cand.reason = "untimed", "not measured: calibration budget spent"
                 budget.skip("post-processing candidates were not measured")
+                continue
+            if name == "cuda" and not _ext_ready():
+                cand.status = "untimed"
+                cand.reason = ("not measured: the CUDA extension is not built yet (a just-in-time build takes "
+                               "minutes; the processors use it per call once it is)")
                 continue
             try:
                 why = guard(*args[op]) if guard is not None else None
@@ -1019,7 +1030,8 @@ def cache_key(model, rows: int, size: tuple[int, int], stages: list[str]) -> dic
     from videomt_fast import __version__
 
     device = model.device
-    key: dict[str, Any] = {"package": __version__, "torch": torch.__version__, "device": str(device.type)}
+    key: dict[str, Any] = {"package": __version__, "sources": sources_digest(), "torch": torch.__version__,
+                           "device": str(device.type)}
     try:
         import triton
 
@@ -1028,8 +1040,11 @@ def cache_key(model, rows: int, size: tuple[int, int], stages: list[str]) -> dic
         key["triton"] = None
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
+        from videomt_fast.ops import _ext
+
         key.update(gpu=props.name, capability=list(torch.cuda.get_device_capability(device)),
-                   cuda=torch.version.cuda, driver=_driver_version())
+                   cuda=torch.version.cuda, driver=_driver_version(),
+                   cuda_extension=_ext.ready())  # a plan made without the post-processing kernels is made again
     else:
         key.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
                    native_bf16=native_bf16())
@@ -1038,6 +1053,31 @@ def cache_key(model, rows: int, size: tuple[int, int], stages: list[str]) -> dic
                dtype=str(model.dtype).replace("torch.", ""), rows=rows, size=list(size), stages=stages,
                switches=switch_state(), plan_version=PLAN_VERSION)
     return key
+
+
+_SOURCES: list[str] = []
+
+
+def sources_digest() -> str:
+    """A hash of the code a plan measured: the Triton kernels, the op layer and the CUDA sources. A plan
+    cached by other code (an edited kernel, another checkout) is measured again, never trusted."""
+    if not _SOURCES:
+        import importlib.util
+
+        from videomt_fast.ops import _ext
+
+        digest = hashlib.sha256()
+        spec = importlib.util.find_spec("videomt_fast.kernels")
+        kernels = Path(spec.origin).parent if spec is not None and spec.origin else None
+        folders = [kernels, Path(ops.__file__).parent, _ext.sources_dir()]
+        for folder in folders:
+            if folder is None:
+                continue
+            for path in sorted(folder.iterdir()):
+                if path.suffix in (".py", ".cu", ".cuh", ".h", ".cpp"):
+                    digest.update(path.name.encode() + b"\0" + path.read_bytes())
+        _SOURCES.append(digest.hexdigest()[:16])
+    return _SOURCES[0]
 
 
 def _driver_version() -> str | None:
