@@ -24,7 +24,7 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
     ("tests/test_kernels_mask_bits.py", "large for the interpreter", "GPU-sized case; smaller ones run on CPU"),
     ("tests/test_gpu_graphs.py", "needs two CUDA devices", "multi-GPU case"),
     ("tests/test_postprocess_cuda.py", "needs two CUDA devices", "multi-GPU case"),
-    ("tests/test_readme.py::test_readme_python_runs_as_written", ": ",
+    ("tests/test_readme.py::test_readme_python_runs_as_written", "marked in README.md as skipped: ",
      "README blocks marked <!-- readme-test: skip REASON --> in README.md itself (e.g. they need a GPU)"),
     ("tests/test_postprocess.py::test_preprocess_matches_transformers_processor", "needs torchvision",
      "not a declared dependency; PyPI's torchvision does not load with a CPU torch (torchvision::nms missing). "

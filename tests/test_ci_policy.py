@@ -77,3 +77,15 @@ def test_allowed_list_names_real_tests():
         if "::" in prefix:
             assert f"def {prefix.split('::')[1]}(" in (TESTS.parent / path).read_text(), prefix
         assert fragment and why
+
+
+def test_the_readme_allowance_is_only_for_blocks_the_readme_marks():
+    """The README test's allowance matches its own marker's reason only: a missing dependency there (an
+    importorskip in its fixture: "could not import 'transformers': ...") still fails CI. Mutation caught:
+    an allowance by a fragment as common as ": " (the former one), which let every README example skip."""
+    import ci_policy
+
+    node = "tests/test_readme.py::test_readme_python_runs_as_written[README.md:80+95]"
+    assert ci_policy.allowed(node, {}, "README.md:80+95: marked in README.md as skipped: needs a GPU")
+    assert ci_policy.allowed(node, {}, "could not import 'transformers': No module named 'transformers'") is None
+    assert ci_policy.allowed(node, {}, "README.md:80: some other reason") is None

@@ -1,7 +1,9 @@
 """The compiled frame step (``step.frame_step`` plan site, videomt_fast/runtime/compiled.py).
 
 One real AOTInductor compile of a small VidEoMT (module fixture, some tens of seconds on a CPU); the other
-tests reuse its library through a compiler stand-in that copies it, or stub what they test.
+tests reuse its library through a compiler stand-in that copies it, or stub what they test. Every compile
+here runs without a budget (``budget_s=math.inf``): whether a test compiles never depends on how busy the
+machine is; the budget's own logic is tested with a clock that does not move.
 """
 
 import math
@@ -61,7 +63,7 @@ def library(tmp_path_factory):
     mp.setattr(compiled, "MIN_GAIN", math.inf)  # chosen whenever it verifies: no timing noise in tests
     try:
         model, ref = _pair()
-        model.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+        model.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
         plan = plans_of(model)[0]
         site = plan.sites[compiled.SITE]
         assert site.chosen == compiled.NAME, plan.format()
@@ -132,10 +134,10 @@ def test_second_model_loads_the_cached_library(library, cache, monkeypatch):
     calls = []
     monkeypatch.setattr(compiled, "_compile_in_child", _copying(library, calls))
     first, ref = _pair()
-    first.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+    first.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
     assert len(calls) == 1 and calls[0][1] > compiled.MIN_COMPILE_S and len(calls[0][0]) == 2
     second, _ = _pair()
-    second.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+    second.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
     plan = plans_of(second)[0]
     assert len(calls) == 1 and plan.mode == "cached" and plan.sites[compiled.SITE].chosen == compiled.NAME
     frames = _frames()
@@ -143,7 +145,7 @@ def test_second_model_loads_the_cached_library(library, cache, monkeypatch):
     # the library deleted from the cache: compiled again, and said so
     compiled.package_paths(plan)["first"].unlink()
     third, _ = _pair()
-    third.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+    third.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
     assert len(calls) == 2
     notes = plans_of(third)[0].notes
     assert any("not usable" in n for n in notes) and sum("compiled in" in n for n in notes) == 1
@@ -167,7 +169,7 @@ def test_a_faulty_library_is_excluded_with_its_reason_and_the_ops_run(library, c
 
     monkeypatch.setattr(compiled.CompiledStep, "__call__", faulty)
     model, ref = _pair()
-    model.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+    model.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
     site = plans_of(model)[0].sites[compiled.SITE]
     comp = site.candidates[1]
     assert site.chosen == "ops" and comp.status == "excluded"
@@ -183,7 +185,7 @@ def test_a_faulty_library_is_excluded_with_its_reason_and_the_ops_run(library, c
 def test_a_failing_compiler_is_excluded_with_its_error(cache, monkeypatch):
     monkeypatch.setattr(compiled, "_compile_in_child", lambda *a: (False, "the compiler failed (exit 1): boom"))
     model, _ = _pair()
-    model.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+    model.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
     site = plans_of(model)[0].sites[compiled.SITE]
     assert site.chosen == "ops" and site.candidates[1].reason == "the compiler failed (exit 1): boom"
     assert "aot-inductor: excluded (the compiler failed" in plans_of(model)[0].format()
@@ -212,18 +214,65 @@ def test_host_model_has_the_structure_and_little_arithmetic(library):
     assert frame_flops(small.config, *size)["total"] < 0.1 * frame_flops(model.config, *SIZE)["total"]
 
 
+def test_auto_compiles_a_host_bound_step_and_the_session_runs_it(library, cache, monkeypatch):
+    """``auto`` (the CPU default) deciding to compile: the step is host-bound enough (the share lowered to
+    0 so any step is), the stand-in compiler's library verifies, and sessions run it. Mutation caught: an
+    ``auto`` that never compiles (every other test kept the share above 1)."""
+    from videomt_fast.runtime.fast import session_step_kind
+
+    calls = []
+    monkeypatch.setattr(compiled, "_compile_in_child", _copying(library, calls))
+    monkeypatch.setattr(compiled, "HOST_SHARE", 0.0)
+    model, ref = _pair()
+    assert session_step_kind(model) == "ops (unplanned)"
+    model.optimize(dtype=torch.float32, compile="auto", shapes=[(1, *SIZE)], budget_s=math.inf)
+    site = plans_of(model)[0].sites[compiled.SITE]
+    assert len(calls) == 1 and site.chosen == compiled.NAME, plans_of(model)[0].format()
+    assert session_step_kind(model) == compiled.NAME
+    frames = _frames(3)
+    _assert_close(_run(model, frames), _run(ref, frames))
+
+
+def test_a_budget_too_small_to_compile_is_said_not_overrun(cache, monkeypatch):
+    """A clock that does not move and a budget below what a compile needs: not attempted, the reason and the
+    budget's note say so; the same model with no budget compiles (the stand-in)."""
+    monkeypatch.setattr(plans, "clock", lambda: 1000.0)
+    monkeypatch.setattr(compiled, "_compile_in_child", lambda *a: (True, ""))  # never reached
+    model, _ = _pair()
+    plan = plans.build(model, 1, SIZE)
+    plan.key = plans.cache_key(model, 1, SIZE, plans.stages_of(model))
+    budget = plans.Budget(compiled.MIN_COMPILE_S + compiled.VERIFY_RESERVE_S - 1)
+    site = compiled.consider(model, plan, mode="on", budget=budget)
+    assert site.chosen == "ops" and site.candidates[1].reason.startswith("budget:"), site
+    assert budget.skipped == ["the compiled frame step (not compiled)"]
+
+
+def test_auto_does_not_time_a_step_its_arithmetic_clearly_dominates(cache, monkeypatch):
+    """Where the estimated arithmetic dwarfs the measured host time (a large model on a CPU), auto declines
+    without timing the op step (seconds a frame at ViT-L 640x640) and says which figure is an estimate."""
+    monkeypatch.setattr(plans, "gemm_rate", lambda *a, **k: 1e3)  # a very slow matrix product: arithmetic dominates
+    monkeypatch.setattr(compiled, "_compile_in_child", lambda *a: pytest.fail("compiled"))
+    model, _ = _pair()
+    model.optimize(dtype=torch.float32, compile="auto", shapes=[(1, *SIZE)], budget_s=math.inf)
+    plan = plans_of(model)[0]
+    ops_c, comp = plan.sites[compiled.SITE].candidates
+    assert ops_c.time_ms is None and comp.reason.startswith("auto: not host-bound")
+    assert "measured" in comp.reason and "estimated" in comp.reason
+    assert any("(estimated, not measured)" in n for n in plan.notes)
+
+
 def test_auto_compiles_only_a_host_bound_step(cache, monkeypatch):
     calls = []
     monkeypatch.setattr(compiled, "_compile_in_child", lambda *a: (calls.append(a), (False, "not reached"))[1])
     monkeypatch.setattr(compiled, "HOST_SHARE", 1.01)  # no step is this host-bound
     model, _ = _pair()
-    model.optimize(dtype=torch.float32, compile="auto", shapes=[(1, *SIZE)])
+    model.optimize(dtype=torch.float32, compile="auto", shapes=[(1, *SIZE)], budget_s=math.inf)
     site = plans_of(model)[0].sites[compiled.SITE]
     assert calls == [] and site.chosen == "ops" and site.candidates[1].reason.startswith("auto: not host-bound")
     assert any("of which host time about" in n for n in plans_of(model)[0].notes)
     # "on" retries what "auto" declined
     again, _ = _pair()
-    again.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)])
+    again.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)
     assert len(calls) == 1
 
 

@@ -19,6 +19,8 @@ import torch
 
 from videomt_fast import EomtImageProcessor, VideomtVideoProcessor
 
+from helpers import paired
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -255,7 +257,7 @@ def test_eomt_no_query_passing_gives_transformers_empty_results(task, hopeless):
     method = f"post_process_{task}_segmentation"
     ours = getattr(ours_proc, method)(outputs, targets, threshold=0.5)
     theirs = getattr(hf_proc, method)(outputs, targets, threshold=0.5)
-    for b, (o, t) in enumerate(zip(ours, theirs)):
+    for b, (o, t) in enumerate(paired(ours, theirs)):
         assert o["segments_info"] == t["segments_info"]
         assert o["segmentation"].dtype == t["segmentation"].dtype and o["segmentation"].device == t["segmentation"].device
         torch.testing.assert_close(o["segmentation"], t["segmentation"], rtol=0, atol=0)
@@ -270,7 +272,7 @@ def test_video_no_query_passing_gives_transformers_empty_results(task):
     method = f"post_process_{task}_segmentation"
     ours = getattr(VideomtVideoProcessor(), method)(outputs, targets)
     theirs = getattr(_hf_video_class()(), method)(outputs, targets)
-    for o, t in zip(ours, theirs):
+    for o, t in paired(ours, theirs):
         assert o["segments_info"] == t["segments_info"]
         assert o["segmentation"].dtype == t["segmentation"].dtype
         torch.testing.assert_close(o["segmentation"], t["segmentation"], rtol=0, atol=0)
@@ -302,9 +304,9 @@ def test_segmentation_maps_resized_as_transformers(shape):
     for maps in (label_map, Image.fromarray(label_map)):  # arrays and PIL maps (kept single-channel)
         ours = EomtImageProcessor(**settings)(images=image, segmentation_maps=maps, return_tensors="pt")
         theirs = _hf_eomt_class()(**settings)(images=image, segmentation_maps=maps, return_tensors="pt")
-        for a, b in zip(ours["mask_labels"], theirs["mask_labels"]):
+        for a, b in paired(ours["mask_labels"], theirs["mask_labels"]):
             torch.testing.assert_close(a, torch.as_tensor(b).float(), rtol=0, atol=0)
-        for a, b in zip(ours["class_labels"], theirs["class_labels"]):
+        for a, b in paired(ours["class_labels"], theirs["class_labels"]):
             assert torch.equal(a, torch.as_tensor(b).long())
 
 

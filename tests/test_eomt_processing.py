@@ -17,6 +17,8 @@ import torch
 
 from videomt_fast.processing.eomt_processor import EomtImageProcessor, resized_size, window_offsets
 
+from helpers import paired
+
 transformers = pytest.importorskip("transformers")
 
 _CACHE: dict = {}
@@ -57,8 +59,7 @@ def _outputs(batch, queries, classes, mask_hw, seed, scale=4.0, offsets=None):
 
 
 def _same_segments(ours, theirs, exact_dtype=True):
-    assert len(ours) == len(theirs)
-    for o, t in zip(ours, theirs):
+    for o, t in paired(ours, theirs):
         so, st = o["segmentation"], t["segmentation"]
         assert so.shape == st.shape
         if exact_dtype and st.dtype == so.dtype:
@@ -66,7 +67,7 @@ def _same_segments(ours, theirs, exact_dtype=True):
         else:
             assert torch.equal(so.to(st.dtype), st)
         assert [(s["id"], s["label_id"]) for s in o["segments_info"]] == [(s["id"], s["label_id"]) for s in t["segments_info"]]
-        for a, b in zip(o["segments_info"], t["segments_info"]):
+        for a, b in paired(o["segments_info"], t["segments_info"], allow_empty=True):  # (ids compared above)
             assert abs(a["score"] - b["score"]) <= 1e-5
 
 
@@ -99,7 +100,7 @@ def test_window_offsets_match_transformers_split():
         ours = EomtImageProcessor(size={"shortest_edge": window, "longest_edge": None}, do_resize=False,
                                   do_rescale=False, do_normalize=False, do_split_image=True)(img[0])
         assert len(ours["pixel_values"]) == len(patches)
-        for a, b in zip(ours["pixel_values"], patches):
+        for a, b in paired(ours["pixel_values"], patches):
             assert torch.equal(a, b)
 
 
@@ -134,7 +135,7 @@ def test_preprocess_matches_transformers_pil_backend(case):
     std = kwargs.get("image_std", 0.224)  # one uint8 level after normalisation, smallest std
     level = 1.0 / (255 * std)
     total = differing = 0
-    for a, b in zip(mine["pixel_values"], theirs["pixel_values"]):
+    for a, b in paired(mine["pixel_values"], theirs["pixel_values"]):
         b = torch.as_tensor(np.asarray(b))
         assert a.shape == b.shape and a.dtype == torch.float32
         diff = (a - b).abs()
@@ -185,9 +186,9 @@ def test_preprocess_segmentation_maps_match_transformers():
     maps = [rng.integers(0, 4, size=(32, 32)).astype(np.int64), rng.integers(0, 6, size=(32, 20)).astype(np.int64)]
     theirs = hf(images=images, segmentation_maps=maps, return_tensors="pt")
     mine = ours(images=images, segmentation_maps=maps, return_tensors="pt")
-    for a, b in zip(mine["mask_labels"], theirs["mask_labels"]):
+    for a, b in paired(mine["mask_labels"], theirs["mask_labels"]):
         assert torch.equal(a, torch.as_tensor(b).float())
-    for a, b in zip(mine["class_labels"], theirs["class_labels"]):
+    for a, b in paired(mine["class_labels"], theirs["class_labels"]):
         assert torch.equal(a, torch.as_tensor(b).long())
 
 
@@ -210,11 +211,11 @@ def test_semantic_padded_matches_transformers(size, targets):
     ours = EomtImageProcessor(size=size)
     mine = ours.post_process_semantic_segmentation(outputs, target_sizes=targets)
     theirs = hf.post_process_semantic_segmentation(outputs, target_sizes=targets)
-    for a, b in zip(mine, theirs):
+    for a, b in paired(mine, theirs):
         assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
     mine = ours.post_process_semantic_segmentation(outputs, target_sizes=targets, return_segmentation_scores=True)
     theirs = hf.post_process_semantic_segmentation(outputs, target_sizes=targets, return_segmentation_scores=True)
-    for a, b in zip(mine, theirs):
+    for a, b in paired(mine, theirs):
         assert torch.equal(a.segmentation, b.segmentation)
         assert (a.segmentation_scores - b.segmentation_scores).abs().max().item() <= 1e-6
 
@@ -236,16 +237,16 @@ def test_semantic_sliding_windows_match_transformers(targets):
     ]
     mine = proc.post_process_semantic_segmentation(outputs, target_sizes=targets)
     theirs = hf.post_process_semantic_segmentation(outputs, target_sizes=targets)
-    for a, b, t in zip(mine, theirs, targets):
+    for a, b, t in paired(mine, theirs, targets):
         assert a.shape == t and torch.equal(a, b)
     mine = proc.post_process_semantic_segmentation(outputs, target_sizes=targets, return_segmentation_scores=True)
     theirs = hf.post_process_semantic_segmentation(outputs, target_sizes=targets, return_segmentation_scores=True)
-    for a, b in zip(mine, theirs):
+    for a, b in paired(mine, theirs):
         assert torch.equal(a.segmentation, b.segmentation)
         assert (a.segmentation_scores - b.segmentation_scores).abs().max().item() <= 1e-6
     # the public merge helper on its own
     logits = torch.randn(windows, 4, 64, 64)
-    for a, b in zip(proc.merge_image_patches(logits, offsets, targets, size), hf.merge_image_patches(logits, offsets, targets, size)):
+    for a, b in paired(proc.merge_image_patches(logits, offsets, targets, size), hf.merge_image_patches(logits, offsets, targets, size)):
         assert (a - b).abs().max().item() <= 1e-6
 
 
@@ -253,7 +254,7 @@ def test_unpad_image_matches_transformers():
     size = {"shortest_edge": 64, "longest_edge": 64}
     logits = torch.randn(3, 5, 64, 64)
     targets = [(48, 64), (90, 31), (64, 64)]
-    for a, b in zip(EomtImageProcessor(size=size).unpad_image(logits, targets, size), _hf_post(size).unpad_image(logits, targets, size)):
+    for a, b in paired(EomtImageProcessor(size=size).unpad_image(logits, targets, size), _hf_post(size).unpad_image(logits, targets, size)):
         assert a.shape == b.shape and torch.equal(a, b)
 
 

@@ -96,8 +96,13 @@ def test_kernels_folder_defers_to_the_pypi_package_under_the_top_level_name():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, check=True)
     folder, state = out.stdout.strip().splitlines()
 
+    # is the PyPI package installed? asked without this checkout on the path (a run from the checkout by
+    # PYTHONPATH, as on the GPU machine, would find this very folder)
+    path = os.pathsep.join(p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+                           if p and os.path.abspath(p) != root)
+    env = dict(os.environ, PYTHONPATH=path)
     spec = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('kernels'); "
-                           "print(s.origin if s else '')"], capture_output=True, text=True, cwd="/")
+                           "print(s.origin if s else '')"], capture_output=True, text=True, cwd="/", env=env)
     installed = spec.stdout.strip()
     if installed:  # the PyPI package: the top-level name must resolve to it, not to this folder
         assert folder == os.path.dirname(installed) != os.path.join(root, "kernels"), out.stdout

@@ -418,16 +418,30 @@ def test_optimize_refuses_a_budget_that_is_not_a_positive_number(model):
 # ------------------------------------------------------------------ cache and switches
 
 
-def test_cache_round_trips_and_a_version_change_invalidates_it(model, monkeypatch, tmp_path):
-    first = plans.get(model, 1, SIZE, timer=stub_timer({}))
-    assert first.mode == "calibrated"
+@pytest.fixture()
+def good_layer_norm(monkeypatch):
+    """A candidate for layer_norm equal to the reference (so a plan has a choice worth caching)."""
+    ref = registry._OPS["layer_norm"].ref
+    monkeypatch.setitem(registry._CANDIDATES, "layer_norm",
+                        {"good": registry._Impl(lambda *a: ref(*a), None, None, devices=("cpu",))})
+
+
+def test_cache_round_trips_and_a_version_change_invalidates_it(model, monkeypatch, tmp_path, good_layer_norm):
+    """Mutations caught: a cache that is never read (the second get would calibrate and, timed the other way
+    round, choose the reference), and a version change that does not invalidate (the third get would read
+    the cached "good")."""
+    first = plans.get(model, 1, SIZE, timer=stub_timer({"good": 0.1, "reference": 1.0}))
+    assert first.mode == "calibrated" and first.sites["early.layer_norm"].chosen == "good"
     files = list((tmp_path / "plans").glob("*.json"))
     assert len(files) == 1
-    again = plans.get(model, 1, SIZE, timer=stub_timer({}))
-    assert again.mode == "cached" and again.choices() == first.choices()
+    reversed_timer = stub_timer({"good": 1.0, "reference": 0.1})
+    again = plans.get(model, 1, SIZE, timer=reversed_timer)
+    assert again.mode == "cached" and again is not first and again.choices() == first.choices()
+    assert not reversed_timer.seen  # nothing measured
     assert json.loads(files[0].read_text())["sites"].keys() == first.sites.keys()
     monkeypatch.setattr(videomt_fast, "__version__", "999.0")
-    assert plans.get(model, 1, SIZE, timer=stub_timer({})).mode == "calibrated"
+    fresh = plans.get(model, 1, SIZE, timer=reversed_timer)
+    assert fresh.mode == "calibrated" and fresh.sites["early.layer_norm"].chosen == "reference"
     assert len(list((tmp_path / "plans").glob("*.json"))) == 2
     assert plans.get(model, 1, SIZE, mode="recalibrate", timer=stub_timer({})).mode == "calibrated"
     static = plans.get(model, 1, SIZE, mode="static")
@@ -437,14 +451,18 @@ def test_cache_round_trips_and_a_version_change_invalidates_it(model, monkeypatc
         plans.get(model, 1, SIZE)
 
 
-def test_a_stale_cached_choice_is_recalibrated(model, tmp_path):
-    plan = plans.get(model, 1, SIZE, timer=stub_timer({}))
+def test_a_stale_cached_choice_is_recalibrated(model, tmp_path, good_layer_norm):
+    """A cached choice this machine no longer has: the plan is calibrated again, and the new plan (not the
+    first one) holds a real choice. Mutation caught: a cache read that keeps the unknown choice (resolve
+    would raise) or returns the stale plan."""
+    plans.get(model, 1, SIZE, timer=stub_timer({"good": 0.1, "reference": 1.0}))
     path = next((tmp_path / "plans").glob("*.json"))
     data = json.loads(path.read_text())
-    data["sites"]["early.attention"]["chosen"] = "gone"  # an implementation this machine no longer has
+    data["sites"]["early.layer_norm"]["chosen"] = "gone"  # an implementation this machine no longer has
     path.write_text(json.dumps(data))
-    assert plans.get(model, 1, SIZE, timer=stub_timer({})).mode == "calibrated"
-    assert plan.sites["early.attention"].chosen == "reference"
+    again = plans.get(model, 1, SIZE, timer=stub_timer({"good": 0.1, "reference": 1.0}))
+    assert again.mode == "calibrated" and again.sites["early.layer_norm"].chosen == "good"
+    assert json.loads(path.read_text())["sites"]["early.layer_norm"]["chosen"] == "good"  # the cache is mended
 
 
 def test_backend_switches_give_another_plan(model):

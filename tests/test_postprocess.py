@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import hf_oracle
-from helpers import assert_segments_equal, random_outputs
+from helpers import assert_segments_equal, paired, random_outputs
 from videomt_fast import ops
 from videomt_fast.ops import postprocess as pp
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
@@ -75,7 +75,7 @@ def test_semantic_matches_transformers(oracle, ours, sizes, with_scores):
     out = random_outputs(len(sizes), 23, 19, 20, 24, seed=len(sizes) + 100 * with_scores)
     expected = oracle.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
     got = ours.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
-    for e, o in zip(expected, got):
+    for e, o in paired(expected, got):
         if with_scores:
             assert torch.equal(o.segmentation, e.segmentation)
             torch.testing.assert_close(o.segmentation_scores, e.segmentation_scores, rtol=0, atol=0)
@@ -97,7 +97,7 @@ def test_small_blocks_match(monkeypatch, oracle, ours):
         oracle.post_process_panoptic_segmentation(out, sizes, threshold=0.5, label_ids_to_fuse={1, 5, 9}),
         ours.post_process_panoptic_segmentation(out, sizes, threshold=0.5, label_ids_to_fuse={1, 5, 9}),
     )
-    for e, o in zip(oracle.post_process_semantic_segmentation(out, sizes), ours.post_process_semantic_segmentation(out, sizes)):
+    for e, o in paired(oracle.post_process_semantic_segmentation(out, sizes), ours.post_process_semantic_segmentation(out, sizes)):
         assert torch.equal(e, o)
 
 
@@ -260,7 +260,7 @@ def test_cpu_block_budget_does_not_change_answers(monkeypatch, oracle, ours, cpu
         oracle.post_process_panoptic_segmentation(cells, sizes, **kwargs),
         ours.post_process_panoptic_segmentation(cells, sizes, **kwargs),
     )
-    for e, o in zip(oracle.post_process_semantic_segmentation(blobs, sizes), ours.post_process_semantic_segmentation(blobs, sizes)):
+    for e, o in paired(oracle.post_process_semantic_segmentation(blobs, sizes), ours.post_process_semantic_segmentation(blobs, sizes)):
         assert torch.equal(e, o)
 
 
@@ -313,6 +313,6 @@ def test_semantic_ties_across_class_blocks(monkeypatch, oracle, ours):
     for with_scores in (False, True):
         expected = oracle.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
         got = ours.post_process_semantic_segmentation(out, sizes, return_segmentation_scores=with_scores)
-        for e, o in zip(expected, got):
+        for e, o in paired(expected, got):
             e, o = (e.segmentation, o.segmentation) if with_scores else (e, o)
             assert torch.equal(e, o)

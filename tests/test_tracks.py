@@ -302,6 +302,7 @@ def test_youtube_vis_category_ids_are_one_based():
     """YouTube-VIS numbers its categories from 1 (``{"id": 1, "name": "person"}``, ...); its evaluation
     (ytvoseval, and the research code's ytvis_eval mapping contiguous label l to dataset id l + 1)
     matches results by ``category_id``. Label 0 must therefore be written as category 1."""
+    pytest.importorskip("pycocotools.mask", reason="needs pycocotools (the video extra): YouTube-VIS entries are RLE")
     cls, masks = _synthetic_clip()
     acc = VideoInstanceAccumulator(top_k=3)
     acc.update(SimpleNamespace(class_queries_logits=cls, masks_queries_logits=masks), [OUT_SIZE] * CLIP_FRAMES)

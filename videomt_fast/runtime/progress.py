@@ -6,6 +6,7 @@ Shown only when the wait passes :data:`DELAY_S` and stderr is a terminal (or ``v
 
 from __future__ import annotations
 
+import math
 import sys
 
 DELAY_S = 2.0
@@ -31,10 +32,12 @@ class PlanProgress:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=round(budget_s), desc=self.label, unit="s", delay=self.delay_s, file=self.stream,
-                             leave=False, bar_format="{desc} ({n:.0f} of at most {total} s)")
+            bounded = math.isfinite(budget_s)
+            self._bar = tqdm(total=round(budget_s) if bounded else None, desc=self.label, unit="s",
+                             delay=self.delay_s, file=self.stream, leave=False,
+                             bar_format="{desc} ({n:.0f} of at most {total} s)" if bounded else "{desc} ({n:.0f} s)")
         self._bar.set_description_str(f"{self.label}: {what}", refresh=False)
-        self._bar.n = min(round(elapsed_s), self._bar.total)
+        self._bar.n = round(elapsed_s) if self._bar.total is None else min(round(elapsed_s), self._bar.total)
         self._bar.refresh()
 
     def close(self) -> None:
