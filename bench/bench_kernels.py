@@ -17,8 +17,8 @@ quantiles in ms):
 * query_update: ``triton`` vs ``torch`` (reference: F.linear + add + copy into the buffer).
 
 Every row also carries the relative error of that provider against the float64 reference of the same
-inputs, so a fast wrong kernel cannot hide. Results go to ``bench/results/kernels_<gpu>_<time>.json``
-(written to a temporary name, then renamed) with the device name and torch/triton versions.
+inputs, so a fast wrong kernel cannot hide. Results go to ``<results folder>/kernels_<gpu>_<time>.json``
+(``$VIDEOMT_FAST_RESULTS_DIR``, else ``~/.cache/videomt_fast/results``; written to a temporary name, then renamed) with the device name and torch/triton versions.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NUM_QUERIES = 200
 PREFIX = 1 + 4  # cls + registers
 DEVICE = "cuda"
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--warmup", type=int, default=25, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=int, default=100, help="do_bench repetition time, ms")
-    parser.add_argument("--out", default=None, help="output JSON path (default: bench/results/kernels_<gpu>_<time>.json)")
+    parser.add_argument("--out", default=None, help="output JSON path (default: <results folder>/kernels_<gpu>_<time>.json)")
     parser.add_argument("--list", action="store_true", help="print the cases and exit (no GPU needed)")
     args = parser.parse_args(argv)
     args.ops = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -262,7 +261,9 @@ def write(result: dict, path: str | None) -> str:
     if path is None:
         device = re.sub(r"[^A-Za-z0-9]+", "-", result["environment"]["device"]).strip("-").lower()
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(RESULTS, f"kernels_{device}_{stamp}.json")
+        from videomt_fast.apps.benchmark import results_dir
+
+        path = os.path.join(results_dir(), f"kernels_{device}_{stamp}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as fh:

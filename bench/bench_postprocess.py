@@ -3,7 +3,8 @@ reference on GPU) vs transformers' VideomtVideoProcessor, same logits, CUDA even
 
     python bench/bench_postprocess.py [--queries 200] [--classes 40] [--frames 4] [--repeats 20]
 
-Writes bench/results/postprocess-<device>-<time>.json (temporary name, then rename). Exits with a
+Writes <results folder>/postprocess-<device>-<time>.json ($VIDEOMT_FAST_RESULTS_DIR, else
+~/.cache/videomt_fast/results) (temporary name, then rename). Exits with a
 message when CUDA is unavailable.
 """
 
@@ -127,7 +128,9 @@ def main() -> int:
         "extension": "loaded" if ext_ok else f"unavailable: {_ext.error()}",
         "rows": rows,
     }
-    out_dir = ROOT / "bench" / "results"
+    from videomt_fast.apps.benchmark import results_dir
+
+    out_dir = Path(results_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     name = f"postprocess-{torch.cuda.get_device_name().replace(' ', '_')}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     tmp = out_dir / (name + ".tmp")

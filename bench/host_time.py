@@ -11,7 +11,8 @@ in one process on the same weights and frames:
 
 On a GPU the host time is the time until ``step()`` returns, without synchronizing (the launches and the
 replay are what the host pays); the device time per frame is reported beside it. Writes JSON under
-``bench/results/`` (or ``--out``) and prints the ratios.
+the benchmark's results folder (``$VIDEOMT_FAST_RESULTS_DIR``, else ``~/.cache/videomt_fast/results``;
+or ``--out``) and prints the ratios.
 
     python bench/host_time.py [--device cpu|cuda] [--queries 200] [--threads 1] [--repeats 7] [--compile auto]
 """
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                         "decides: bf16 on a CPU with native bf16 when it passes the agreement gate and is faster)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="the fast session's compiled frame step on a CPU (optimize(compile=...), default auto)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/host_time_<device>_<time>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default <results folder>/host_time_<device>_<time>.json)")
     args = p.parse_args(argv)
     if args.steps < 2 or args.repeats < 1:
         p.error("--steps must be at least 2 and --repeats at least 1")
@@ -142,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
         "steady_ratio_fast_over_hf": med_steady["fast"] / med_steady["hf"] if med_steady else None,
         "fast_plans": [plan.to_json() for plan in plans_of(fast)],
     }
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+    from videomt_fast.apps.benchmark import results_dir
+
+    out = args.out or os.path.join(results_dir(),
                                    f"host_time_{device.type}_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

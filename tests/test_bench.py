@@ -502,3 +502,35 @@ def test_progress_eta_from_the_frames_done():
     assert "ETA after the first case" in lines[1] and "0:07 elapsed" in lines[1]
     assert lines[2].split()[:3] == ["[", "25%]", "fast-fp32"] and lines[2].endswith("0:17 elapsed, ETA 0:30")
     assert lines[3].endswith("ETA 0:20")  # 16 frames left at 0.8 frames/s
+
+
+def test_results_go_outside_the_working_tree_unless_asked(tmp_path, monkeypatch, capsys):
+    """``python -m bench`` in a checkout leaves ``git status`` clean: without ``--out-dir`` the JSON goes to
+    the results folder ($VIDEOMT_FAST_RESULTS_DIR, else the user's cache), never under the current folder.
+    Mutation caught: the former default ``bench/results`` under the current directory."""
+    work, results = tmp_path / "checkout", tmp_path / "results"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("VIDEOMT_FAST_RESULTS_DIR", str(results))
+    assert benchmark.main(TINY_RUN + ["--size", "32x32", "--providers", "fast-ref", "--peers", "none",
+                                      "--mode", "online"]) == 0
+    assert os.listdir(work) == []
+    (path,) = results.glob("*.json")
+    assert str(path) in capsys.readouterr().out
+    monkeypatch.delenv("VIDEOMT_FAST_RESULTS_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert benchmark.results_dir() == str(tmp_path / "cache" / "videomt_fast" / "results")
+
+
+def test_progress_names_the_dtype_that_will_run():
+    """The progress line and the row agree on the dtype (on a CPU transformers' SDPA rows run float32 and
+    are labelled so; the fast path's dtype is its plan's decision)."""
+    import argparse
+
+    cpu = argparse.Namespace(dtype=torch.float32, fast_dtype="auto", device=torch.device("cpu"))
+    assert benchmark.building_label("hf-sdpa-bf16", cpu) == "hf-sdpa-fp32"
+    assert benchmark.building_label("hf-eager-fp32", cpu) == "hf-eager-fp32"
+    assert benchmark.building_label("fast", cpu) == "fast (dtype decided by its plan)"
+    gpu = argparse.Namespace(dtype=torch.bfloat16, fast_dtype="auto", device=torch.device("cuda"))
+    assert benchmark.building_label("hf-sdpa-bf16", gpu) == "hf-sdpa-bf16"
+    assert benchmark.building_label("fast", gpu) == "fast-bf16"

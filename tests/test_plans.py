@@ -343,7 +343,7 @@ def test_calibration_stops_measuring_when_the_budget_is_spent(model, monkeypatch
     statuses = [next(c for c in s.candidates if c.name == "good").status for s in plan.sites.values()
                 if s.op == "layer_norm"]
     assert "untimed" in statuses, statuses
-    assert any(n.startswith("budget of 5 s spent") for n in plan.notes), plan.notes
+    assert any(n.startswith("not measured within the 5 s planning budget") for n in plan.notes), plan.notes
     assert not list((tmp_path / "plans").glob("*.json"))  # not remembered
     assert len(verified) <= 2  # one site's recorded forms at most
 
@@ -379,7 +379,7 @@ def test_the_cpu_dtype_decision_measures_a_scaled_size_or_nothing(model, monkeyp
         return size[0] * size[1] / grid**2 / 100
 
     assert plans.measured_size(model, 1, big, seconds=1e6, frame_s=per_frame) == big
-    scaled = plans.measured_size(model, 1, big, seconds=16 * 6.0, frame_s=per_frame)  # 16 runs: 6 s a frame
+    scaled = plans.measured_size(model, 1, big, seconds=8 * 6.0, frame_s=per_frame)  # 8 frames' worth: 6 s a frame
     assert scaled is not None and scaled[0] * scaled[1] / grid**2 <= 600 and scaled[0] > scaled[1]
     assert min(scaled) >= plans.MIN_GRID * grid and scaled[0] % grid == scaled[1] % grid == 0
     assert plans.measured_size(model, 1, big, seconds=1.0, frame_s=per_frame) is None
@@ -388,7 +388,7 @@ def test_the_cpu_dtype_decision_measures_a_scaled_size_or_nothing(model, monkeyp
     budget = plans.Budget(10.0)
     report = plans.choose_cpu_dtype(model, 1, SIZE, budget=budget)
     assert report["dtype"] == "float32" and report["reason"].startswith("not measured"), report
-    assert budget.skipped == ["the cpu dtype decision (float32 kept)"]
+    assert "float32 kept" in report["reason"]
 
 
 def test_progress_line_only_when_asked_or_on_a_terminal():
@@ -626,3 +626,16 @@ def test_cpu_dtype_decision_is_measured_once_per_machine(model, monkeypatch):
     plans.cpu_dtype_decision(model, 1, SIZE, mode="recalibrate")
     assert len(calls) == 2
     assert plans.cpu_dtype_decision(model, 1, SIZE, mode="static")["dtype"] == "float32" and len(calls) == 2
+
+
+def test_top_level_help_is_plain_text(capsys):
+    """``videomt-fast --help`` lists every command in plain words (the module docstring's reStructuredText
+    backticks are not for a terminal); no command is usage on stderr with exit status 2."""
+    from videomt_fast.apps import cli
+
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "`" not in out and out.startswith("usage: videomt-fast COMMAND")
+    for name in [*cli._SUBCOMMANDS, "backends"]:
+        assert f"\n  {name} " in out
+    assert cli.main([]) == 2 and capsys.readouterr().err.startswith("usage:")

@@ -4,11 +4,13 @@ Every provider runs the same inputs (several random clips, rotated between repea
 the same device, one after the other, each built fresh and freed after its rows:
 
     hf-eager-fp32   transformers, attn_implementation="eager", float32 (the agreement reference)
-    hf-sdpa-bf16    transformers, attn_implementation="sdpa", the low-precision dtype (bf16 on CUDA; on a
-                    CPU the default dtype is float32 and its rows are labelled hf-sdpa-fp32)
+    hf-sdpa-bf16    transformers, attn_implementation="sdpa", in ``--dtype`` (default bf16 on CUDA, float32
+                    on a CPU, where its rows are labelled hf-sdpa-fp32)
     hf-compile      torch.compile(transformers sdpa model), mode="max-autotune" (CUDA; opt-in on CPU)
     fast-ref        videomt_fast, float32, every op forced to the reference backend
-    fast            videomt_fast after model.optimize() (bf16, Triton/CUDA kernels, CUDA-graph sessions)
+    fast            videomt_fast after model.optimize(): on CUDA bf16, Triton/CUDA kernels, CUDA-graph sessions;
+                    on a CPU the plan decides the dtype (bf16 where it proves faster and agrees, else float32)
+                    unless --dtype sets it. Every row's label ends in the dtype that ran (fast-bf16, fast-fp32)
     peers           Mask2Former Swin-T (per frame) and EdgeTAM video (streaming): FPS only
 
 On a CPU the default run is short (about a minute or two): transformers eager and SDPA against
@@ -33,7 +35,7 @@ one-frame forward instead, which cannot carry queries).
 
 Each run prints progress with an ETA (stderr), then the table with a legend and any warnings, and
 writes ``<out-dir>/<arch>_<modes>_<device>_<time>.json`` atomically (``--out-dir`` defaults to
-``bench/results`` under the current directory) and prints its path.
+:func:`results_dir`, outside any source tree) and prints its path.
 """
 
 from __future__ import annotations
@@ -140,7 +142,9 @@ def add_model_arguments(p: argparse.ArgumentParser, threads_default: str = "torc
                    help="classes of the random-weight model (default 40 for VidEoMT, 133 for EoMT)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None,
-                   help="low-precision dtype of the fast path (default bfloat16 on CUDA, float32 on CPU)")
+                   help="dtype of transformers' SDPA rows and of the fast path (default: bfloat16 on CUDA; on a CPU "
+                        "float32 for transformers, and for the fast path what its plan measures best, bf16 or float32; "
+                        "each row's label names the dtype that ran)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--threads", type=int, default=None, help=f"torch CPU threads (default: {threads_default})")
 
@@ -204,9 +208,9 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
                    help="torch.compile mode of hf-compile (default max-autotune on CUDA, default on CPU)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak TFLOP/s for MFU (default: 790 on H100/H200, by device name; none on CPU)")
-    p.add_argument("--out-dir", default=os.path.join("bench", "results"),
+    p.add_argument("--out-dir", default=None,
                    help="folder for the JSON file with every row, setting and the environment (default: "
-                        "bench/results under the current directory); its path is printed at the end")
+                        "$VIDEOMT_FAST_RESULTS_DIR, else ~/.cache/videomt_fast/results); its path is printed at the end")
     p.add_argument("--no-save", action="store_true", help="print the table only")
     p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
                    help="build every provider first and alternate them repeat by repeat, so a noisy machine "
@@ -452,6 +456,19 @@ def provider_label(name: str, dtype: torch.dtype) -> str:
     on a CPU by default and is shown as ``hf-sdpa-fp32``; ``fast`` in bf16 is ``fast-bf16``)."""
     short = _SHORT_DTYPES.get(dtype, str(dtype).replace("torch.", ""))
     return f"{re.sub(r'-(fp32|bf16|fp16)$', '', name)}-{short}"
+
+
+def building_label(name: str, args: argparse.Namespace) -> str:
+    """A provider's name before it runs, in the dtype it will run (the fast path's may still be decided)."""
+    if name == "hf-eager-fp32" or name == "fast-ref":
+        return name
+    if name.startswith("hf-"):
+        return provider_label(name, args.dtype)
+    if name == "fast" and getattr(args, "fast_dtype", None) == "auto" and args.device.type != "cuda":
+        return "fast (dtype decided by its plan)"
+    if name == "fast":
+        return provider_label(name, args.dtype)
+    return name
 
 
 def _hf_config(config: Any, attn: str):
@@ -1126,7 +1143,7 @@ def _run_sequential(bench: Bench, names: list[str], size: tuple[int, int]) -> li
     for name in names:
         memory = MemoryProbe(bench.device)
         memory.start()
-        progress.say(f"building {name} ({size[0]}x{size[1]})", case=False)
+        progress.say(f"building {building_label(name, args)} ({size[0]}x{size[1]})", case=False)
         runner, skipped = _build_or_rows(bench, name, size)
         rows += skipped
         if runner is None:
@@ -1163,7 +1180,7 @@ def _run_interleaved(bench: Bench, names: list[str], size: tuple[int, int]) -> l
     cases: list[Case] = []
     progress, args = bench.progress, bench.args
     for name in names:
-        progress.say(f"building {name} ({size[0]}x{size[1]})", case=False)
+        progress.say(f"building {building_label(name, args)} ({size[0]}x{size[1]})", case=False)
         runner, skipped = _build_or_rows(bench, name, size)
         for row in skipped:
             rows[(name, row["mode"])] = row
@@ -1390,6 +1407,16 @@ def _report(args: argparse.Namespace, bench: Bench, rows: list[dict[str, Any]]) 
     }
 
 
+def results_dir() -> str:
+    """Where benchmark JSON goes unless asked otherwise: ``$VIDEOMT_FAST_RESULTS_DIR``, else
+    ``$XDG_CACHE_HOME/videomt_fast/results`` (``~/.cache/...``): never into the working tree."""
+    explicit = os.environ.get("VIDEOMT_FAST_RESULTS_DIR")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "videomt_fast", "results")
+
+
 def result_path(args: argparse.Namespace, report: dict[str, Any]) -> str:
     env = report["environment"]
     device = env["device_name"] if env["device_type"] == "cuda" else "cpu"
@@ -1399,7 +1426,7 @@ def result_path(args: argparse.Namespace, report: dict[str, Any]) -> str:
         arch = f"eomt-{arch}"
     modes = "+".join(m.replace("end-to-end", "e2e") for m in args.modes)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    return os.path.join(args.out_dir, f"{arch}_{modes}_{slug}_{stamp}.json")
+    return os.path.join(args.out_dir or results_dir(), f"{arch}_{modes}_{slug}_{stamp}.json")
 
 
 def write_json_atomic(path: str, data: Any) -> None:

@@ -90,10 +90,21 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def usage() -> str:
+    """The top-level help: plain text, one line per command."""
+    commands = {**{name: what for name, (_, what) in _SUBCOMMANDS.items()},
+                "backends": "which implementation each op runs for tensors on a device, and why"}
+    width = max(len(name) for name in commands)
+    lines = ["usage: videomt-fast COMMAND [options]    (videomt-fast COMMAND --help: the options of one)", "",
+             "commands:"]
+    lines += [f"  {name:{width}s}  {what}" for name, what in commands.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip(), file=sys.stdout if argv else sys.stderr)  # no command: usage on stderr, exit 2
+        print(usage(), file=sys.stdout if argv else sys.stderr)  # no command: usage on stderr, exit 2
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "backends":

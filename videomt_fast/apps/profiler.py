@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -272,7 +273,9 @@ def _write_trace(args: argparse.Namespace, step_fn, frames) -> str:
     if args.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
     clock = StageClock(args.device)  # labels + NVTX for the traced frames too
-    with torch_profile(activities=activities) as prof:
+    with warnings.catch_warnings(), torch_profile(activities=activities) as prof:
+        # one profiling cycle, so "events are cleared at the end of each cycle" (torch 2.11) says nothing
+        warnings.filterwarnings("ignore", message=".*Profiler clears events.*")
         prev = None
         for i in range(args.trace_frames):
             with torch.profiler.record_function(f"frame_{i}"):

@@ -452,7 +452,7 @@ def _verify_and_time(model, plan, site, step, calibration, run_ops, size, budget
 
 def _finish(plan: plans.Plan, site: plans.Site) -> plans.Site:
     if plan.key:
-        plans.save_cached(plan)
+        plans.save_cached(plan)  # (not when the plan was cut short by its budget)
     return site
 
 

@@ -187,7 +187,10 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
         _check_shape(model, rows, tuple(size))
         budget = budget or _budget(model, rows, size)
         report = settings.cpu_dtype_report
-        notes = [f"cpu dtype: {report['reason']} ({_dtype_figures(report)})"] if report else []
+        notes = []
+        if report:
+            figures = "" if report["reason"].startswith("not measured") else f" ({_dtype_figures(report)})"
+            notes.append(f"cpu dtype: {report['reason']}{figures}")
         plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages or plans.stages_of(model)),
                          budget=budget, notes=notes)
         plan.__dict__["_planning_s"] = budget.elapsed()  # what is left of the budget goes to a compiled step

@@ -199,13 +199,23 @@ class Plan:
         lines = [f"execution plan: {self.device}, {self.dtype}, {self.rows} x {self.size[0]}x{self.size[1]} "
                  f"({self.mode}, calibration {self.calibration_s:.1f} s)"]
         if self.gate:
-            lines.append("gate vs float32: " + ", ".join(f"{k}={v}" for k, v in self.gate.items()))
+            shown = {k: v for k, v in self.gate.items() if k != "weights"}
+            lines.append("gate vs float32: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
+        single = [key for key, site in self.sites.items()
+                  if [c.name for c in site.candidates] == [site.chosen] and site.chosen == "reference"]
+        if single:  # one implementation per op here (a CPU): nothing was measured at these sites
+            lines.append(f"{len(single)} op sites run the reference ops, the only implementation here (nothing to "
+                         f"verify or time): {', '.join(single)}")
         lines.append(f"{'site':28s} {'chosen':16s} candidates (time ms, rel. error / tolerance, or why excluded)")
         for key, site in self.sites.items():
+            if key in single:
+                continue
             parts = []
             for c in site.candidates:
                 if c.status == "excluded":
                     parts.append(f"{c.name}: excluded ({c.reason})")
+                elif c.time_ms is None and c.error is None:
+                    parts.append(f"{c.name}: not measured" + (f" ({c.reason})" if c.reason else ""))
                 else:
                     t = "-" if c.time_ms is None else f"{c.time_ms:.3f}"
                     e = "-" if c.error is None else f"{c.error:.1e}/{c.tolerance:.1e}"
@@ -803,7 +813,8 @@ def build(model, rows: int, size: tuple[int, int], *, mode: str = "auto", stages
                           "verified, timed or gated per op")
     if gate and mode != "static" and any(s.chosen != "reference" for s in sites.values() if s.stage not in UNTABLED):
         run_gate(model, plan, budget)  # (a plan of reference ops is the gate's own peer: nothing to check)
-    plan.notes.extend(f"budget of {budget.seconds:.0f} s spent: {what}" for what in budget.skipped)
+    plan.notes.extend(f"not measured within the {budget.seconds:.0f} s planning budget: {what}"
+                      for what in budget.skipped)
     plan.calibration_s = round(clock() - start, 3)
     return plan.resolve()
 
@@ -934,7 +945,9 @@ def measured_size(model, rows: int, size: tuple[int, int], seconds: float, frame
         tokens = min(1024, (size[0] // ph) * (size[1] // pw)) + model.config.num_queries
         rate = gemm_rate(model.config, rows * tokens, torch.float32, repeats=3)
         frame_s = functools.partial(_frame_seconds, model, rows, rate=rate)
-    runs = 8 * (2 if hasattr(model, "query_updater") else 1)  # two gate runs and two timing rounds, bf16 and fp32
+    # the gate runs a first and a later frame (VidEoMT) in each dtype, then at least two timing rounds of one
+    # frame in each: at most eight float32 frames' worth (bf16 frames cost no more where bf16 is native)
+    runs = 8 if hasattr(model, "query_updater") else 6
     ph, pw = model.config.patch_hw
     gh, gw = size[0] // ph, size[1] // pw
     scale = 1.0
@@ -964,17 +977,17 @@ def choose_cpu_dtype(model, rows: int, size: tuple[int, int], timer: Callable[[s
     allowed = DTYPE_SHARE * budget.left()
     at = tuple(size) if timer is not None or times is not None else measured_size(model, rows, size, allowed)
     if at is None:
-        result["reason"] = (f"not measured: a frame at the smallest representative size does not fit the "
-                            f"{allowed:.0f} s of the budget left for it: float32")
-        budget.skip("the cpu dtype decision (float32 kept)")
+        result["reason"] = (f"not measured: frames at the smallest representative size would not fit the "
+                            f"{allowed:.0f} s of the planning budget left for the decision: float32 kept")
         return result
     result["measured_size"] = list(at)
     pixels = calibration_input(model, rows, at, frames=2 if hasattr(model, "query_updater") else 1).float()
+    one = pixels[:, :1]  # timing: one frame (a later frame costs what the first does, plus one d x d product)
     fp32 = float32_reference(model)
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     bf16.attn_mask_probs = fp32.attn_mask_probs.clone()
     bf16._refresh_mask_probs()
-    low = pixels.to(torch.bfloat16)
+    low, one_low = pixels.to(torch.bfloat16), one.to(torch.bfloat16)
 
     def run(m, x):
         with torch.no_grad():
@@ -995,9 +1008,9 @@ def choose_cpu_dtype(model, rows: int, size: tuple[int, int], timer: Callable[[s
             result["float32_ms"], result["bfloat16_ms"] = timer("float32"), timer("bfloat16")
         else:  # interleaved, so a load that comes and goes weighs on both alike; medians of up to 3
             samples: dict[str, list[float]] = {"float32_ms": [], "bfloat16_ms": []}
-            while len(samples["float32_ms"]) < 3 and (not samples["float32_ms"] or budget.elapsed() < deadline):
-                samples["float32_ms"].append(measured(fp32, pixels))
-                samples["bfloat16_ms"].append(measured(bf16, low))
+            while len(samples["float32_ms"]) < 3 and (len(samples["float32_ms"]) < 2 or budget.elapsed() < deadline):
+                samples["float32_ms"].append(measured(fp32, one))
+                samples["bfloat16_ms"].append(measured(bf16, one_low))
             for key, values in samples.items():
                 result[key] = round(sorted(values)[(len(values) - 1) // 2], 3)
             result["timing"] = f"{len(samples['float32_ms'])} interleaved round(s)"
@@ -1152,6 +1165,8 @@ def load_cached(key: dict[str, Any]) -> Plan | None:
 
 
 def save_cached(plan: Plan) -> Path | None:
+    if plan.__dict__.get("_cut_short"):
+        return None  # a plan cut short by its budget is used, not remembered
     path = _cache_file(plan.key)
     return path if _write_json_atomic(path, plan.to_json()) else None
 
@@ -1185,6 +1200,7 @@ def get(model, rows: int, size: tuple[int, int], *, mode: str | None = None, sta
     plan.key = key
     plan.notes.extend(notes)
     if plan.mode == "calibrated":
+        plan.__dict__["_cut_short"] = bool(budget.skipped)
         if not budget.skipped:  # a plan cut short by its budget is used, not remembered
             save_cached(plan)
         _exclude_failures(plan)
