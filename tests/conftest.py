@@ -45,7 +45,10 @@ def pytest_configure(config):
 def pytest_report_header(config):
     hidden = {None: "", True: "; CUDA devices hidden from this run",
               False: "; CUDA was initialized before the devices could be hidden"}[_HIDDEN]
-    return f"videomt_fast triton: {_MODE.why}{hidden}"
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    same = f"; CUBLAS_WORKSPACE_CONFIG={cublas} (graphed and eager runs pick the same algorithms)" \
+        if not _MODE.interpret and cublas else ""
+    return f"videomt_fast triton: {_MODE.why}{hidden}{same}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -89,3 +89,30 @@ def test_the_readme_allowance_is_only_for_blocks_the_readme_marks():
     assert ci_policy.allowed(node, {}, "README.md:80+95: marked in README.md as skipped: needs a GPU")
     assert ci_policy.allowed(node, {}, "could not import 'transformers': No module named 'transformers'") is None
     assert ci_policy.allowed(node, {}, "README.md:80: some other reason") is None
+
+
+BLOCK = """
+import sys
+sys.modules["av"] = None  # a machine without PyAV and pycocotools (the GPU image): their imports fail
+sys.modules["pycocotools"] = None
+"""
+
+
+@pytest.mark.parametrize("ci", ["0", "1"])
+def test_tests_needing_pyav_or_pycocotools_skip_where_missing_and_fail_ci(tmp_path, ci):
+    """Where PyAV or pycocotools is missing the tests that need them skip naming it (a GPU machine runs the
+    suite without them), and under CI the skip fails (CI installs the test extra). Mutation caught: a
+    test that imports them unguarded (it errors instead of skipping)."""
+    (tmp_path / "no_video_deps.py").write_text(BLOCK)
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    env.update(CI=ci, PYTHONPATH=str(tmp_path) + os.pathsep + env.get("PYTHONPATH", ""))
+    nodes = ["tests/test_demo.py::test_palette_png_round_trip",
+             "tests/test_tracks.py::test_youtube_vis_category_ids_are_one_based"]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no_video_deps", "-q", "-p", "no:cacheprovider",
+                           "-rs", *nodes], capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=300)
+    out = proc.stdout + proc.stderr
+    if ci == "0":
+        assert proc.returncode == 0 and "2 skipped" in out, out
+        assert "needs PyAV" in out and "needs pycocotools" in out, out
+    else:
+        assert proc.returncode == 1 and "2 failed" in out and "CI: skipped tests fail under CI" in out, out

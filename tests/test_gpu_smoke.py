@@ -73,6 +73,9 @@ def test_readme_command_passes_with_cuda_present():
     gpu = _pytest([*args, "-m", "gpu", "--collect-only"], VIDEOMT_FAST_TEST_ASSUME_CUDA="1")
     assert gpu.returncode == 0, gpu.stdout[-3000:]
     assert "videomt_fast triton: compiled for the GPU" in gpu.stdout, gpu.stdout[-2000:]
+    # the gpu run fixes cuBLAS's workspace on every stream, so "graphed equals eager bit for bit" is sound
+    # (mutation caught: a gpu run without it, where the capture stream may pick other algorithms)
+    assert "CUBLAS_WORKSPACE_CONFIG=:4096:8" in gpu.stdout, gpu.stdout[-2000:]
 
 
 # ------------------------------------------------------------------ gpu_smoke.py

@@ -600,6 +600,18 @@ def test_gpu_calibration_at_published_shapes_agrees_with_float32(arch):
     assert_plans_ran_verified_kernels(model)
 
 
+def test_plan_timing_on_a_gpu_is_a_captured_graph(monkeypatch):
+    """On a GPU the default timer hands the candidate to the graph timer (calls captured back to back);
+    the GPU test below shows that Python's cost is then not counted. Mutation caught: one eager call between
+    two CUDA events (the former timer: it would need CUDA here and time the launch there)."""
+    from videomt_fast.runtime import cudagraph
+
+    seen = []
+    monkeypatch.setattr(cudagraph, "graph_ms", lambda fn, device, repeats: seen.append((device, repeats)) or 0.25)
+    assert plans.default_timer(lambda x: x, (torch.zeros(1),), torch.device("cuda")) == 0.25
+    assert seen == [(torch.device("cuda"), 10)]
+
+
 @pytest.mark.gpu
 def test_plan_timing_counts_the_device_not_python():
     """A candidate timed as calls captured back to back in a CUDA graph: Python's cost of making the call
