@@ -95,3 +95,13 @@ def test_readme_python_runs_as_written(name, code, skip, tmp_path):
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=TIMEOUT_S)
     assert proc.returncode == 0, f"{name} failed as written:\n{code}\n--- output ---\n{proc.stdout}\n{proc.stderr}"
+
+
+def test_results_folder_holds_what_the_readme_cites():
+    """bench/results/ holds exactly the files the README cites as evidence: none missing, none stray (the
+    benchmark writes elsewhere unless asked)."""
+    text = README.read_text(encoding="utf-8")
+    kept = {p.name for p in (ROOT / "bench" / "results").iterdir() if p.is_file()}
+    cited = set(re.findall(r"bench/results/([A-Za-z0-9_.+\-]+\.json)", text))
+    assert cited <= kept, f"cited but missing: {sorted(cited - kept)}"
+    assert kept <= cited, f"in bench/results/ but not cited by the README: {sorted(kept - cited)}"
