@@ -16,7 +16,6 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-export MAX_JOBS="${MAX_JOBS:-16}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export VIDEOMT_FAST_EXT_CACHE="${VIDEOMT_FAST_EXT_CACHE:-/tmp/videomt_fast_ext}"
 PY="${PYTHON:-python3}"
@@ -33,6 +32,7 @@ fi
 if [ "${1:-}" = "--extra" ]; then
   LIMIT="${LIMIT:-540}"
   export VIDEOMT_FAST_RESULTS_DIR="$OUT"  # what the extras write comes back with $OUT
+  export MAX_JOBS="${MAX_JOBS:-16}"  # (the smoke builds in the background on half the cores)
   case "${2:-}" in
     tests)
       timeout "$LIMIT" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -n "${TEST_WORKERS:-8}" --timeout 240 \
