@@ -415,7 +415,7 @@ def _engine_logits(workspace, video, engine, fast):
     """Class and mask logits of the segment engine on the whole video (float32 on CPU), and its engine."""
     settings = seg.SegmentSettings(model=str(workspace / "model"), task="semantic", out="unused", dtype="float32",
                                    fast=fast, engine=engine, chunk_size=CHUNK)
-    eng = seg._Engine(settings, "cpu")
+    eng = seg.Engine(settings, "cpu")
     source = video_io.VideoSource(str(video), "video")
     eng.start(video_io.probe(source))
     outs = [eng.forward(eng.preprocess(chunk)) for chunk in video_io.iter_chunks(source, CHUNK)]
@@ -449,13 +449,13 @@ def test_threads_option(workspace, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--threads"):
         seg.settings_from_args(seg.build_parser().parse_args(["v.mp4", "--model", "m", "--out", "o", "--threads", "-1"]))
     seen = []
-    real_forward = seg._Engine.forward
+    real_forward = seg.Engine.forward
 
     def forward(self, pixels):
         seen.append(torch.get_num_threads())
         return real_forward(self, pixels)
 
-    monkeypatch.setattr(seg._Engine, "forward", forward)
+    monkeypatch.setattr(seg.Engine, "forward", forward)
     before = torch.get_num_threads()
     out = tmp_path / "out"
     assert _run(workspace, out, workspace / "videos" / "shapes.mp4", extra=["--threads", "1"]) == 0

@@ -338,7 +338,7 @@ def test_closed_stdout_is_not_an_error(model_dir, tmp_path):
 _HOLD_MID_VIDEO = """
 import sys, time
 from videomt_fast.apps import segment as seg
-real = seg._Engine.forward
+real = seg.Engine.forward
 calls = []
 def forward(self, pixels):
     calls.append(1)
@@ -348,7 +348,7 @@ def forward(self, pixels):
         while True:
             time.sleep(60)
     return real(self, pixels)
-seg._Engine.forward = forward
+seg.Engine.forward = forward
 sys.exit(seg.main(sys.argv[1:]))
 """
 
