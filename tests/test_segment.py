@@ -212,15 +212,24 @@ def test_bad_inputs_reported_others_processed_and_resume(workspace, tmp_path, ca
     assert "1 skipped" in capsys.readouterr().out
 
 
-def test_incomplete_output_folder_is_redone(workspace, tmp_path):
+def test_leftovers_of_a_killed_run_are_removed_and_foreign_folders_kept(workspace, tmp_path):
     out = tmp_path / "out"
     video = workspace / "videos" / "nested" / "odd.mp4"
-    (out / "odd" / "semantic").mkdir(parents=True)  # a folder without the marker (foreign or truncated)
-    (out / "odd" / "semantic" / "stale.png").write_bytes(b"junk")
-    (out / ".odd.tmp-host-1-abc").mkdir()  # a killed run's temporary folder
+    (out / ".odd.tmp-host-1-abc" / "semantic").mkdir(parents=True)  # a killed run's temporary folder
+    (out / ".odd.tmp-host-1-abc" / "semantic" / "000000.png").write_bytes(b"junk")
+    (out / ".odd.tmp-x.tmp-host-2-def").mkdir()  # not odd's: the temporary folder of a video named "odd.tmp-x"
     assert _run(workspace, out, video) == 0
-    assert sorted(os.listdir(out)) == ["odd"]
+    assert sorted(os.listdir(out)) == [".odd.tmp-x.tmp-host-2-def", "odd"]
     assert len(os.listdir(out / "odd" / "semantic")) == 7
+    # a folder segment did not write (no marker: someone else's) is never replaced; the results go beside it
+    other = tmp_path / "other"
+    (other / "odd" / "semantic").mkdir(parents=True)
+    (other / "odd" / "semantic" / "stale.png").write_bytes(b"junk")
+    assert _run(workspace, other, video) == 0
+    names = sorted(os.listdir(other))
+    assert names[0] == "odd" and names[1].startswith("odd-") and len(names) == 2
+    assert os.listdir(other / "odd" / "semantic") == ["stale.png"]
+    assert len(os.listdir(other / names[1] / "semantic")) == 7
 
 
 def test_kill_and_resume(workspace, tmp_path):

@@ -114,11 +114,13 @@ def test_overwrite_leaves_files_it_did_not_write(model_dir, tmp_path, capsys):
     assert "FAILED v" in text and "notes.txt" in text, text
     assert (out / "v" / "notes.txt").read_text() == "mine\n" and (out / "v" / "done.json").read_text() == before
     assert os.listdir(out) == ["v"]  # no temporary or set-aside folder left either
-    # a done.json segment did not write (no record of what produced it) is not proof either
+    # a done.json segment did not write (no record of what produced it) is no proof either: the folder is
+    # someone else's, left alone, and the results go beside it
     (out / "v" / "notes.txt").unlink()
     (out / "v" / "done.json").write_text("{}")
-    assert _run(model_dir, out, video, extra=["--overwrite"]) == 1
+    assert _run(model_dir, out, video, extra=["--overwrite"]) == 0
     assert (out / "v" / "done.json").read_text() == "{}" and len(os.listdir(out / "v" / "semantic")) == 3
+    assert len(_visible(out)) == 2
     # what it wrote, it replaces
     (out / "v" / "done.json").write_text(before)
     assert _run(model_dir, out, video, task="panoptic", extra=["--overwrite"]) == 0
@@ -268,8 +270,8 @@ def test_file_name_that_is_not_utf8(model_dir, tmp_path):
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "2 done" in proc.stdout and "1 failed" in proc.stdout, proc.stdout
     assert "worse\\xfe.mp4" in proc.stdout  # named, escaped
-    assert _visible(out) == ["bad_", "good"]
-    assert _marker(out / "bad_")["frames"] == 3
+    assert _visible(out) == ["bad", "good"]
+    assert _marker(out / "bad")["frames"] == 3
 
 
 def _lose_read_override():

@@ -11,6 +11,7 @@ execution plan chose after :meth:`optimize`.
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 from collections import OrderedDict
@@ -854,6 +855,8 @@ class VideomtForUniversalSegmentation(_Segmenter):
         batch, num_frames, channels, height, width = pixel_values_videos.shape
         recorder = _Recorder(self, output_hidden_states, output_attentions)
         chunk = chunk_size if chunk_size is not None else self.chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)):
+            raise TypeError(f"chunk_size must be a whole number of frames (an int), got {chunk!r}")
         chunk = num_frames if chunk is None or recorder.active else int(chunk)
         if chunk < 1:
             raise ValueError(f"chunk_size must be a positive number of frames, got {chunk}")

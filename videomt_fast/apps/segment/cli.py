@@ -1,7 +1,8 @@
 """The command line: ``videomt-fast segment`` and :func:`run`, which both it and library callers use.
 
 Exit status: 0 when every video is done (or was already), 1 when any failed, 2 with one line on stderr
-for misuse (devices, ``--out``, list files, thresholds, options), before any work.
+for misuse (devices, ``--out``, list files, thresholds, options), before any work, and 130 after Ctrl-C
+(the summary says what finished; a rerun resumes). A closed stdout (``| head``) does not change it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any, Callable
 
 from videomt_fast.apps import video_io
 from videomt_fast.apps.segment.engine import resolve_dtype
-from videomt_fast.apps.segment.jobs import Job, assign_names, existing_result, job_identity, model_identity, result
+from videomt_fast.apps.segment.jobs import Job, assign_names, job_identity, model_identity, result
 from videomt_fast.apps.segment.locking import VideoLock, remove_stale_partials
-from videomt_fast.apps.segment.pipeline import segment_videos
+from videomt_fast.apps.segment.pipeline import decide, segment_videos
 from videomt_fast.apps.segment.processes import run_multi
 from videomt_fast.apps.segment.ray_tasks import run_ray
 from videomt_fast.apps.segment.settings import TASKS, SegmentSettings
@@ -57,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run one Ray task per video (ADDRESS of a cluster, or none for the default/local one)")
     p.add_argument("--decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
-                   help="video decoder (auto: torchcodec when importable, else PyAV)")
+                   help="video decoder (auto: PyAV, which sees damaged frames; torchcodec checks only the frame count)")
     p.add_argument("--decode-workers", type=int, default=2, help="videos decoded ahead in parallel per device")
     p.add_argument("--decode-threads", type=int, default=0, help="FFmpeg threads per decoder (0 = automatic)")
     p.add_argument("--prefetch-chunks", type=int, default=2, help="decoded chunks queued per video")
@@ -75,19 +76,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
-    for name in ("chunk_size", "decode_workers", "prefetch_chunks", "png_threads", "top_k"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.threads < 0:
-        raise ValueError(f"--threads must be 0 (PyTorch's default) or more, got {args.threads}")
-    for name in ("size", "short_side"):
-        value = getattr(args, name)
-        if value is not None and value < 16:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 16, got {value}")
-    for name in ("threshold", "mask_threshold", "overlap_threshold"):
-        value = getattr(args, name)
-        if value is not None and not 0.0 <= value <= 1.0:  # NaN fails the comparison too
-            raise ValueError(f"--{name.replace('_', '-')} must be a number from 0 to 1, got {value}")
     try:
         fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
     except ValueError:
@@ -100,7 +88,7 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
         png_threads=args.png_threads, png_level=max(0, min(9, args.png_level)), threshold=args.threshold,
         mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold, fuse_labels=fuse,
         overlay=args.overlay, overwrite=args.overwrite, top_k=args.top_k,
-    )
+    ).validate()
 
 
 def resolve_devices(spec: str) -> list[str]:
@@ -159,6 +147,10 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
     cannot be used.
     """
     began = time.perf_counter()
+    try:
+        settings.validate()
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     device_list = resolve_devices(devices) if ray_address is None else []
     if settings.dtype == "auto" and len({torch_device_type(d) for d in device_list}) == 1:
         # recorded in done.json as what runs (bfloat16 on CUDA, float32 on a CPU), not as "auto"
@@ -182,10 +174,10 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
         except OSError as exc:
             results.append(result(job, "failed", error=f"{source.path}: cannot read ({exc.strerror or exc})"))
             continue
-        state, why = existing_result(job)
-        if state == "absent" or settings.overwrite:
+        action, why = decide(job, settings)
+        if action == "run":
             todo.append(job)
-        elif state == "done":
+        elif action == "skip":
             results.append(result(job, "skipped"))
             lock = VideoLock.acquire(settings.out, job.name, wait=False)
             if lock is not None:  # finished: leftovers of runs that died on it are garbage
@@ -228,9 +220,10 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
                     counts[payload["status"]] += 1
                 if payload["status"] == "failed":
                     first = payload["error"].splitlines()[0] if payload["error"] else payload["name"]
-                    show(lambda b: b.write(f"failed: {first}", file=sys.stderr))
+                    show(lambda b: b.write(f"failed: {printable(first)}", file=sys.stderr))
                 show(lambda b: b.set_postfix(videos=counts["done"], failed=counts["failed"], refresh=False))
 
+    interrupted = False
     try:
         if todo:
             if ray_address is not None:
@@ -239,19 +232,25 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
                 segment_videos(todo, settings, device_list[0], on_event)
             else:
                 run_multi(todo, settings, device_list, on_event)
+    except KeyboardInterrupt:  # Ctrl-C: what finished stands, the rest is reported as interrupted
+        interrupted = True
     finally:
         show(lambda b: b.close())
     seconds = time.perf_counter() - began
     reported = {r["name"] for r in results}
     for job in todo:  # never lose a video silently
         if job.name not in reported:
-            results.append(result(job, "failed", error=f"{job.source.path}: no result reported"))
+            if interrupted:
+                results.append(result(job, "interrupted", error=f"{job.source.path}: interrupted"))
+            else:
+                results.append(result(job, "failed", error=f"{job.source.path}: no result reported"))
     frames = sum(r["frames"] for r in results if r["status"] == "done")
     summary = {
         "videos": len(results),
         "done": sum(r["status"] == "done" for r in results),
         "skipped": sum(r["status"] == "skipped" for r in results),
         "failed": sum(r["status"] == "failed" for r in results),
+        "interrupted": sum(r["status"] == "interrupted" for r in results),
         "frames": frames,
         "seconds": round(seconds, 3),
         "fps": round(frames / seconds, 3) if seconds > 0 else 0.0,
@@ -260,16 +259,22 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
     return summary
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not UTF-8 shown as escapes (``bad\\xff.mp4``)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def format_summary(summary: dict) -> str:
+    interrupted = summary.get("interrupted", 0)
     lines = [
         f"segment: {summary['videos']} videos: {summary['done']} done, {summary['skipped']} skipped (already done), "
-        f"{summary['failed']} failed; {summary['frames']} frames in {summary['seconds']:.1f} s "
-        f"({summary['fps']:.1f} frames/s)"
+        f"{summary['failed']} failed" + (f", {interrupted} interrupted (a rerun resumes)" if interrupted else "")
+        + f"; {summary['frames']} frames in {summary['seconds']:.1f} s ({summary['fps']:.1f} frames/s)"
     ]
     for r in summary["results"]:
         if r["status"] == "failed":
             lines.append(f"  FAILED {r['name']}: {(r['error'] or '').splitlines()[0] if r['error'] else ''}")
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def _one_line_error(message: str):
@@ -296,7 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = run(settings, args.inputs, devices=args.devices, ray_address=args.ray,
                       progress=not args.no_progress)
     except UsageError as exc:
-        print(f"videomt-fast segment: {exc}", file=sys.stderr)
+        print(f"videomt-fast segment: {printable(str(exc))}", file=sys.stderr)
         return 2
-    print(format_summary(summary))
+    except KeyboardInterrupt:
+        print("videomt-fast segment: interrupted before any video started", file=sys.stderr)
+        return 130
+    try:
+        print(format_summary(summary), flush=True)
+    except BrokenPipeError:  # the reader of stdout is gone; the work stands, and so does the exit status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    if summary["interrupted"]:
+        return 130
     return 1 if summary["failed"] else 0

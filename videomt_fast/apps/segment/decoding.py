@@ -1,4 +1,9 @@
-"""Decoding ahead: decoder threads fill bounded per-video queues with uint8 frame chunks."""
+"""Decoding ahead: decoder threads fill bounded per-video queues with uint8 frame chunks.
+
+A video's stream ends with ``"end"`` only when the decoder proved it whole
+(:func:`videomt_fast.apps.video_io.check_complete`) and the source is what it was when the video was
+claimed (:func:`.jobs.source_changed`); otherwise with an error naming the input.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from videomt_fast.apps import video_io
-from videomt_fast.apps.segment.jobs import Job
+from videomt_fast.apps.segment.jobs import Job, source_changed
 from videomt_fast.apps.segment.settings import SegmentSettings
 from videomt_fast.apps.video_io import VideoReadError
 
@@ -61,6 +66,9 @@ def _decode_into(video: DecodedVideo, settings: SegmentSettings, decoder: str) -
         for chunk in video_io.iter_chunks(source, settings.chunk_size, decoder, settings.decode_threads):
             if not put(("chunk", chunk)):
                 return
+        changed = source_changed(video.job)
+        if changed:
+            raise VideoReadError(f"{source.path}: changed while being read ({changed}); run again once it is complete")
         put(("end", None))
     except BaseException as exc:  # reported by name to the consumer
         if not isinstance(exc, VideoReadError):

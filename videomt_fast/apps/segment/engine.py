@@ -36,12 +36,26 @@ def load_model(settings: SegmentSettings, device: str):
 
         dtype = resolve_dtype(settings.dtype, device)
         model = VideomtForUniversalSegmentation.from_pretrained(settings.model, dtype=dtype, device=device)
+        check_weights(model, settings.model)
         if settings.fast and hasattr(model, "optimize"):
             model.optimize(dtype=dtype)
         model.eval()
         _MODEL_CACHE.clear()  # one model per process
         _MODEL_CACHE[key] = model
     return _MODEL_CACHE[key]
+
+
+def check_weights(model, name: str) -> None:
+    """Refuse a checkpoint whose weights hold NaN or infinite values: every map it made would be noise.
+
+    (Loading itself accepts them, as transformers does; segment will not write results with them.)"""
+    import torch
+
+    bad = [key for key, value in model.state_dict().items()
+           if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise ValueError(f"{name}: the checkpoint's weights hold NaN or infinite values in {len(bad)} tensor(s) "
+                         f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
 
 @contextlib.contextmanager

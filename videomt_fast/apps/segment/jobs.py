@@ -1,9 +1,12 @@
 """Job identity and resume: what decides a video is done.
 
-A video's results are done when ``OUT/<name>/done.json`` (written last, see :mod:`.writer`) records the
-identity of this very job: the source's content, the model's, and the settings that change results
-(:func:`job_identity`). :func:`existing_result` compares the two; a rerun skips what matches and refuses
-what does not (naming ``--overwrite``) instead of skipping with stale results.
+A video is done when ``OUT/<name>/done.json`` records the identity of this very job: the source's
+content, the model's, and the settings that change results (:func:`job_identity`). Only a complete video
+gets one: the writer (:mod:`.writer`) writes it last, after every other file, and only once the decoder
+proved the whole video read (:func:`videomt_fast.apps.video_io.check_complete`: no damaged frame, nothing
+short of what the container lists or declares) and :func:`source_changed` found the source as it was when
+the video was claimed. :func:`existing_result` compares a folder's marker with the job; a rerun skips what
+matches and refuses what does not (naming ``--overwrite``) instead of skipping with stale results.
 """
 
 from __future__ import annotations
@@ -39,10 +42,6 @@ def result(job: Job, status: str, frames: int = 0, seconds: float = 0.0, error: 
             "seconds": round(seconds, 3), "error": error}
 
 
-def is_done(out_dir: str) -> bool:
-    return os.path.isfile(os.path.join(out_dir, DONE_MARKER))
-
-
 _WEIGHT_FILES = (".json", ".safetensors", ".bin", ".pth", ".pt", ".ckpt")
 
 
@@ -58,7 +57,7 @@ def model_identity(model: str) -> dict:
         files = [real]
     digest = hashlib.sha256()
     for path in files:
-        digest.update(os.path.basename(path).encode() + b"\0")
+        digest.update(os.fsencode(os.path.basename(path)) + b"\0")
         digest.update(video_io.sampled_sha256(path).encode())
     return {"path": real, "sha256": digest.hexdigest()}
 
@@ -80,6 +79,20 @@ def job_identity(source: VideoSource, settings: SegmentSettings, model: dict | N
             "settings": result_settings(settings)}
 
 
+def source_changed(job: Job) -> str | None:
+    """How the source differs from the identity the job recorded when it was claimed (None when it does not):
+    a file cut, grown or replaced while it was being read is never recorded as done."""
+    try:
+        now = video_io.source_identity(job.source)
+    except OSError as exc:
+        return f"it can no longer be read ({exc.strerror or exc})"
+    then = job.identity.get("source") or {}
+    if now == then:
+        return None
+    keys = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k) and k != "sha256"]
+    return ", ".join(f"{k} {then.get(k)!r} -> {now.get(k)!r}" for k in keys) or "its content changed"
+
+
 def read_marker(out_dir: str) -> dict | None:
     try:
         with open(os.path.join(out_dir, DONE_MARKER), encoding="utf-8") as fh:
@@ -89,25 +102,33 @@ def read_marker(out_dir: str) -> dict | None:
     return marker if isinstance(marker, dict) else None
 
 
-def _recorded_source(out_dir: str) -> str | None:
-    """The real path of the source whose results ``out_dir`` holds (None when it holds none)."""
+def recorded_identity(out_dir: str) -> dict | None:
+    """The job identity ``out_dir``'s ``done.json`` records (None when there is no such record)."""
     marker = read_marker(out_dir)
-    if marker is None:
+    recorded = marker.get("identity") if marker else None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _occupant(out_dir: str) -> str | None:
+    """Who holds ``out_dir``: None when nothing is there, the real path of the source whose results it
+    holds, or "" for anything else (a user's folder or file)."""
+    if not os.path.lexists(out_dir):
         return None
-    path = (marker.get("identity") or {}).get("source", {}).get("path") or marker.get("source")
+    path = ((recorded_identity(out_dir) or {}).get("source") or {}).get("path")
     return os.path.realpath(path) if isinstance(path, str) else ""
 
 
 def existing_result(job: Job) -> tuple[str, str | None]:
-    """``("absent", None)``, ``("done", None)`` when ``done.json`` records this job's identity, or
-    ``("conflict", why)`` when it records another source content, model or settings."""
-    marker = read_marker(job.out_dir)
-    if marker is None:
+    """What ``OUT/<name>`` holds for this job: ``("absent", None)``; ``("done", None)`` when its
+    ``done.json`` records this job's identity; ``("conflict", why)`` when it records another source content,
+    model or settings (``--overwrite`` may replace it); ``("foreign", why)`` when it is anything else, which
+    segment did not write and never replaces."""
+    if not os.path.lexists(job.out_dir):
         return "absent", None
-    recorded = marker.get("identity")
-    if not isinstance(recorded, dict):
-        return "conflict", (f"{job.out_dir} holds results without a record of what produced them; pass --overwrite "
-                            f"to replace them, or choose another --out")
+    recorded = recorded_identity(job.out_dir)
+    if recorded is None:
+        return "foreign", (f"{job.out_dir} exists and holds no results of segment's (no done.json recording what "
+                           f"produced them); it is left alone: move it away, or choose another --out")
     if recorded == job.identity:
         return "done", None
     changed = []
@@ -123,16 +144,16 @@ def existing_result(job: Job) -> tuple[str, str | None]:
 
 def assign_names(sources: list[VideoSource], out: str) -> None:
     """Output names consistent across runs: a source keeps a folder under ``out`` that records it (its
-    base name or ``base-<hash>``); a base name whose folder records another source gives ``base-<hash>``,
-    as two inputs with one name in a single run get."""
+    base name or ``base-<hash>``); a base name taken by anything else (another source's results, a user's
+    folder or file) gives ``base-<hash>``, as two inputs with one name in a single run get."""
     for src in sources:
         me = os.path.realpath(src.path)
         base = src.base or src.name
         hashed = video_io.hashed_name(src)
         for candidate in (base, hashed):
-            if _recorded_source(os.path.join(out, candidate)) == me:
+            if _occupant(os.path.join(out, candidate)) == me:
                 src.name = candidate
                 break
         else:
-            if src.name == base and _recorded_source(os.path.join(out, base)) not in (None, me):
+            if src.name == base and _occupant(os.path.join(out, base)) not in (None, me):
                 src.name = hashed

@@ -2,7 +2,9 @@
 
 Decoder threads fill bounded per-video queues (:mod:`.decoding`); the main thread runs the model
 (:mod:`.engine`) and submits maps to the writer thread (:mod:`.writer`). Videos another run holds are
-waited for at the end, one at a time.
+waited for at the end, one at a time. Ctrl-C (``KeyboardInterrupt``) stops at once: the open video's
+temporary folder is removed, every claimed video without a result is reported ``interrupted``, and the
+interrupt goes on to the caller.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 from videomt_fast.apps.segment.decoding import DecodedVideo, Prefetcher
 from videomt_fast.apps.segment.engine import Engine, torch_threads
 from videomt_fast.apps.segment.jobs import Job, existing_result, job_identity, result
-from videomt_fast.apps.segment.locking import VideoLock, release
+from videomt_fast.apps.segment.locking import VideoLock, release, unproven
 from videomt_fast.apps.segment.settings import SegmentSettings
 from videomt_fast.apps.segment.writer import Writer, WriterError
 from videomt_fast.apps.video_io import VideoReadError
@@ -30,27 +32,41 @@ def segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
         _segment_videos(jobs, settings, device, on_event)
 
 
+def decide(job: Job, settings: SegmentSettings) -> tuple[str, str | None]:
+    """``("run", None)``, ``("skip", None)`` (done already), or ``("fail", why)``: another source's, model's
+    or settings' results without ``--overwrite``, or a folder segment cannot prove it wrote (never replaced)."""
+    state, why = existing_result(job)
+    if state == "absent":
+        return "run", None
+    if state == "done" and not settings.overwrite:
+        return "skip", None
+    if state == "foreign" or not settings.overwrite:
+        return "fail", why
+    why = unproven(job.out_dir)
+    return ("fail", why) if why else ("run", None)
+
+
 def _claim(jobs: Iterable[Job], settings: SegmentSettings, wait: bool, deferred: list[Job] | None,
            on_event: Callable[[str, Any], None]) -> Iterator[Job]:
     """The jobs this process may work on now, each holding its :class:`VideoLock`. A job locked by another
-    run goes to ``deferred`` (or, with ``wait``, is waited for); once claimed, a finished video is
-    skipped and one holding other results is refused (unless ``--overwrite``)."""
+    run goes to ``deferred`` (or, with ``wait``, is waited for); once claimed, its source identity is taken
+    again (what the video is read against), a finished video is skipped and one holding other results is
+    refused (:func:`decide`)."""
     for job in jobs:
         lock = VideoLock.acquire(os.path.dirname(job.out_dir), job.name, wait)
         if lock is None:
             deferred.append(job)
             continue
         try:
-            if not job.identity:
-                job.identity = job_identity(job.source, settings)
+            job.identity = job_identity(job.source, settings, job.identity.get("model"))
         except OSError as exc:
             lock.release()
             on_event("result", result(job, "failed", error=f"{job.source.path}: cannot read ({exc.strerror or exc})"))
             continue
-        state, why = existing_result(job)
-        if state != "absent" and not settings.overwrite:
+        action, why = decide(job, settings)
+        if action != "run":
             lock.release()
-            on_event("result", result(job, "skipped") if state == "done" else result(job, "failed", error=why))
+            on_event("result", result(job, "skipped") if action == "skip" else result(job, "failed", error=why))
             continue
         job.lock = lock
         yield job
@@ -83,6 +99,7 @@ def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
             claimed.append(job)
             yield job
 
+    interrupted = False
     try:
         # first every video no other run holds; then those another run held, one at a time so that no
         # claim is held while waiting for another (two runs would otherwise wait for each other)
@@ -94,12 +111,17 @@ def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
         for job in claimed:
             if job.lock is not None and job.lock.held:  # claimed, no result reported yet
                 on_event("result", result(job, "failed", error=f"{job.source.path}: {exc}"))
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        if writer.is_alive():
+        if writer.is_alive():  # it finishes what was queued, then removes what is still open
             with contextlib.suppress(WriterError):
                 writer.submit("stop", None)
         writer.join()
         for job in claimed:
+            if interrupted and job.lock is not None and job.lock.held:
+                on_event("result", result(job, "interrupted", error=f"{job.source.path}: interrupted"))
             release(job)
 
 

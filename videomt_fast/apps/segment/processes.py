@@ -2,6 +2,8 @@
 
 Workers claim jobs from the plan's claim folder (one ``O_EXCL`` file per job) and report events on stdout.
 A worker exits when its parent dies, and a dead worker's unfinished videos are run again by the others.
+Ctrl-C reaches the workers (the terminal's process group, or the parent passing it on): each removes its
+open video's temporary folder and reports what it had claimed as interrupted before it exits.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -62,6 +65,12 @@ def worker_main(argv: list[str]) -> int:
     worker that claimed it died, makes the job claimable again) and reports events on stdout."""
     plan_path, device = argv
     _exit_with_parent()
+
+    def interrupt_once(signum, frame) -> None:  # the terminal's Ctrl-C and the parent's may both come
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt_once)
     with open(plan_path, encoding="utf-8") as fh:
         plan = json.load(fh)
     settings = SegmentSettings(**plan["settings"])
@@ -93,7 +102,10 @@ def worker_main(argv: list[str]) -> int:
         import torch
 
         torch.cuda.set_device(device)
-    segment_videos(claimed(), settings, device, emit)
+    try:
+        segment_videos(claimed(), settings, device, emit)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 
@@ -187,6 +199,13 @@ def _run_round(jobs: list[Job], indices: list[int], attempts: list[int], exits: 
             pumps.append(thread)
         for thread in pumps:
             thread.join()
+    except KeyboardInterrupt:  # let the workers clean up and report, then stop
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for thread in pumps:
+            thread.join(timeout=30)
+        raise
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 TASKS = ("instance", "semantic", "panoptic")
@@ -32,6 +33,29 @@ class SegmentSettings:
     top_k: int = 10  # instance: video-level (query, class) pairs kept
     overlay: bool = False
     overwrite: bool = False
+
+    def validate(self) -> "SegmentSettings":
+        """Raise ``ValueError`` naming the setting (and its option) when it cannot run; return ``self``.
+
+        Counts are whole numbers: a chunk size of 2.5 is refused, not truncated (or taken as "no chunk")."""
+
+        def option(name: str) -> str:
+            return f"{name} (--{name.replace('_', '-')})"
+
+        for name, low in (("chunk_size", 1), ("decode_workers", 1), ("prefetch_chunks", 1), ("png_threads", 1),
+                          ("top_k", 1), ("threads", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                raise ValueError(f"{option(name)} must be a whole number of at least {low}, got {value!r}")
+        for name in ("size", "short_side"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 16):
+                raise ValueError(f"{option(name)} must be a whole number of at least 16, got {value!r}")
+        for name in ("threshold", "mask_threshold", "overlap_threshold"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):  # NaN fails too
+                raise ValueError(f"{option(name)} must be a number from 0 to 1, got {value!r}")
+        return self
 
     def task_threshold(self) -> float:
         if self.threshold is not None:

@@ -3,7 +3,8 @@
 The main thread hands CPU maps to a writer thread (bounded queue) that encodes PNGs in a small thread
 pool. A video is written under ``OUT/.<name>.tmp-*``, ``done.json`` last, and renamed into place only
 once complete (:func:`.locking.replace_folder`), so a killed run never leaves a half-written
-``OUT/<name>``. A dead writer thread fails the run at once (:class:`WriterError`).
+``OUT/<name>``. ``done.json`` lists every file written, the proof :mod:`.locking` asks before it deletes
+anything. A dead writer thread fails the run at once (:class:`WriterError`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from videomt_fast.apps import video_io, visualize
 from videomt_fast.apps.segment.engine import Geometry
 from videomt_fast.apps.segment.jobs import DONE_MARKER, Job, result
-from videomt_fast.apps.segment.locking import release, remove_stale_partials, replace_folder
+from videomt_fast.apps.segment.locking import NotOurs, release, remove_stale_partials, replace_folder, temporary_name
 from videomt_fast.apps.segment.settings import SegmentSettings
 
 KILL_AFTER_FRAMES_ENV = "VIDEOMT_FAST_SEGMENT_KILL_AFTER_FRAMES"  # test hook: SIGKILL self after N frames written
@@ -53,9 +54,10 @@ class VideoOutput:
         os.makedirs(parent, exist_ok=True)
         remove_stale_partials(parent, job.name)
         tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.tmp = os.path.join(parent, f".{job.name}.tmp-{tag}")
+        self.tmp = os.path.join(parent, temporary_name(job.name, "tmp", tag))
         os.makedirs(self.tmp)
         self.sub = {"instance": "instance_ids", "semantic": "semantic", "panoptic": "panoptic"}[settings.task]
+        self.files: list[str] = []  # every file written, relative to the folder ("/"-separated): done.json lists them
         self.frames = 0
         self.max_id = 0
         self.panoptic_frames: list[dict] = []
@@ -65,6 +67,7 @@ class VideoOutput:
             os.makedirs(os.path.join(self.tmp, self.sub))
             if settings.overlay:
                 self.overlay = video_io.Mp4Writer(os.path.join(self.tmp, "overlay.mp4"), info.fps)
+                self.files.append("overlay.mp4")
         except BaseException:
             self.abort()  # never leave the temporary folder behind
             raise
@@ -72,6 +75,10 @@ class VideoOutput:
     def _write_png(self, name: str, image: np.ndarray) -> None:
         palette = self.colours if image.ndim == 2 and image.dtype == np.uint8 else None
         video_io.write_png(os.path.join(self.tmp, self.sub, name + ".png"), image, self.settings.png_level, palette)
+
+    def _write_pngs(self, names: list[str], images: list[np.ndarray]) -> None:
+        self.files.extend(f"{self.sub}/{name}.png" for name in names)
+        list(self.pool.map(self._write_png, names, images))
 
     def add(self, start: int, count: int, ids: np.ndarray | None, extra: list | None, rgb: np.ndarray | None) -> None:
         """``ids`` ``(t, H, W)`` int: semantic classes / panoptic ids (0 = none); None for instance (painted at the end)."""
@@ -96,7 +103,7 @@ class VideoOutput:
                 })
         else:
             images = [video_io.label_map_image(frame) for frame in ids]
-        list(self.pool.map(self._write_png, names, images))
+        self._write_pngs(names, images)
         self.max_id = max(self.max_id, int(ids.max()) if ids.size else 0)
         if self.overlay is not None and rgb is not None:
             for i, (frame, frame_ids) in enumerate(zip(rgb, ids)):
@@ -110,6 +117,8 @@ class VideoOutput:
 
     def _json(self, name: str, data: Any) -> None:
         path = os.path.join(self.tmp, name)
+        if name != DONE_MARKER:
+            self.files.append(name)
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(data, fh)
 
@@ -146,7 +155,7 @@ class VideoOutput:
                 self.max_id = max(self.max_id, int(ids.max()))
                 if colour_source is not None:
                     self.overlay.write(visualize.draw_overlay(next(colour_source), ids, legend, palette=self.colours))
-            list(self.pool.map(self._write_png, names[start : start + len(maps)], maps))
+            self._write_pngs(names[start : start + len(maps)], maps)
 
     def finish(self, tracker: Any, stats: dict) -> None:
         video = {"name": self.job.name, "file": self.job.source.path, "height": self.geometry.height,
@@ -161,10 +170,10 @@ class VideoOutput:
             self._json("panoptic.json", {"video": video, "categories": categories, "annotations": self.panoptic_frames})
         marker = {**stats, "name": self.job.name, "source": self.job.source.path, "task": self.settings.task,
                   "frames": self.frames, "frames_listed": self.info.num_frames, "height": self.geometry.height,
-                  "width": self.geometry.width, "rotation": self.info.rotation,
-                  "model_input": list(self.geometry.padded), "model": self.settings.model,
-                  "max_id": self.max_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "identity": self.job.identity}
+                  "width": self.geometry.width, "rotation": self.info.rotation, "stream": self.info.stream,
+                  "video_streams": self.info.video_streams, "model_input": list(self.geometry.padded),
+                  "model": self.settings.model, "max_id": self.max_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "identity": self.job.identity, "files": sorted(self.files)}
         if self.overlay is not None:
             self.overlay.close()
             self.overlay = None
@@ -244,7 +253,10 @@ class Writer(threading.Thread):
     def _run(self) -> None:
         while True:
             message = self.queue.get()
-            if message[0] == "stop":
+            if message[0] == "stop":  # a video still open never got its "end": it is incomplete
+                for output in self.outputs.values():
+                    output.abort()
+                self.outputs.clear()
                 break
             kind, job = message[0], message[1]
             output = None
@@ -282,7 +294,10 @@ class Writer(threading.Thread):
                 output = self.outputs.pop(job.name, None) or output  # "end" popped it before finish()
                 if output is not None:
                     output.abort()  # never leak the temporary folder (e.g. a disk-full finish())
-                error = f"{job.source.path}: writing outputs failed: {type(exc).__name__}: {exc}"
+                if isinstance(exc, NotOurs):
+                    error = f"{job.source.path}: {exc}"
+                else:
+                    error = f"{job.source.path}: writing outputs failed: {type(exc).__name__}: {exc}"
                 if kind in ("end", "abort"):
                     self.failed.pop(job.name, None)
                     self.on_event("result", result(job, "failed", 0, 0.0, error))
