@@ -17,6 +17,8 @@ from videomt_fast.apps import segment as seg
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
 from videomt_fast.runtime.session import VideomtSession
 
+pytest.importorskip("av", reason="segment decodes with PyAV (av); pip install -e '.[test]'")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
 CHUNK = 5
@@ -289,7 +291,7 @@ def test_cli_entry_point(workspace, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_instance_tracks_rle_and_id_maps_equal_model(workspace, tmp_path):
-    from pycocotools import mask as mask_utils
+    mask_utils = pytest.importorskip("pycocotools.mask", reason="instance RLEs need pycocotools; pip install -e '.[test]'")
 
     out = tmp_path / "out"
     video = workspace / "videos" / "nested" / "odd.mp4"
@@ -371,7 +373,7 @@ def test_instance_ids_above_255_use_16_bit_pngs(tmp_path):
     _, ids = _pngs(out / "v" / "instance_ids")
     assert ids.dtype == np.uint16 and ids.max() > 255
     # every painted id is a track whose mask covers that pixel in that frame
-    from pycocotools import mask as mask_utils
+    mask_utils = pytest.importorskip("pycocotools.mask", reason="instance RLEs need pycocotools; pip install -e '.[test]'")
 
     by_id = {}
     for ann in anns:

@@ -19,43 +19,24 @@ import numpy as np
 import pytest
 import torch
 
+from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation
+from videomt_fast.apps import segment as seg
+from videomt_fast.apps import video_io
+from videomt_fast.processing.video_processor import VideomtVideoProcessor
+
+from segment_helpers import CHUNK, ENV, REPO, TINY, tiny_model
+from segment_helpers import argv as _argv
+from segment_helpers import cli as _cli
+from segment_helpers import run as _run
+from segment_helpers import visible as _visible
+
 av = pytest.importorskip("av", reason="segment decodes with PyAV (av); pip install -e '.[test]'")
 
-from videomt_fast import VideomtConfig, VideomtForUniversalSegmentation  # noqa: E402
-from videomt_fast.apps import segment as seg  # noqa: E402
-from videomt_fast.apps import video_io  # noqa: E402
-from videomt_fast.processing.video_processor import VideomtVideoProcessor  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
-CHUNK = 4
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)}
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    torch.manual_seed(13)
-    VideomtForUniversalSegmentation(VideomtConfig(**TINY)).save_pretrained(str(root / "model"))
-    return root / "model"
-
-
-def _argv(model_dir, out, *inputs, task="semantic", extra=()):
-    return [*map(os.fspath, inputs), "--model", str(model_dir), "--task", task, "--out", str(out),
-            "--chunk-size", str(CHUNK), "--no-progress", "--threads", "1", *extra]
-
-
-def _run(model_dir, out, *inputs, task="semantic", extra=()):
-    return seg.main(_argv(model_dir, out, *inputs, task=task, extra=extra))
-
-
-def _cli(model_dir, out, *inputs, extra=(), timeout=180, **kw):
-    cmd = [sys.executable, "-m", "videomt_fast", "segment", *_argv(model_dir, out, *inputs, extra=extra)]
-    return subprocess.run(cmd, env=kw.pop("env", ENV), cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _visible(folder):
-    return sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    return tiny_model(tmp_path_factory.mktemp("hostile"), seed=13)
 
 
 def _marker(folder):
@@ -383,6 +364,38 @@ def test_ctrl_c_prints_the_summary_and_leaves_nothing_half_done(model_dir, tmp_p
     assert os.listdir(out) == ["v0"]  # no temporary folder, no claim left behind
     proc = _cli(model_dir, out, *videos)
     assert proc.returncode == 0 and "2 done, 1 skipped" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_several_devices_leaves_nothing_half_done(model_dir, tmp_path):
+    """8. With ``--devices cpu,cpu`` the parent killed its workers on Ctrl-C, leaving their temporary folders;
+    it now passes the interrupt on and each worker cleans up and reports before it exits."""
+    videos = [tmp_path / f"v{i}.mp4" for i in range(3)]
+    for i, v in enumerate(videos):
+        video_io.write_test_video(str(v), 24, 32, 32, seed=30 + i)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "videomt_fast", "segment", *_argv(model_dir, out, *videos, extra=["--devices", "cpu,cpu"])]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(240, proc.kill)
+    watchdog.start()
+    try:
+        started = threading.Event()
+        while proc.poll() is None and not started.wait(0.05):  # until a worker has a video open
+            if out.is_dir() and any(".tmp-" in e for e in os.listdir(out)):
+                started.set()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate()
+    finally:
+        watchdog.cancel()
+    # on a fast machine everything may be done before the interrupt lands: then it is a plain success
+    assert proc.returncode in (0, 130), stdout + stderr
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr, stderr
+    assert stdout.startswith("segment: 3 videos:"), stdout
+    if proc.returncode == 130:
+        assert "interrupted" in stdout
+    assert all(not e.startswith(".") for e in os.listdir(out)), os.listdir(out)  # no temporary folder, claim or plan
+    proc = _cli(model_dir, out, *videos)
+    assert proc.returncode == 0 and _visible(out) == ["v0", "v1", "v2"], proc.stdout + proc.stderr
 
 
 # ---------------------------------------------------------------------------------- 9-11. frame folders and lists

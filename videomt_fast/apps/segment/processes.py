@@ -48,11 +48,11 @@ def _exit_with_parent() -> None:
     """A worker's stdin is a pipe from its parent: end of file means the parent is gone, so exit at once
     (the kernel then drops this worker's video claims; its temporary folders are removed on a rerun)."""
 
-    def watch() -> None:
-        try:
-            while sys.stdin.buffer.read(1 << 16):
+    def watch() -> None:  # reads the file descriptor itself: a thread blocked in sys.stdin would hold its
+        try:  # lock, and the interpreter aborts at exit when it cannot take it
+            while os.read(0, 1 << 16):
                 pass
-        except (OSError, ValueError):
+        except OSError:
             pass
         os._exit(3)
 
