@@ -32,6 +32,7 @@ The parts, each in its own file, each importing only what it needs (the command 
 
 from videomt_fast.apps import video_io
 from videomt_fast.apps.segment.cli import (
+    Interrupted,
     UsageError,
     build_parser,
     format_summary,
@@ -50,7 +51,7 @@ from videomt_fast.apps.segment.writer import KILL_AFTER_FRAMES_ENV, KILL_ONCE_EN
 
 __all__ = [
     "DONE_MARKER", "KILL_AFTER_FRAMES_ENV", "KILL_ONCE_ENV", "TASKS", "Engine", "Geometry", "Job", "SegmentSettings",
-    "UsageError", "VideoLock", "VideoOutput", "Writer", "WriterError", "build_parser", "existing_result",
+    "Interrupted", "UsageError", "VideoLock", "VideoOutput", "Writer", "WriterError", "build_parser", "existing_result",
     "format_summary", "job_identity", "load_model", "main", "plan_geometry", "resolve_devices", "resolve_dtype", "run",
     "segment_videos", "settings_from_args", "video_io", "worker_main",
 ]

@@ -31,6 +31,14 @@ class UsageError(ValueError):
     """A command line that cannot run (bad device, output folder, list file): one line, exit status 2."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`run`, once what was under way is cleaned up: ``summary`` says what finished."""
+
+    def __init__(self, summary: dict):
+        super().__init__("interrupted")
+        self.summary = summary
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="videomt-fast segment",
@@ -144,7 +152,7 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
     """Segment ``inputs``; returns the summary (also what ``main`` prints).
 
     Raises :class:`UsageError` before any work when the devices, the output folder or a list file
-    cannot be used.
+    cannot be used, and :class:`Interrupted` (a ``KeyboardInterrupt`` holding the summary) after Ctrl-C.
     """
     began = time.perf_counter()
     try:
@@ -256,6 +264,8 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
         "fps": round(frames / seconds, 3) if seconds > 0 else 0.0,
         "results": results,
     }
+    if interrupted:
+        raise Interrupted(summary)
     return summary
 
 
@@ -303,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"videomt-fast segment: {printable(str(exc))}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        summary = exc.summary
     except KeyboardInterrupt:
         print("videomt-fast segment: interrupted before any video started", file=sys.stderr)
         return 130

@@ -105,8 +105,9 @@ def _segment_videos(jobs: Iterable[Job], settings: SegmentSettings, device: str,
         # claim is held while waiting for another (two runs would otherwise wait for each other)
         batches = itertools.chain([claim(jobs, False)], (claim([job], True) for job in _drain(deferred)))
         for batch in batches:
-            for video in Prefetcher(batch, settings):
-                _segment_one(video, video.job, engine, writer, settings, device, on_event)
+            with contextlib.closing(iter(Prefetcher(batch, settings))) as videos:  # closed at once on Ctrl-C
+                for video in videos:
+                    _segment_one(video, video.job, engine, writer, settings, device, on_event)
     except WriterError as exc:  # nothing more can be written: fail the run at once
         for job in claimed:
             if job.lock is not None and job.lock.held:  # claimed, no result reported yet
