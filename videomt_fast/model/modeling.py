@@ -818,8 +818,8 @@ class VideomtForUniversalSegmentation(_Segmenter):
     ) -> VideomtForUniversalSegmentationOutput | tuple:
         """``pixel_values_videos`` ``(B, T, 3, H, W)`` -> outputs with frame-major rows (``t * B + b``).
 
-        ``chunk_size`` (or ``self.chunk_size``) runs the early layers on that many frames at a time,
-        bounding peak activation memory; the result is identical to one pass.
+        ``chunk_size`` (or ``self.chunk_size``; an int, never truncated) runs the early layers on that many
+        frames at a time, bounding peak activation memory; the result is identical to one pass.
 
         ``output_hidden_states`` / ``output_attentions`` (or the config's switches) return transformers'
         per-layer hidden states and attention maps; that call runs the plain reference path in one pass
