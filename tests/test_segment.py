@@ -17,6 +17,8 @@ from videomt_fast.apps import segment as seg
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
 from videomt_fast.runtime.session import VideomtSession
 
+pytest.importorskip("av", reason="segment decodes with PyAV (av); pip install -e '.[test]'")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
 CHUNK = 5
@@ -212,15 +214,24 @@ def test_bad_inputs_reported_others_processed_and_resume(workspace, tmp_path, ca
     assert "1 skipped" in capsys.readouterr().out
 
 
-def test_incomplete_output_folder_is_redone(workspace, tmp_path):
+def test_leftovers_of_a_killed_run_are_removed_and_foreign_folders_kept(workspace, tmp_path):
     out = tmp_path / "out"
     video = workspace / "videos" / "nested" / "odd.mp4"
-    (out / "odd" / "semantic").mkdir(parents=True)  # a folder without the marker (foreign or truncated)
-    (out / "odd" / "semantic" / "stale.png").write_bytes(b"junk")
-    (out / ".odd.tmp-host-1-abc").mkdir()  # a killed run's temporary folder
+    (out / ".odd.tmp-host-1-abc" / "semantic").mkdir(parents=True)  # a killed run's temporary folder
+    (out / ".odd.tmp-host-1-abc" / "semantic" / "000000.png").write_bytes(b"junk")
+    (out / ".odd.tmp-x.tmp-host-2-def").mkdir()  # not odd's: the temporary folder of a video named "odd.tmp-x"
     assert _run(workspace, out, video) == 0
-    assert sorted(os.listdir(out)) == ["odd"]
+    assert sorted(os.listdir(out)) == [".odd.tmp-x.tmp-host-2-def", "odd"]
     assert len(os.listdir(out / "odd" / "semantic")) == 7
+    # a folder segment did not write (no marker: someone else's) is never replaced; the results go beside it
+    other = tmp_path / "other"
+    (other / "odd" / "semantic").mkdir(parents=True)
+    (other / "odd" / "semantic" / "stale.png").write_bytes(b"junk")
+    assert _run(workspace, other, video) == 0
+    names = sorted(os.listdir(other))
+    assert names[0] == "odd" and names[1].startswith("odd-") and len(names) == 2
+    assert os.listdir(other / "odd" / "semantic") == ["stale.png"]
+    assert len(os.listdir(other / names[1] / "semantic")) == 7
 
 
 def test_kill_and_resume(workspace, tmp_path):
@@ -280,7 +291,7 @@ def test_cli_entry_point(workspace, tmp_path):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_instance_tracks_rle_and_id_maps_equal_model(workspace, tmp_path):
-    from pycocotools import mask as mask_utils
+    mask_utils = pytest.importorskip("pycocotools.mask", reason="instance RLEs need pycocotools; pip install -e '.[test]'")
 
     out = tmp_path / "out"
     video = workspace / "videos" / "nested" / "odd.mp4"
@@ -362,7 +373,7 @@ def test_instance_ids_above_255_use_16_bit_pngs(tmp_path):
     _, ids = _pngs(out / "v" / "instance_ids")
     assert ids.dtype == np.uint16 and ids.max() > 255
     # every painted id is a track whose mask covers that pixel in that frame
-    from pycocotools import mask as mask_utils
+    mask_utils = pytest.importorskip("pycocotools.mask", reason="instance RLEs need pycocotools; pip install -e '.[test]'")
 
     by_id = {}
     for ann in anns:
@@ -415,7 +426,7 @@ def _engine_logits(workspace, video, engine, fast):
     """Class and mask logits of the segment engine on the whole video (float32 on CPU), and its engine."""
     settings = seg.SegmentSettings(model=str(workspace / "model"), task="semantic", out="unused", dtype="float32",
                                    fast=fast, engine=engine, chunk_size=CHUNK)
-    eng = seg._Engine(settings, "cpu")
+    eng = seg.Engine(settings, "cpu")
     source = video_io.VideoSource(str(video), "video")
     eng.start(video_io.probe(source))
     outs = [eng.forward(eng.preprocess(chunk)) for chunk in video_io.iter_chunks(source, CHUNK)]
@@ -449,13 +460,13 @@ def test_threads_option(workspace, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="--threads"):
         seg.settings_from_args(seg.build_parser().parse_args(["v.mp4", "--model", "m", "--out", "o", "--threads", "-1"]))
     seen = []
-    real_forward = seg._Engine.forward
+    real_forward = seg.Engine.forward
 
     def forward(self, pixels):
         seen.append(torch.get_num_threads())
         return real_forward(self, pixels)
 
-    monkeypatch.setattr(seg._Engine, "forward", forward)
+    monkeypatch.setattr(seg.Engine, "forward", forward)
     before = torch.get_num_threads()
     out = tmp_path / "out"
     assert _run(workspace, out, workspace / "videos" / "shapes.mp4", extra=["--threads", "1"]) == 0

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 
@@ -23,41 +22,19 @@ from videomt_fast.apps import video_io
 from videomt_fast.processing.tracks import VideoInstanceAccumulator
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
-CHUNK = 4
-ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)}
+from segment_helpers import CHUNK, ENV, REPO, TINY, tiny_model
+from segment_helpers import argv as _argv
+from segment_helpers import pngs as _pngs
+from segment_helpers import run as _run
+from segment_helpers import visible as _visible
+
+pytest.importorskip("av", reason="segment decodes with PyAV (av); pip install -e '.[test]'")
+
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("trust")
-    torch.manual_seed(11)
-    VideomtForUniversalSegmentation(VideomtConfig(**TINY)).save_pretrained(str(root / "model"))
-    return root / "model"
-
-
-def _argv(model_dir, out, *inputs, task="semantic", extra=()):
-    return [*map(str, inputs), "--model", str(model_dir), "--task", task, "--out", str(out),
-            "--chunk-size", str(CHUNK), "--no-progress", "--threads", "1", *extra]
-
-
-def _run(model_dir, out, *inputs, task="semantic", extra=()):
-    return seg.main(_argv(model_dir, out, *inputs, task=task, extra=extra))
-
-
-def _cli(model_dir, out, *inputs, extra=(), timeout=120, **kw):
-    cmd = [sys.executable, "-m", "videomt_fast", "segment", *_argv(model_dir, out, *inputs, extra=extra)]
-    return subprocess.run(cmd, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout, **kw)
-
-
-def _pngs(folder):
-    names = sorted(os.listdir(folder), key=video_io._natural_key)
-    return names, np.stack([video_io.read_png(os.path.join(folder, n)) for n in names])
-
-
-def _visible(folder):
-    return sorted(e for e in os.listdir(folder) if not e.startswith("."))
+    return tiny_model(tmp_path_factory.mktemp("trust"), seed=11)
 
 
 # ---------------------------------------------------------------------------------- silent wrong results
@@ -156,7 +133,7 @@ def rmtree(path, *args, **kwargs):
                     os.remove(os.path.join(root, name))
         os.kill(os.getpid(), signal.SIGKILL)
     return real(path, *args, **kwargs)
-seg.shutil.rmtree = rmtree
+shutil.rmtree = rmtree
 sys.exit(seg.main(sys.argv[1:]))
 """
 
@@ -374,6 +351,7 @@ def test_branching_symlink_loop_is_walked_once(tmp_path):
 
 def test_failure_in_finish_removes_its_temporary_folder(model_dir, tmp_path, monkeypatch, capsys):
     """10. A disk-full ``finish()`` (instance task) leaked its temporary folder; stale ones of finished videos stayed."""
+    pytest.importorskip("pycocotools", reason="instance RLEs need pycocotools; pip install -e '.[test]'")
     videos = [tmp_path / f"v{i}.mp4" for i in range(2)]
     for i, v in enumerate(videos):
         video_io.write_test_video(str(v), 3, 32, 32, seed=60 + i)

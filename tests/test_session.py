@@ -69,3 +69,20 @@ def test_session_rejects_other_batch_or_size(model):
         session.step(video(2, 1))
     with pytest.raises(ValueError, match="positive int"):
         model.new_session(batch_size=0)
+
+
+def test_session_after_the_model_changes_dtype_names_reset():
+    """A session used after ``model.to(torch.float64)`` failed with torch's raw "mat1 and mat2 must have the
+    same dtype"; it now says the session belongs to the old dtype and names reset() and new_session()."""
+    model = videomt_fast.VideomtForUniversalSegmentation(videomt_fast.VideomtConfig(**{
+        "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2, "num_blocks": 2, "num_queries": 7,
+        "image_size": 48, "num_labels": 5}))
+    session = model.new_session(1)
+    session.step(video(1, 1)[:, 0])
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match=r"torch\.float32.*torch\.float64.*reset\(\).*new_session\(\)"):
+        session.step(video(1, 1)[:, 0].double())
+    session.reset()  # a new video in the same session runs in the model's new dtype
+    out = session.step(video(1, 1)[:, 0].double())
+    assert out.class_queries_logits.dtype == torch.float64
+    assert model.new_session(1).step(video(1, 1)[:, 0].double()).class_queries_logits.dtype == torch.float64

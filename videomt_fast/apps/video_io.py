@@ -1,7 +1,8 @@
 """Video and image I/O for offline segmentation: input discovery, decoding, PNG and MP4 writing.
 
-Decoding uses torchcodec when it is importable (and asked for, or ``auto``), otherwise PyAV. Frames
-come out as ``(T, H, W, 3)`` uint8 chunks so that the device does the resize and normalization.
+Decoding uses PyAV (torchcodec when asked for). Frames come out as ``(T, H, W, 3)`` uint8 chunks, as a
+player shows them (display-matrix rotation, EXIF orientation of photos, edit lists), so that the device
+does the resize and normalization; a damaged or truncated video is an error (:func:`check_complete`).
 PNGs are written by a small zlib encoder (8/16-bit grayscale, 8-bit RGB; no Pillow needed) and read
 back with PyAV's PNG decoder, an independent implementation.
 """
@@ -9,6 +10,7 @@ back with PyAV's PNG decoder, an independent implementation.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 import re
 import struct
@@ -59,26 +61,38 @@ def _ext(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
+def _is_frame(name: str) -> bool:
+    """An image file name that counts as a frame: hidden files (``.cover.png``) do not, as hidden videos and
+    folders do not count either."""
+    return _ext(name) in IMAGE_EXTS and not name.startswith(".")
+
+
 def _frame_files(directory: str) -> list[str]:
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    files = [n for n in names if _ext(n) in IMAGE_EXTS and os.path.isfile(os.path.join(directory, n))]
+    files = [n for n in names if _is_frame(n) and os.path.isfile(os.path.join(directory, n))]
     return [os.path.join(directory, n) for n in sorted(files, key=_natural_key)]
 
 
-def _walk_folder(root: str, exclude: Sequence[str] = ()) -> list[VideoSource]:
-    """Video files anywhere under ``root``; every folder holding images is one frame-folder video.
+def _walk_folder(root: str, exclude: Sequence[str] = ()) -> tuple[list[VideoSource], list[tuple[str, str]]]:
+    """Video files anywhere under ``root``; every folder holding images is one frame-folder video. Also
+    returns ``(folder, reason)`` for each folder that could not be read (never skipped silently).
 
     Symbolic links are followed, but every real folder is walked once (a link back to a parent would
     otherwise make the walk loop, exponentially when two links branch). Folders in ``exclude`` (an
     output folder inside an input folder) and hidden ones are skipped.
     """
     found: list[VideoSource] = []
+    unreadable: list[tuple[str, str]] = []
     skip = {os.path.realpath(p) for p in exclude}
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def refused(exc: OSError) -> None:
+        unreadable.append((exc.filename or root, f"cannot read the folder ({exc.strerror or exc})"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=refused, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen or real in skip:
             dirnames[:] = []
@@ -91,13 +105,12 @@ def _walk_folder(root: str, exclude: Sequence[str] = ()) -> list[VideoSource]:
                 if sub not in seen and sub not in skip:
                     keep.append(d)
         dirnames[:] = sorted(keep, key=_natural_key)
-        images = [f for f in filenames if _ext(f) in IMAGE_EXTS]
-        if images:
+        if any(_is_frame(f) for f in filenames):
             found.append(VideoSource(dirpath, "frames", frames=_frame_files(dirpath)))
         for f in sorted(filenames, key=_natural_key):
             if _ext(f) in VIDEO_EXTS and not f.startswith("."):
                 found.append(VideoSource(os.path.join(dirpath, f), "video"))
-    return found
+    return found, unreadable
 
 
 def _read_list(path: str) -> list[str]:
@@ -125,7 +138,8 @@ def discover_inputs(
     """Expand files, folders (recursively), list files and frame folders into videos.
 
     Returns ``(sources, problems)``; ``problems`` lists ``(input, reason)`` for inputs that do not
-    exist or hold nothing to segment. Every source gets a unique ``name`` (its output folder).
+    exist, cannot be read, or hold nothing to segment (an empty folder and an empty list alike). Every
+    source gets a unique ``name`` (its output folder).
     Folders in ``exclude`` are not searched. A list file that is not UTF-8 text raises
     :class:`InputListError`.
     """
@@ -135,8 +149,9 @@ def discover_inputs(
 
     def add(entry: str, from_list: bool) -> None:
         if os.path.isdir(entry):
-            found = _walk_folder(entry, exclude)
-            if not found:
+            found, unreadable = _walk_folder(entry, exclude)
+            problems.extend(unreadable)
+            if not found and not unreadable:
                 problems.append((entry, "folder holds no videos or frames"))
             root = os.path.abspath(entry)
             # a folder that is itself a frame folder is named after itself, not after its parent
@@ -148,7 +163,10 @@ def discover_inputs(
                 if real in seen_lists:
                     return
                 seen_lists.add(real)
-                for item in _read_list(entry):
+                items = _read_list(entry)
+                if not items:
+                    problems.append((entry, "the list names no videos or frames (it is empty)"))
+                for item in items:
                     add(item, True)
             elif _ext(entry) in IMAGE_EXTS:
                 problems.append((entry, "a single image is not a video; pass its folder to segment the frames"))
@@ -199,7 +217,7 @@ def _dedupe_names(sources: list[VideoSource]) -> None:
 
 def hashed_name(src: VideoSource) -> str:
     """``base-<8 hex digits of the real path>``: the name a source gets when its base name is taken."""
-    digest = hashlib.sha1(os.path.realpath(src.path).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(os.fsencode(os.path.realpath(src.path))).hexdigest()[:8]
     return f"{src.base or src.name}-{digest}"
 
 
@@ -237,7 +255,7 @@ def source_identity(source: VideoSource) -> dict:
         for path in source.frames:
             st = os.stat(path)
             size += st.st_size
-            digest.update(f"{os.path.basename(path)}\0{st.st_size}\n".encode())
+            digest.update(os.fsencode(os.path.basename(path)) + f"\0{st.st_size}\n".encode())
         return {"path": os.path.realpath(source.path), "kind": "frames", "frames": len(source.frames),
                 "bytes": size, "sha256": digest.hexdigest()}
     return {"path": os.path.realpath(source.path), "kind": "video", "bytes": os.path.getsize(source.path),
@@ -256,8 +274,10 @@ def torchcodec_available() -> bool:
 
 
 def resolve_decoder(name: str) -> str:
+    """``auto`` is PyAV: only it shows the decoder's corrupt-frame flags, which prove a video complete.
+    ``torchcodec`` is used only when asked for (and importable)."""
     if name == "auto":
-        return "torchcodec" if torchcodec_available() else "pyav"
+        return "pyav"
     if name == "torchcodec" and not torchcodec_available():
         raise ValueError("--decoder torchcodec: torchcodec is not importable (pip install torchcodec)")
     if name not in ("pyav", "torchcodec"):
@@ -267,11 +287,13 @@ def resolve_decoder(name: str) -> str:
 
 @dataclass
 class VideoInfo:
-    height: int  # as displayed: after the container's rotation
+    height: int  # as displayed: after the container's rotation (a photo's EXIF orientation)
     width: int
     num_frames: int | None  # None when the container does not say
     fps: float | None
     rotation: int = 0  # degrees counter-clockwise applied to decoded frames (a display matrix, as phones write)
+    stream: int = 0  # the container's stream index decoded (the one players show)
+    video_streams: int = 1  # video streams in the file, attached pictures (cover art) left out
 
 
 def rotate_frame(frame: np.ndarray, rotation: int) -> np.ndarray:
@@ -289,6 +311,33 @@ def _rotation(frame) -> int:
     return int(round((angle or 0) / 90.0)) * 90 % 360
 
 
+def _is_picture(stream) -> bool:
+    """An attached picture (cover art, a thumbnail): one still image, not the video."""
+    try:
+        import av
+
+        return bool(stream.disposition & av.stream.Disposition.attached_pic)
+    except Exception:
+        return False
+
+
+def _video_streams(container) -> list:
+    return [s for s in container.streams.video if not _is_picture(s)]
+
+
+def _video_stream(container):
+    """The video stream a player shows: FFmpeg's best one (``av_find_best_stream``: the default stream,
+    else the one with the most frames seen), never an attached picture; None when there is none."""
+    streams = _video_streams(container)
+    try:
+        best = container.streams.best("video")
+    except Exception:
+        best = None
+    if best is not None and any(best.index == s.index for s in streams):
+        return best
+    return streams[0] if streams else None
+
+
 def probe(source: VideoSource, rotation: bool = True) -> VideoInfo:
     """Size (as displayed), frame count (when known) and rate, decoding at most one frame (for the
     rotation; ``rotation=False`` skips it and reports the coded size)."""
@@ -297,13 +346,13 @@ def probe(source: VideoSource, rotation: bool = True) -> VideoInfo:
     if source.kind == "frames":
         if not source.frames:
             raise VideoReadError(f"{source.path}: frame folder holds no images")
-        first = _read_image(source.frames[0])
+        first = read_image(source.frames[0])
         return VideoInfo(first.shape[0], first.shape[1], len(source.frames), None)
     try:
         with av.open(source.path) as container:
-            if not container.streams.video:
+            stream = _video_stream(container)
+            if stream is None:
                 raise VideoReadError(f"{source.path}: no video stream")
-            stream = container.streams.video[0]
             frames = int(stream.frames) if stream.frames else None
             rate = float(stream.average_rate) if stream.average_rate else None
             height, width = stream.codec_context.height, stream.codec_context.width
@@ -315,22 +364,102 @@ def probe(source: VideoSource, rotation: bool = True) -> VideoInfo:
                     turn = 0  # no decodable frame: decoding reports it by name
             if turn in (90, 270):
                 height, width = width, height
-            return VideoInfo(height, width, frames, rate, turn)
+            return VideoInfo(height, width, frames, rate, turn, stream.index, len(_video_streams(container)))
     except VideoReadError:
         raise
     except Exception as exc:
         raise VideoReadError(f"{source.path}: cannot open as a video ({type(exc).__name__}: {exc})") from exc
 
 
-def _read_image(path: str) -> np.ndarray:
+# ---------------------------------------------------------------------------------- photos: EXIF orientation
+
+
+def _exif_tiff(data: bytes) -> bytes | None:
+    """The EXIF block (a TIFF structure) of a JPEG, PNG, WebP or TIFF file's first bytes, if any."""
+    if data[:2] == b"\xff\xd8":  # JPEG: marker segments up to the image data
+        i = 2
+        while i + 4 <= len(data) and data[i] == 0xFF:
+            marker = data[i + 1]
+            if marker == 0xDA:  # start of scan: no EXIF before it
+                return None
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker == 0xE1 and data[i + 4 : i + 10] == b"Exif\0\0":
+                return data[i + 10 : i + 2 + length]
+            i += 2 + length
+        return None
+    if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: an eXIf chunk
+        i = 8
+        while i + 8 <= len(data):
+            length, tag = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+            if tag == b"eXIf":
+                return data[i + 8 : i + 8 + length]
+            i += 12 + length
+        return None
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":  # WebP: an EXIF chunk
+        i = 12
+        while i + 8 <= len(data):
+            tag, length = data[i : i + 4], int.from_bytes(data[i + 4 : i + 8], "little")
+            if tag == b"EXIF":
+                block = data[i + 8 : i + 8 + length]
+                return block[6:] if block.startswith(b"Exif\0\0") else block
+            i += 8 + length + (length & 1)
+        return None
+    if data[:4] in (b"II*\0", b"MM\0*"):  # TIFF: the file is the structure
+        return data
+    return None
+
+
+def exif_orientation(path: str) -> int:
+    """A photo's EXIF orientation (1 to 8; 1, as stored, when it has none or it cannot be read)."""
+    try:
+        with open(path, "rb") as fh:
+            tiff = _exif_tiff(fh.read(1 << 17))
+    except OSError:
+        return 1
+    if not tiff or len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(order + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return 1
+    (count,) = struct.unpack(order + "H", tiff[ifd : ifd + 2])
+    for entry in range(ifd + 2, min(ifd + 2 + 12 * count, len(tiff) - 11), 12):
+        tag, kind = struct.unpack(order + "HH", tiff[entry : entry + 4])
+        if tag == 0x0112 and kind == 3:  # Orientation, SHORT
+            (value,) = struct.unpack(order + "H", tiff[entry + 8 : entry + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def orient(image: np.ndarray, orientation: int) -> np.ndarray:
+    """``(H, W, C)`` as stored -> as displayed, for an EXIF orientation: 2 mirrored, 3 turned 180 degrees,
+    4 flipped, 5 transposed, 6 turned 90 clockwise, 7 transversed, 8 turned 90 counter-clockwise."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(1, 0, 2)  # 5; then 6 = 5 mirrored, 7 = 5 turned 180, 8 = 5 flipped
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation == 2:
+        image = image[:, ::-1]
+    elif orientation == 3:
+        image = image[::-1, ::-1]
+    elif orientation == 4:
+        image = image[::-1]
+    return np.ascontiguousarray(image)
+
+
+def read_image(path: str) -> np.ndarray:
+    """An image file as displayed: ``(H, W, 3)`` uint8 RGB with its EXIF orientation applied."""
     import av
 
     try:
         with av.open(path) as container:
             frame = next(container.decode(video=0))
-            return frame.to_ndarray(format="rgb24")
+            image = frame.to_ndarray(format="rgb24")
     except Exception as exc:
         raise VideoReadError(f"{path}: cannot decode image ({type(exc).__name__}: {exc})") from exc
+    return orient(image, exif_orientation(path))
+
+
+# ---------------------------------------------------------------------------------- decoding, with proof of completeness
 
 
 def _chunks_of(frames: Iterable[np.ndarray], chunk: int, label: str) -> Iterator[np.ndarray]:
@@ -349,10 +478,59 @@ def _chunks_of(frames: Iterable[np.ndarray], chunk: int, label: str) -> Iterator
         yield np.stack(buf)
 
 
-def _pyav_frames(path: str, threads: int) -> Iterator[np.ndarray]:
-    """Decoded RGB frames, turned upright by the display matrix. A damaged or truncated file raises:
-    FFmpeg's frame threads drop decode errors silently, so a packet the demuxer flags as corrupt, or
-    fewer frames than the container's count, is an error here."""
+TRANSPORT_PACKETS = (188, 192, 204)  # MPEG-TS packet sizes (plain, M2TS with time codes, with FEC bytes)
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """How long the file says this video stream lasts, where it says so: the stream's duration, Matroska's
+    per-track ``DURATION`` tag, or the file's duration when the video is its only stream."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")
+    if isinstance(tag, str):
+        match = re.fullmatch(r"(\d+):(\d+):(\d+(?:\.\d*)?)", tag.strip())
+        if match:
+            h, m, sec = match.groups()
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+    if len(container.streams) == 1 and container.duration:
+        return container.duration / 1e6
+    return None
+
+
+def check_complete(path: str, *, listed: int | None, packets: int, shown: int, decoded: int,
+                   end: float | None, declared: float | None, interval: float | None,
+                   transport: bool) -> None:
+    """Raise :class:`VideoReadError` unless a decode read the whole video, as a player shows it.
+
+    ``listed``: the frame count the container's index gives (None when it gives none); ``packets``: the
+    stream's packets read, ``shown`` of them not hidden by an edit list; ``decoded``: frames the decoder
+    gave. ``end``: when the last decoded frame ends (seconds); ``declared``: how long the file says the
+    stream lasts; ``interval``: one frame's duration; ``transport``: an MPEG transport stream.
+    """
+    if listed is not None:
+        if packets < listed:
+            raise VideoReadError(f"{path}: truncated: the file holds {packets} of the {listed} frames its index lists")
+        if decoded < shown:
+            raise VideoReadError(f"{path}: decoded {decoded} of the {shown} frames it shows (corrupt or truncated)")
+        return
+    if transport:
+        size = os.path.getsize(path)
+        if all(size % n for n in TRANSPORT_PACKETS):
+            raise VideoReadError(f"{path}: truncated: {size} bytes is not a whole number of transport stream packets")
+    if declared is not None and end is not None:
+        slack = 1.5 * interval if interval else 0.1
+        if end + slack < declared:
+            raise VideoReadError(f"{path}: truncated: its frames end at {end:.2f} s of the {declared:.2f} s it declares")
+
+
+def _pyav_frames(path: str, threads: int, stream_index: int | None = None) -> Iterator[np.ndarray]:
+    """Decoded RGB frames, turned upright by the display matrix, then :func:`check_complete`.
+
+    Damage is an error: a packet the demuxer flags as corrupt, a frame the decoder flags as corrupt (it
+    concealed missing or broken data; FFmpeg's frame threads report nothing else), a decoder error, or a
+    decode that falls short of what the container lists or declares. Frames an edit list hides are not
+    shown (as players do) and not counted as missing.
+    """
     import av
 
     try:
@@ -360,39 +538,50 @@ def _pyav_frames(path: str, threads: int) -> Iterator[np.ndarray]:
     except Exception as exc:
         raise VideoReadError(f"{path}: cannot open as a video ({type(exc).__name__}: {exc})") from exc
     try:
-        if not container.streams.video:
+        stream = container.streams[stream_index] if stream_index is not None else _video_stream(container)
+        if stream is None or stream.type != "video":
             raise VideoReadError(f"{path}: no video stream")
-        stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         if threads:
             stream.codec_context.thread_count = threads
-        expected = int(stream.frames) if stream.frames else None
-        decoded = 0
+        listed = int(stream.frames) if stream.frames else None
+        interval = 1.0 / float(stream.average_rate) if stream.average_rate else None
+        packets = hidden = decoded = 0
+        end = None
         try:
             for packet in container.demux(stream):
                 if packet.is_corrupt:
                     raise VideoReadError(
-                        f"{path}: corrupt or truncated data after {decoded} frames"
-                        + (f" of {expected}" if expected else "")
+                        f"{path}: corrupt or truncated data after {decoded} frames" + (f" of {listed}" if listed else "")
                     )
+                if packet.size:
+                    packets += 1
+                    hidden += bool(packet.is_discard)
                 for frame in packet.decode():
+                    if frame.is_corrupt:
+                        raise VideoReadError(f"{path}: frame {decoded} is corrupt (damaged data the decoder concealed)")
+                    if frame.pts is not None and frame.time_base is not None:
+                        length = float(frame.duration * frame.time_base) if frame.duration else (interval or 0.0)
+                        end = max(end or 0.0, float(frame.pts * frame.time_base) + length)
                     decoded += 1
                     yield rotate_frame(frame.to_ndarray(format="rgb24"), _rotation(frame))
         except VideoReadError:
             raise
         except Exception as exc:
             raise VideoReadError(f"{path}: decoding failed after {decoded} frames ({type(exc).__name__}: {exc})") from exc
-        if expected is not None and decoded < expected:
-            raise VideoReadError(f"{path}: decoded {decoded} frames, the container lists {expected} (truncated or corrupt)")
+        check_complete(path, listed=listed, packets=packets, shown=packets - hidden, decoded=decoded, end=end,
+                       declared=_declared_seconds(container, stream), interval=interval,
+                       transport=container.format.name == "mpegts")
     finally:
         container.close()
 
 
-def _torchcodec_chunks(path: str, chunk: int, threads: int) -> Iterator[np.ndarray]:
+def _torchcodec_chunks(path: str, chunk: int, threads: int, stream_index: int) -> Iterator[np.ndarray]:
+    """torchcodec's frames: it checks the count, but cannot see frames the decoder flagged as corrupt."""
     from torchcodec.decoders import VideoDecoder
 
     try:
-        decoder = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=threads)
+        decoder = VideoDecoder(path, stream_index=stream_index, dimension_order="NHWC", num_ffmpeg_threads=threads)
         total = len(decoder)
     except Exception as exc:
         raise VideoReadError(f"{path}: cannot open as a video ({type(exc).__name__}: {exc})") from exc
@@ -407,16 +596,19 @@ def _torchcodec_chunks(path: str, chunk: int, threads: int) -> Iterator[np.ndarr
 
 
 def iter_chunks(source: VideoSource, chunk: int, decoder: str = "pyav", threads: int = 0) -> Iterator[np.ndarray]:
-    """Decoded frames as ``(t, H, W, 3)`` uint8 arrays, ``t <= chunk``, in order.
+    """Decoded frames as ``(t, H, W, 3)`` uint8 arrays, ``t <= chunk``, in order, as a player shows them.
 
-    Raises :class:`VideoReadError` (naming the input) when the video cannot be opened or decoded.
+    Raises :class:`VideoReadError` (naming the input) when the video cannot be opened or decoded, or is
+    damaged or truncated (:func:`check_complete`).
     """
-    if chunk < 1:
-        raise ValueError(f"chunk must be positive, got {chunk}")
+    if isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1:
+        raise ValueError(f"chunk must be a positive whole number of frames, got {chunk!r}")
     if source.kind == "frames":
-        return _chunks_of((_read_image(p) for p in source.frames), chunk, source.path)
-    if decoder == "torchcodec" and probe(source).rotation == 0:  # rotated videos: PyAV turns them upright
-        return _torchcodec_chunks(source.path, chunk, threads)
+        return _chunks_of((read_image(p) for p in source.frames), chunk, source.path)
+    if decoder == "torchcodec":
+        info = probe(source)
+        if info.rotation == 0:  # rotated videos: PyAV turns them upright
+            return _torchcodec_chunks(source.path, chunk, threads, info.stream)
     return _chunks_of(_pyav_frames(source.path, threads), chunk, source.path)
 
 

@@ -11,6 +11,7 @@ execution plan chose after :meth:`optimize`.
 
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 from collections import OrderedDict
@@ -822,8 +823,8 @@ class VideomtForUniversalSegmentation(_Segmenter):
     ) -> VideomtForUniversalSegmentationOutput | tuple:
         """``pixel_values_videos`` ``(B, T, 3, H, W)`` -> outputs with frame-major rows (``t * B + b``).
 
-        ``chunk_size`` (or ``self.chunk_size``) runs the early layers on that many frames at a time,
-        bounding peak activation memory; the result is identical to one pass.
+        ``chunk_size`` (or ``self.chunk_size``; an int, never truncated) runs the early layers on that many
+        frames at a time, bounding peak activation memory; the result is identical to one pass.
 
         ``output_hidden_states`` / ``output_attentions`` (or the config's switches) return transformers'
         per-layer hidden states and attention maps; that call runs the plain reference path in one pass
@@ -859,6 +860,8 @@ class VideomtForUniversalSegmentation(_Segmenter):
         batch, num_frames, channels, height, width = pixel_values_videos.shape
         recorder = _Recorder(self, output_hidden_states, output_attentions)
         chunk = chunk_size if chunk_size is not None else self.chunk_size
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral)):
+            raise TypeError(f"chunk_size must be a whole number of frames (an int), got {chunk!r}")
         chunk = num_frames if chunk is None or recorder.active else int(chunk)
         if chunk < 1:
             raise ValueError(f"chunk_size must be a positive number of frames, got {chunk}")

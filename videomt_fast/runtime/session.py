@@ -50,6 +50,7 @@ class VideomtSession:
         self.frame_size: tuple[int, int] | None = None  # fixed by the first frame
         self.frame_index = 0
         self._queries: torch.Tensor | None = None
+        self._started_with: tuple[torch.dtype, torch.device] | None = None
 
     def reset(self) -> None:
         """Start a new video: forget the propagated queries and the frame size."""
@@ -66,6 +67,13 @@ class VideomtSession:
     def step(self, frames: torch.Tensor) -> VideomtForUniversalSegmentationOutput:
         model = self.model
         size = check_step_frames(model, frames, self.batch_size, self.frame_size)
+        if self._queries is not None and self._started_with != (model.dtype, model.device):
+            dtype, device = self._started_with
+            raise ValueError(
+                f"this session's video was started with the model in {dtype} on {device}; the model is now "
+                f"{model.dtype} on {model.device} (moved or cast since): call reset() to start the video again, "
+                "or model.new_session() for a new one"
+            )
         step = None
         if getattr(model, "fast_settings", None) is not None:  # optimized: the execution plan of this shape
             from videomt_fast.runtime.fast import compiled_step, current_plan
@@ -78,6 +86,8 @@ class VideomtSession:
         else:
             hidden = model.encode_frames(frames)
             masks, classes, sequence, queries = model.query_step(hidden, self._queries, model.grid_for(*size))
+        if self._queries is None:
+            self._started_with = (model.dtype, model.device)  # the propagated queries belong to these
         self._queries = queries
         self.frame_size = size
         self.frame_index += 1
