@@ -269,7 +269,8 @@ def test_auto_compiles_only_a_host_bound_step(cache, monkeypatch):
     model.optimize(dtype=torch.float32, compile="auto", shapes=[(1, *SIZE)], budget_s=math.inf)
     site = plans_of(model)[0].sites[compiled.SITE]
     assert calls == [] and site.chosen == "ops" and site.candidates[1].reason.startswith("auto: not host-bound")
-    assert any("of which host time about" in n for n in plans_of(model)[0].notes)
+    # declined either after timing the op step or, where the estimated arithmetic clearly dominates, before
+    assert any("host time" in n and "measured" in n for n in plans_of(model)[0].notes)
     # "on" retries what "auto" declined
     again, _ = _pair()
     again.optimize(dtype=torch.float32, compile="on", shapes=[(1, *SIZE)], budget_s=math.inf)

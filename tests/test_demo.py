@@ -122,6 +122,12 @@ def test_demo_command_end_to_end(tmp_path, capsys):
     frame = video_io.read_png(str(overlays[0]))
     assert frame.shape == (128, 128, 3)
     assert "against the clip's ground truth" in printed
+    # one entry per track (the former list repeated a track id per class: "circle 0.99", "triangle 0.006")
+    tracks = json.loads((results / "instances.json").read_text())["tracks"]
+    assert len({t["id"] for t in tracks}) == len(tracks) > 0
+    assert all(t["label"] in CLASSES and len(t["segmentations"]) == 5 for t in tracks)
+    shown = [line for line in printed.splitlines() if line.strip().startswith("track ")]
+    assert len({line.split()[1] for line in shown}) == len(shown) > 0
 
 
 def test_demo_command_rejects_bad_arguments(tmp_path, capsys):
@@ -191,6 +197,47 @@ def test_draw_overlay_outlines_tags_and_legend():
     assert (legend_rows == 140).all(-1).any() and not (legend_rows == 255).all(-1).any()
     with pytest.raises(ValueError, match=r"ids must be \(H, W\)"):
         visualize.draw_overlay(frame, ids[:10])
+
+
+def test_legend_goes_where_it_hides_no_object_and_tags_do_not_collide():
+    """The legend takes the corner that covers the fewest object pixels (here the top-left is full, the
+    bottom-right free); two objects whose centres are a few pixels apart get tags that do not overlap.
+    Mutations caught: the legend always top-left (the former layout), tags drawn at the centres."""
+    frame = np.full((120, 160, 3), 100, np.uint8)
+    ids = np.zeros((120, 160), np.int64)
+    ids[0:60, 0:80] = 4  # an object where the legend used to go
+    ids[70:90, 20:60] = 5
+    ids[70:90, 62:100] = 6  # centres 41 px apart: "5" and "6" tags side by side at scale 1 fit
+    ids[95:100, 20:60] = 8
+    ids[101:106, 20:60] = 9  # centres 6 px apart: tags 7 px tall must be moved apart
+    legend = {4: "4 circle 0.9", 5: "5 square 0.8", 6: "6 tri 0.7", 8: "8 a 0.6", 9: "9 b 0.6"}
+    size = visualize.legend_size(legend, 1)
+    assert visualize.legend_corner(ids > 0, size) == "top-right"
+    assert visualize.legend_corner(np.zeros((120, 160), bool), size, previous="bottom-left") == "bottom-left"
+    out = visualize.draw_overlay(frame, ids, legend=legend, palette=visualize.colours(256))
+    bare = visualize.draw_overlay(frame, ids, palette=visualize.colours(256))
+    assert np.array_equal(out[0:40, 0:60], bare[0:40, 0:60])  # the object in the top-left is not covered
+    assert (out[0 : size[0], 160 - size[1] :] == 0).all(-1).mean() > 0.5  # the legend box, top-right
+    # each tag's black box: none overlaps another (the 8 and 9 tags were moved apart)
+    placed = []
+    taken = [visualize._corner_box("top-right", size, (120, 160))]
+    for value in (4, 5, 6, 8, 9):
+        y, x = visualize._anchor(ids == value)
+        ty, tx, box = visualize._place(y, x, visualize.text_size(str(value), 1), (120, 160), taken, 1)
+        assert not any(visualize._overlaps(box, other) for other in taken), value
+        taken.append(box)
+        placed.append((ty, tx))
+    assert len(set(placed)) == 5
+
+
+def test_a_videos_tracks_get_the_most_separated_colours():
+    """Track ids are query indices (up to 200): two tracks with distant ids could get close hues from the
+    id-indexed palette; a video's tracks take the first colours in rank order instead."""
+    palette = visualize.ranked_palette([143, 12, 88])
+    base = visualize.colours(256)
+    assert [tuple(palette[i]) for i in (143, 12, 88)] == [tuple(base[i]) for i in (1, 2, 3)]
+    assert palette.shape == (256, 3) and not palette[0].any()
+    assert visualize.ranked_palette([300]).shape == (301, 3)
 
 
 def test_draw_text_renders_each_glyph():

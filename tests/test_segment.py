@@ -309,8 +309,17 @@ def test_instance_tracks_rle_and_id_maps_equal_model(workspace, tmp_path):
     threshold = float(top[2] + top[3]) / 2  # paint some tracks, leave others out of the id maps
     assert _run(workspace, out, video, task="instance", extra=["--top-k", "6", "--threshold", str(threshold), "--overlay"]) == 0
     info = json.loads((out / "odd" / "instances.json").read_text())
-    anns = info["annotations"]
+    anns = json.loads((out / "odd" / "youtube_vis.json").read_text())  # every top-k (track, class) pair
     assert info["video"]["length"] == len(frames) == 7 and len(anns) == 6
+    # instances.json: one entry per track, its class its best pair's, the others listed, the same masks
+    tracks = info["tracks"]
+    assert len({t["id"] for t in tracks}) == len(tracks) == len({a["id"] for a in anns})
+    for track in tracks:
+        pairs = [a for a in anns if a["id"] == track["id"]]  # best first, as in youtube_vis.json
+        assert (track["category_id"], track["score"]) == (pairs[0]["category_id"], pairs[0]["score"])
+        assert [c["score"] for c in track["classes"]] == [a["score"] for a in pairs]
+        assert track["label"] == f"LABEL_{track['label_id']}" and track["segmentations"] == pairs[0]["segmentations"]
+    assert [t["score"] for t in tracks] == sorted((t["score"] for t in tracks), reverse=True)
     painted = np.zeros((7, 51, 71), np.int64)
     for ann, score, index in sorted(zip(anns, top.tolist(), flat.tolist()), key=lambda x: x[1]):
         query, label = divmod(index, 5)
@@ -368,7 +377,7 @@ def test_instance_ids_above_255_use_16_bit_pngs(tmp_path):
     rc = seg.main([str(video), "--model", str(tmp_path / "model"), "--task", "instance", "--out", str(out),
                    "--top-k", "600", "--threshold", "0", "--no-progress"])
     assert rc == 0
-    anns = json.loads((out / "v" / "instances.json").read_text())["annotations"]
+    anns = json.loads((out / "v" / "youtube_vis.json").read_text())
     assert len(anns) == 600
     _, ids = _pngs(out / "v" / "instance_ids")
     assert ids.dtype == np.uint16 and ids.max() > 255

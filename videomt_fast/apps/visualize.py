@@ -1,10 +1,12 @@
 """Pictures a person can read: label colours, outlines, a small bitmap font, overlays with a legend.
 
 numpy only. :func:`colours` gives the label palette (id 0 black) shared by the palette PNGs and the
-overlays, so an id has one colour everywhere. :func:`draw_overlay` tints each labelled region of a
-frame, outlines it, writes its id on it and lists a legend (colour swatch and text per id) in the
-top-left corner. Text uses a built-in 5x7 font (upper-case letters, digits, common punctuation;
-lower case is drawn in upper case), scaled by whole pixels to the frame size.
+overlays, so an id has one colour everywhere; :func:`ranked_palette` gives a video's few tracks the
+first, most separated colours whatever their ids. :func:`draw_overlay` tints each labelled region of a
+frame, outlines it, writes its id on it (labels that would overlap are moved apart) and lists a legend
+(colour swatch and text per id) in the corner it covers least of the objects (:func:`legend_corner`).
+Text uses a built-in 5x7 font (upper-case letters, digits, common punctuation; lower case is drawn in
+upper case), scaled by whole pixels to the frame size.
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def colours(n: int = 256) -> np.ndarray:
         val = (1.0, 0.9, 0.8)[(i // 3) % 3]
         rgb = np.clip(np.abs((hue * 6 + np.array([0.0, 4.0, 2.0])) % 6 - 3) - 1, 0, 1)
         out[i] = np.round(255 * val * (1 - sat + sat * rgb))
+    return out
+
+
+def ranked_palette(ids_best_first, size: int = 256) -> np.ndarray:
+    """``(max(size, max id + 1), 3)`` uint8: the k-th id of ``ids_best_first`` gets the k-th colour of
+    :func:`colours`, so a video's tracks (ids up to the number of queries) take the most separated hues
+    however far apart their ids are; other ids keep :func:`colours`' own."""
+    ids = [int(i) for i in ids_best_first]
+    n = max([size] + [i + 1 for i in ids])
+    base = colours(max(n, len(ids) + 1))
+    out = base[:n].copy()
+    for rank, value in enumerate(ids):
+        out[value] = base[rank + 1]
     return out
 
 
@@ -123,6 +138,63 @@ def _anchor(mask: np.ndarray) -> tuple[int, int]:
     return int(ys[k]), int(xs[k])
 
 
+CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def legend_size(legend: Mapping[int, str], scale: int) -> tuple[int, int]:
+    """``(height, width)`` in pixels of the legend box of ``legend`` at ``scale``."""
+    line = (GLYPH_H + 3) * scale
+    width = max(text_size(t, scale)[1] for t in legend.values()) + GLYPH_H * scale + 4 * scale
+    return len(legend) * line + 3 * scale, width + 2 * scale
+
+
+def _corner_box(corner: str, box: tuple[int, int], shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``(y, x, height, width)`` of a box of size ``box`` in ``corner`` of an image of ``shape``."""
+    h, w = min(box[0], shape[0]), min(box[1], shape[1])
+    y = 0 if corner.startswith("top") else shape[0] - h
+    x = 0 if corner.endswith("left") else shape[1] - w
+    return y, x, h, w
+
+
+def legend_corner(occupancy: np.ndarray, box: tuple[int, int], previous: str | None = None) -> str:
+    """The corner where a box of size ``box`` covers the least of ``occupancy`` ``(H, W)`` (labelled pixels,
+    or counts of them over a video); ties keep ``previous``, else the first of :data:`CORNERS`."""
+    cover = {}
+    for corner in CORNERS:
+        y, x, h, w = _corner_box(corner, box, occupancy.shape)
+        cover[corner] = float(occupancy[y : y + h, x : x + w].sum())
+    best = min(cover.values())
+    if previous in cover and cover[previous] <= best:
+        return previous
+    return next(c for c in CORNERS if cover[c] <= best)
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _place(y: int, x: int, size: tuple[int, int], shape: tuple[int, int], taken: list, margin: int):
+    """Top-left of a ``size`` box near ``(y, x)`` (its centre) inside ``shape`` that overlaps none of
+    ``taken`` (boxes ``(y, x, h, w)`` with ``margin`` around them), trying steps away from the centre; the
+    centre itself when nowhere is free."""
+    th, tw = size
+
+    def clamp(cy: int, cx: int) -> tuple[int, int]:
+        return (min(max(cy - th // 2, margin), max(margin, shape[0] - th - margin)),
+                min(max(cx - tw // 2, margin), max(margin, shape[1] - tw - margin)))
+
+    step_y, step_x = th + 2 * margin, tw + 2 * margin
+    tries = [(0, 0)] + [(dy * k, dx * k) for k in (1, 2, 3) for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1),
+                                                                          (1, 1), (-1, -1), (1, -1), (-1, 1))]
+    for dy, dx in tries:
+        ty, tx = clamp(y + dy * step_y, x + dx * step_x)
+        box = (ty - margin, tx - margin, th + 2 * margin, tw + 2 * margin)
+        if not any(_overlaps(box, other) for other in taken):
+            return ty, tx, box
+    ty, tx = clamp(y, x)
+    return ty, tx, (ty - margin, tx - margin, th + 2 * margin, tw + 2 * margin)
+
+
 def draw_overlay(
     frame: np.ndarray,
     ids: np.ndarray,
@@ -130,11 +202,14 @@ def draw_overlay(
     tags: Mapping[int, str] | None = None,
     palette: np.ndarray | None = None,
     alpha: float = 0.5,
+    corner: str | None = None,
 ) -> np.ndarray:
     """A copy of ``frame`` ``(H, W, 3)`` uint8 with the regions of ``ids`` ``(H, W)`` (0 = none) tinted
     with ``palette[id % len]`` (default :func:`colours`), outlined in their colour, each tagged with
-    ``tags[id]`` (default the id) near its centre, and ``legend`` (id -> text, in its order) listed
-    top-left with a colour swatch per entry. Pass the whole video's legend to keep it still."""
+    ``tags[id]`` (default the id) near its centre (moved aside where it would cover another tag or the
+    legend), and ``legend`` (id -> text, in its order) listed with a colour swatch per entry in ``corner``
+    (one of :data:`CORNERS`; default: the one covering the fewest labelled pixels of this frame). Pass the
+    whole video's legend and one corner for the video to keep it still."""
     frame = np.asarray(frame)
     ids = np.asarray(ids)
     if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
@@ -150,27 +225,35 @@ def draw_overlay(
     edge = outlines(ids, thickness=scale + 1)
     out[edge] = tint[edge]
     present = [int(v) for v in np.unique(ids) if v > 0]
+    taken = []  # boxes already drawn: the legend's, then each tag's
+    legend_box = None
+    if legend:
+        if corner is None:
+            corner = legend_corner(ids > 0, legend_size(legend, scale))
+        if corner not in CORNERS:
+            raise ValueError(f"draw_overlay: corner must be one of {CORNERS}, got {corner!r}")
+        legend_box = _corner_box(corner, legend_size(legend, scale), frame.shape[:2])
+        taken.append(legend_box)
     for value in present:
         text = str(value) if tags is None else tags.get(value, str(value))
         if not text:
             continue
         y, x = _anchor(ids == value)
-        th, tw = text_size(text, scale)
-        y = min(max(y - th // 2, scale), frame.shape[0] - th - scale)
-        x = min(max(x - tw // 2, scale), frame.shape[1] - tw - scale)
-        draw_text(out, text, y, x, (255, 255, 255), scale, background=(0, 0, 0))
-    if legend:
+        ty, tx, box = _place(y, x, text_size(text, scale), frame.shape[:2], taken, scale)
+        taken.append(box)
+        draw_text(out, text, ty, tx, (255, 255, 255), scale, background=(0, 0, 0))
+    if legend_box is not None:
         line = (GLYPH_H + 3) * scale
         swatch = GLYPH_H * scale
-        entries = list(legend.items())
-        width = max(text_size(t, scale)[1] for _, t in entries) + swatch + 4 * scale
-        _fill(out, 0, 0, len(entries) * line + 3 * scale, width + 2 * scale, (0, 0, 0))
-        for row, (value, text) in enumerate(entries):
-            y = 2 * scale + row * line
-            _fill(out, y, 2 * scale, swatch, swatch, palette[value % len(palette)])
+        by, bx, bh, bw = legend_box
+        _fill(out, by, bx, bh, bw, (0, 0, 0))
+        for row, (value, text) in enumerate(legend.items()):
+            y = by + 2 * scale + row * line
+            _fill(out, y, bx + 2 * scale, swatch, swatch, palette[value % len(palette)])
             colour = (255, 255, 255) if value in present else (140, 140, 140)  # grey: not in this frame
-            draw_text(out, text, y, swatch + 4 * scale, colour, scale)
+            draw_text(out, text, y, bx + swatch + 4 * scale, colour, scale)
     return out
 
 
-__all__ = ["GLYPH_H", "GLYPH_W", "colours", "draw_overlay", "draw_text", "outlines", "text_scale", "text_size"]
+__all__ = ["CORNERS", "GLYPH_H", "GLYPH_W", "colours", "draw_overlay", "draw_text", "legend_corner", "legend_size",
+           "outlines", "ranked_palette", "text_scale", "text_size"]

@@ -8,8 +8,10 @@ relative paths resolved from the list's folder).
 
 Per video the outputs go to ``OUT/<video name>/``:
 
-* ``instance``: ``instances.json`` (YouTube-VIS style results: one entry per track with a score, a
-  1-based YouTube-VIS category id (label + 1) and one RLE mask, or null, per frame) and ``instance_ids/<frame>.png`` (track ids, 0 = none);
+* ``instance``: ``instances.json`` (one entry per track: its id, its class and score decided over the
+  video, the other classes it had among the top-k, and one RLE mask per frame), ``youtube_vis.json``
+  (every top-k (track, class) pair in the YouTube-VIS results format, 1-based category ids = label + 1,
+  for benchmark evaluation) and ``instance_ids/<frame>.png`` (track ids, 0 = none);
 * ``semantic``: ``semantic/<frame>.png`` (class ids);
 * ``panoptic``: ``panoptic/<frame>.png`` (COCO panoptic colour encoding, ``id = R + 256 G + 256^2 B``,
   0 = void) and ``panoptic.json`` (per-frame ``segments_info``);

@@ -63,6 +63,7 @@ class VideoOutput:
         self.panoptic_frames: list[dict] = []
         self.overlay = None
         self.colours = visualize.colours(256)  # the overlay's colours, and the palette of 8-bit id PNGs
+        self.corner: str | None = None  # the overlay legend's corner
         try:
             os.makedirs(os.path.join(self.tmp, self.sub))
             if settings.overlay:
@@ -72,13 +73,13 @@ class VideoOutput:
             self.abort()  # never leave the temporary folder behind
             raise
 
-    def _write_png(self, name: str, image: np.ndarray) -> None:
-        palette = self.colours if image.ndim == 2 and image.dtype == np.uint8 else None
+    def _write_png(self, name: str, image: np.ndarray, palette: np.ndarray | None = None) -> None:
+        palette = (self.colours if palette is None else palette) if image.ndim == 2 and image.dtype == np.uint8 else None
         video_io.write_png(os.path.join(self.tmp, self.sub, name + ".png"), image, self.settings.png_level, palette)
 
-    def _write_pngs(self, names: list[str], images: list[np.ndarray]) -> None:
+    def _write_pngs(self, names: list[str], images: list[np.ndarray], palette: np.ndarray | None = None) -> None:
         self.files.extend(f"{self.sub}/{name}.png" for name in names)
-        list(self.pool.map(self._write_png, names, images))
+        list(self.pool.map(self._write_png, names, images, [palette] * len(names)))
 
     def add(self, start: int, count: int, ids: np.ndarray | None, extra: list | None, rgb: np.ndarray | None) -> None:
         """``ids`` ``(t, H, W)`` int: semantic classes / panoptic ids (0 = none); None for instance (painted at the end)."""
@@ -112,7 +113,11 @@ class VideoOutput:
                     tags = None
                 else:  # semantic: the ids are classes
                     legend = tags = {int(c): str(self.labels.get(int(c), c)) for c in np.unique(frame_ids) if c > 0}
-                self.overlay.write(visualize.draw_overlay(frame, frame_ids, legend, tags, self.colours))
+                corner = None
+                if legend:  # where it covers the least; it stays put until another corner is freer
+                    size = visualize.legend_size(legend, visualize.text_scale(*frame_ids.shape))
+                    corner = self.corner = visualize.legend_corner(frame_ids > 0, size, self.corner)
+                self.overlay.write(visualize.draw_overlay(frame, frame_ids, legend, tags, self.colours, corner=corner))
         self.frames += ids.shape[0]
 
     def _json(self, name: str, data: Any) -> None:
@@ -123,28 +128,52 @@ class VideoOutput:
             json.dump(data, fh)
 
     def _instances(self, tracker, video: dict, categories: list) -> None:
-        """instances.json (YouTube-VIS results + track ids) and the per-frame track-id PNGs."""
+        """``instances.json`` (one entry per track), ``youtube_vis.json`` (every top-k (track, class) pair, as
+        video instance segmentation benchmarks take results) and the per-frame track-id PNGs."""
         from videomt_fast.processing.tracks import rle_decode
 
-        instances = tracker.finalize()
+        instances = tracker.finalize()  # the top-k (query, class) pairs, best first
         # YouTube-VIS numbers categories from 1 and its evaluation matches results by category_id: label l
         # is category l + 1 (as the research code's ytvis_eval unmaps it); label_id keeps the model's label
         entries = tracker.to_youtube_vis(self.job.name, label_to_category={c["id"]: c["id"] + 1 for c in categories})
         for inst, entry in zip(instances, entries):
             entry["id"] = inst.track_id + 1  # the query index: stable through the video; 0 = background
             entry["label_id"] = inst.label_id
+        # one entry per track: its class and score are its best pair's (decided over the whole video), the
+        # other classes it had among the top-k are listed with theirs; its masks are per frame
+        tracks: dict[int, dict] = {}
+        best: dict[int, Any] = {}
+        for inst, entry in zip(instances, entries):
+            name = self.labels.get(inst.label_id, str(inst.label_id))
+            cls = {"category_id": entry["category_id"], "label_id": inst.label_id, "label": name, "score": entry["score"]}
+            if inst.track_id not in tracks:
+                best[inst.track_id] = inst
+                tracks[inst.track_id] = {"id": inst.track_id + 1, **cls, "classes": [],
+                                         "segmentations": entry["segmentations"]}
+            tracks[inst.track_id]["classes"].append(cls)
         categories = [{**c, "id": c["id"] + 1} for c in categories]
-        self._json("instances.json", {"video": video, "categories": categories, "annotations": entries})
-        # paint: lowest score first, so the best instance wins where masks overlap
-        shown = sorted((i for i in instances if i.score >= self.settings.task_threshold()), key=lambda i: i.score)
-        wide = max((i.track_id + 1 for i in shown), default=0) > 255
+        self._json("instances.json", {"video": video, "categories": categories, "tracks": list(tracks.values())})
+        self._json("youtube_vis.json", entries)
+        # paint: lowest score first, so the best track wins where masks overlap
+        shown = sorted((i for i in best.values() if i.score >= self.settings.task_threshold()), key=lambda i: i.score)
+        best_first = [i.track_id + 1 for i in reversed(shown)]
+        palette = visualize.ranked_palette(best_first)  # a video's few tracks get the most separated colours
+        wide = max(best_first, default=0) > 255
         h, w = self.geometry.height, self.geometry.width
         names = _frame_names(self.job.source, 0, self.frames)
         colour_source = None
         legend = {i.track_id + 1: f"{i.track_id + 1} {self.labels.get(i.label_id, i.label_id)} {i.score:.2f}"
                   for i in reversed(shown)}  # best first
+        corner = None
         if self.overlay is not None:
             colour_source = (f for c in video_io.iter_chunks(self.job.source, 8, video_io.resolve_decoder(self.settings.decoder)) for f in c)
+            if legend:  # one corner for the whole video: where the tracks are least over all frames
+                occupancy = np.zeros((h, w), np.int64)
+                for inst in shown:
+                    for rle in inst.rles:
+                        occupancy += rle_decode(rle)
+                size = visualize.legend_size(legend, visualize.text_scale(h, w))
+                corner = visualize.legend_corner(occupancy, size)
         for start in range(0, self.frames, 16):
             maps = []
             for t in range(start, min(start + 16, self.frames)):
@@ -154,8 +183,9 @@ class VideoOutput:
                 maps.append(ids)
                 self.max_id = max(self.max_id, int(ids.max()))
                 if colour_source is not None:
-                    self.overlay.write(visualize.draw_overlay(next(colour_source), ids, legend, palette=self.colours))
-            self._write_pngs(names[start : start + len(maps)], maps)
+                    self.overlay.write(visualize.draw_overlay(next(colour_source), ids, legend, palette=palette,
+                                                              corner=corner))
+            self._write_pngs(names[start : start + len(maps)], maps, palette[:256])
 
     def finish(self, tracker: Any, stats: dict) -> None:
         video = {"name": self.job.name, "file": self.job.source.path, "height": self.geometry.height,
