@@ -277,12 +277,32 @@ def clip_from_step(step_model, num_queries: int, hidden: int, state_dtype: int):
 # the export
 
 
-def _prepared(model, dtype: torch.dtype):
-    """``model`` on the CPU in ``dtype`` in eval mode: itself when it already is, else a copy."""
-    if model.device.type == "cpu" and model.dtype == dtype and not model.training:
+def _prepared(model, dtype: torch.dtype, copy_always: bool = False):
+    """``model`` on the CPU in ``dtype`` in eval mode: itself when it already is (and not ``copy_always``),
+    else a copy."""
+    if model.device.type == "cpu" and model.dtype == dtype and not model.training and not copy_always:
         return model
     twin = copy.deepcopy(model)
     return twin.to(device="cpu", dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def _table_for(model, size: tuple[int, int], fixed: bool):
+    """With ``fixed``: the model's position table replaced, for the trace, by the one of ``size`` (resized
+    here as the model resizes it), so the graph stores it instead of resizing in the graph."""
+    if not fixed:
+        yield
+        return
+    embeddings = model.embeddings
+    grid = model.grid_for(*size)
+    before = embeddings.position_embeddings, embeddings.grid_size
+    weight = embeddings.position_embedding(grid).detach().clone()
+    embeddings.position_embeddings = torch.nn.Embedding.from_pretrained(weight, freeze=True)
+    embeddings.grid_size = grid
+    try:
+        yield
+    finally:
+        embeddings.position_embeddings, embeddings.grid_size = before
 
 
 def _trace_size(config, sizes: list[tuple[int, int]], dynamic_hw: bool) -> list[tuple[int, int]]:
@@ -391,6 +411,9 @@ def export(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is meant to be shared
     try:
         sidecar = _export_into(model, tmp, kinds, dtype_names, sizes, dynamic_hw, exporter, opset, verify, video)
         _write_json(os.path.join(tmp, SIDECAR), sidecar)
@@ -409,13 +432,12 @@ def _export_into(model, folder, kinds, dtype_names, sizes, dynamic_hw, exporter,
     entries = []
     for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
-        prepared = _prepared(model, dtype)
+        prepared = _prepared(model, dtype, copy_always=not dynamic_hw)
         table = graphs.ExportTable()
         for trace_size in _trace_size(config, sizes, dynamic_hw):
-            if not dynamic_hw:  # the position table of this size computed here, read as a constant
-                prepared.embeddings.position_embedding(prepared.grid_for(*trace_size))
             spec = _video_spec(prepared, table, trace_size, dtype_name) if video else _image_spec(prepared, trace_size)
-            with graphs.export_tables(prepared, table), torch.no_grad():
+            with graphs.export_tables(prepared, table), _table_for(prepared, trace_size, not dynamic_hw), \
+                    torch.no_grad():
                 traced = _torch_export(spec, exporter, dynamic_hw, opset, config.patch_hw)
             suffix = "" if dynamic_hw else f"-{_size_text(trace_size)}"
             for kind in kinds:

@@ -71,7 +71,7 @@ class ExportTable(ops.OpTable):
 
     @staticmethod
     def _layer_norm(x, weight, bias, eps):
-        return F.layer_norm(_wide(x), (x.shape[-1],), _wide(weight), _wide(bias), eps).to(x.dtype)
+        return F.layer_norm(_wide(x), (int(x.shape[-1]),), _wide(weight), _wide(bias), eps).to(x.dtype)
 
     @staticmethod
     def _residual_layer_norm(x, f, scale, weight, bias, eps):
