@@ -258,3 +258,54 @@ def test_cli_misuse_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["export", "--model", "demo", "--out", str(tmp_path / "o"), "--dtype", "int8"])
     assert exc.value.code == 2
+
+
+def test_segment_runtime_onnxruntime_matches_the_torch_session(tmp_path):
+    from videomt_fast.apps import segment, video_io
+
+    _dynamo()
+    model_dir, video = tmp_path / "model", tmp_path / "clip.mp4"
+    _video_model(seed=4).save_pretrained(str(model_dir))
+    video_io.write_test_video(str(video), 6, 40, 56, seed=1)
+    maps = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path / runtime
+        argv = [str(video), "--model", str(model_dir), "--task", "semantic", "--out", str(out), "--engine", "session",
+                "--runtime", runtime, "--no-progress", "--decoder", "pyav"]
+        assert segment.main(argv) == 0
+        folder = out / "clip" / "semantic"
+        maps[runtime] = np.stack([video_io.read_png(str(folder / n)) for n in sorted(os.listdir(folder))])
+        done = json.loads((out / "clip" / "done.json").read_text())
+        assert done["identity"]["settings"].get("runtime") == (None if runtime == "torch" else "onnxruntime")
+    assert maps["torch"].shape == maps["onnxruntime"].shape == (6, 40, 56)
+    assert (maps["torch"] == maps["onnxruntime"]).mean() >= 0.999
+
+
+def test_segment_runtime_misuse(tmp_path, capsys):
+    from videomt_fast.apps import segment
+
+    argv = ["x.mp4", "--model", "demo", "--out", str(tmp_path), "--runtime", "onnxruntime"]
+    assert segment.main(argv + ["--fast"]) == 2
+    assert segment.main(argv + ["--dtype", "bfloat16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--fast applies to the torch runtime" in err[0] and "not bfloat16" in err[1]
+
+
+def test_bench_rows_for_onnxruntime(tmp_path):
+    """ONNX Runtime rows in the same run as transformers and our path, with the agreement columns."""
+    from videomt_fast.apps import benchmark
+
+    _dynamo()
+    args = benchmark.parse_args(["--tiny", "--providers", "hf-eager-fp32,fast", "--ort", "cpu", "--mode", "online",
+                                 "--mode", "offline", "--repeats", "1", "--online-frames", "3", "--frames", "3",
+                                 "--no-save", "--agree-frames", "3"])
+    report = benchmark.run(args)
+    rows = {(r["label"], r["mode"]): r for r in report["rows"]}
+    for mode in ("online", "offline"):
+        row = rows[("ort-cpu-fp32", mode)]
+        assert row["status"] == "ok" and "onnxruntime" in row["backend"] and "CPUExecutionProvider" in row["backend"]
+        assert row["agreement"]["mask_max_abs_err"] <= ATOL and row["agreement"]["class_max_abs_err"] <= ATOL
+        assert row["speedup"]["hf-eager-fp32"] > 0 and ("fast-fp32", mode) in rows
+    assert "ort-cpu-fp32" in benchmark.format_table(report)
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--tiny", "--ort", "gpu"])

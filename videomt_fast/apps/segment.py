@@ -107,6 +107,7 @@ class SegmentSettings:
     dtype: str = "auto"
     engine: str = "chunk"  # "chunk": early layers batched over a chunk; "session": model.new_session()
     fast: bool = False  # model.optimize() (bf16 weights, fused kernels, CUDA graphs for sessions)
+    runtime: str = "torch"  # "onnxruntime": the exported step graph on ONNX Runtime (apps/segment_ort.py)
     threads: int = 0  # torch intra-op threads on a CPU device; 0 = PyTorch's default
     decoder: str = "auto"
     decode_workers: int = 2
@@ -148,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["chunk", "session"], default="chunk",
                    help="chunk: early layers batched per chunk; session: one frame per step (CUDA graphs with --fast)")
     p.add_argument("--fast", action="store_true", help="model.optimize(): fused kernels, CUDA-graph sessions")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: export the frame step to ONNX once and run it on ONNX Runtime (one frame per step)")
     p.add_argument("--threads", type=int, default=0,
                    help="PyTorch threads on a CPU device (0 = PyTorch's default); on a shared or small CPU, "
                         "1 avoids oversubscribing the cores next to the decoder and PNG threads")
@@ -186,6 +189,9 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
         value = getattr(args, name)
         if value is not None and not 0.0 <= value <= 1.0:  # NaN fails the comparison too
             raise ValueError(f"--{name.replace('_', '-')} must be a number from 0 to 1, got {value}")
+    from videomt_fast.apps.segment_ort import check_settings
+
+    check_settings(args.runtime, args.dtype, args.fast)
     try:
         fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
     except ValueError:
@@ -197,7 +203,7 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
         decode_workers=args.decode_workers, decode_threads=args.decode_threads, prefetch_chunks=args.prefetch_chunks,
         png_threads=args.png_threads, png_level=max(0, min(9, args.png_level)), threshold=args.threshold,
         mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold, fuse_labels=fuse,
-        overlay=args.overlay, overwrite=args.overwrite, top_k=args.top_k,
+        overlay=args.overlay, overwrite=args.overwrite, top_k=args.top_k, runtime=args.runtime,
     )
 
 
@@ -244,6 +250,8 @@ def result_settings(settings: SegmentSettings) -> dict:
     """The settings that change a video's results (recorded in done.json and compared on resume)."""
     out = {"task": settings.task, "size": settings.size, "short_side": settings.short_side,
            "dtype": settings.dtype, "fast": settings.fast, "overlay": settings.overlay}
+    if settings.runtime != "torch":
+        out["runtime"] = settings.runtime
     if settings.task == "instance":
         out.update(threshold=settings.task_threshold(), top_k=settings.top_k)
     elif settings.task == "panoptic":
@@ -832,6 +840,10 @@ class _Engine:
         self.processor = self.processor_cls(size={"height": geometry.resize[0], "width": geometry.resize[1]})
         self.prev_queries = None
         self.session = self.model.new_session(1) if self.settings.engine == "session" else None
+        if self.settings.runtime == "onnxruntime":
+            from videomt_fast.apps import segment_ort
+
+            self.session = segment_ort.new_session(self.model, geometry.padded, self.settings.dtype, str(self.device))
         self.tracker = None
         if self.settings.task == "instance":
             from videomt_fast.processing.tracks import VideoInstanceAccumulator
