@@ -309,3 +309,13 @@ def test_bench_rows_for_onnxruntime(tmp_path):
     assert "ort-cpu-fp32" in benchmark.format_table(report)
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--tiny", "--ort", "gpu"])
+
+
+def test_the_library_never_imports_onnx_until_an_export_runs():
+    import subprocess
+    import sys
+
+    code = ("import sys, videomt_fast, videomt_fast.export, videomt_fast.apps.segment_ort, videomt_fast.apps.bench_ort; "
+            "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxscript') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
