@@ -30,13 +30,20 @@ def _dynamo():
     pytest.importorskip("onnxscript", reason="needs onnxscript (the test extra): torch's dynamo exporter")
 
 
+def _dynamic() -> bool:
+    """Whether exports here make height and width dynamic (torch's dynamo exporter, with onnxscript); without
+    onnxscript the TorchScript exporter writes one graph per size, and the same tests run on those."""
+    from videomt_fast.export.exporter import resolve_exporter
+
+    return resolve_exporter() == "dynamo"
+
+
 def _video_model(seed=0):
     return randomize_(VideomtForUniversalSegmentation(VideomtConfig(**TINY)), seed).eval()
 
 
 @pytest.fixture(scope="module")
 def video_export(tmp_path_factory):
-    _dynamo()
     model = _video_model()
     out = tmp_path_factory.mktemp("onnx") / "videomt"
     sidecar = model.export(out, dtypes=["float32", "float16"], sizes=SIZES, verify=False)
@@ -45,7 +52,6 @@ def video_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eomt_export(tmp_path_factory):
-    _dynamo()
     model = randomize_(EomtForUniversalSegmentation(EomtConfig(**TINY)), 1).eval()
     assert model.attn_mask_probs.tolist() == [1.0, 1.0]  # masked attention on in both query layers
     out = tmp_path_factory.mktemp("onnx") / "eomt"
@@ -67,6 +73,13 @@ def _frames(n, size, batch=1, seed=5):
     return torch.randn(batch, n, 3, *size, generator=gen)
 
 
+def test_the_test_extra_exports_dynamic_sizes():
+    """onnxscript is in the test extra: there, height and width are dynamic (elsewhere the tests below run on
+    the TorchScript exporter's fixed-size graphs)."""
+    _dynamo()
+    assert _dynamic()
+
+
 def test_every_graph_passes_the_checker(video_export, eomt_export, fixed_export):
     seen = 0
     for _, folder, sidecar in (video_export, eomt_export, fixed_export):
@@ -75,14 +88,17 @@ def test_every_graph_passes_the_checker(video_export, eomt_export, fixed_export)
         for name in files:
             onnx.checker.check_model(onnx.load(os.path.join(folder, name)), full_check=True)
             seen += 1
-    assert seen == 4 + 1 + 1
+    assert seen == (4 + 1 if _dynamic() else 8 + 2) + 1
 
 
 def test_sidecar_names_every_input_and_output(video_export):
     _, folder, sidecar = video_export
     with open(os.path.join(folder, "export.json"), encoding="utf-8") as fh:
         assert json.load(fh) == json.loads(json.dumps(sidecar))
-    assert sidecar["frame_sizes"]["dynamic"] is True and sidecar["frame_sizes"]["multiple_of"] == [16, 16]
+    if _dynamic():
+        assert sidecar["frame_sizes"]["dynamic"] is True and sidecar["frame_sizes"]["multiple_of"] == [16, 16]
+    else:
+        assert sidecar["frame_sizes"] == {**sidecar["frame_sizes"], "dynamic": False, "sizes": ["48x48", "32x64"]}
     assert sidecar["normalization"]["mean"] == [0.485, 0.456, 0.406]
     for entry in sidecar["graphs"]:
         graph = onnx.load(os.path.join(folder, entry["file"])).graph
@@ -95,7 +111,7 @@ def test_sidecar_names_every_input_and_output(video_export):
         assert bool(entry["fp32_inside"]) == (entry["dtype"] == "float16")
     step = next(g for g in sidecar["graphs"] if g["graph"] == "step" and g["dtype"] == "float32")
     assert [d["name"] for d in step["inputs"]] == ["frames", "queries", "first"]
-    assert step["inputs"][0]["shape"] == ["batch", 3, "height", "width"]
+    assert step["inputs"][0]["shape"] == ["batch", 3, "height", "width"] if _dynamic() else ["batch", 3, 48, 48]
     assert step["inputs"][1]["shape"] == ["batch", TINY["num_queries"], TINY["hidden_size"]]
     assert "first" in step["first_frame"]
 
@@ -192,8 +208,9 @@ def test_fp16_graphs_meet_the_plans_fp16_rule(video_export):
 
 
 def test_fp16_graph_keeps_attention_and_norm_statistics_in_fp32(video_export):
-    _, folder, _ = video_export
-    model = onnx.shape_inference.infer_shapes(onnx.load(os.path.join(folder, "step-fp16.onnx")))
+    _, folder, sidecar = video_export
+    name = next(g["file"] for g in sidecar["graphs"] if g["graph"] == "step" and g["dtype"] == "float16")
+    model = onnx.shape_inference.infer_shapes(onnx.load(os.path.join(folder, name)))
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
     types.update({t.name: t.data_type for t in model.graph.initializer})
     softmax = [n for n in model.graph.node if n.op_type == "Softmax"]
@@ -236,6 +253,9 @@ def test_named_errors(video_export, tmp_path):
     session = runner.new_session(1)
     with pytest.raises(FrameSizeError, match=r"40x48.*multiples of the patch size 16x16"):
         session.step(torch.randn(1, 3, 40, 48))
+    if not _dynamic():
+        with pytest.raises(FrameSizeError, match=r"64x64.*graphs for 48x48, 32x64 only"):
+            session.step(torch.randn(1, 3, 64, 64))
     with pytest.raises(StateError, match=r"must have shape \(1, 7, 64\)"):
         session.propagated_queries = torch.zeros(1, 6, 64)
     with pytest.raises(StateError, match=r"must have shape \(2, 7, 64\)"):
@@ -261,9 +281,9 @@ def test_cli_misuse_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_segment_runtime_onnxruntime_matches_the_torch_session(tmp_path):
+    pytest.importorskip("av", reason="needs av (the test extra): the test video")
     from videomt_fast.apps import segment, video_io
 
-    _dynamo()
     model_dir, video = tmp_path / "model", tmp_path / "clip.mp4"
     _video_model(seed=4).save_pretrained(str(model_dir))
     video_io.write_test_video(str(video), 6, 40, 56, seed=1)
@@ -295,7 +315,6 @@ def test_bench_rows_for_onnxruntime(tmp_path):
     """ONNX Runtime rows in the same run as transformers and our path, with the agreement columns."""
     from videomt_fast.apps import benchmark
 
-    _dynamo()
     args = benchmark.parse_args(["--tiny", "--providers", "hf-eager-fp32,fast", "--ort", "cpu", "--mode", "online",
                                  "--mode", "offline", "--repeats", "1", "--online-frames", "3", "--frames", "3",
                                  "--no-save", "--agree-frames", "3"])

@@ -8,8 +8,12 @@ Graphs (file ``<graph>-<dtype>.onnx``, or ``<graph>-<dtype>-<H>x<W>.onnx`` for f
   video:** set ``first`` for that row; its ``queries`` are not read (pass zeros, or anything of the
   shape). Frame by frame this equals ``model.new_session().step``.
 * ``clip`` (VidEoMT): ``pixel_values_videos`` ``(B, T, 3, H, W)``, T dynamic, the clip forward's outputs
-  with frame-major rows (``t * B + b``), and the last frame's ``queries_out``. It runs the step graph per
-  frame inside an ONNX ``Loop`` (``first`` set on the loop's first iteration).
+  with frame-major rows (``t * B + b``), and the last frame's ``queries_out``. As the clip forward does, the
+  query-free layers run on all frames at once, then the query layers and the head frame by frame inside an
+  ONNX ``Loop`` (``first`` set on the loop's first iteration).
+
+Both VidEoMT graphs are composed from two traced ones, the encode graph (``encode_frames``) and the query
+graph (``query_step``), so the step and the clip run the same exported operations.
 * ``image`` (EoMT): ``pixel_values`` ``(B, 3, H, W)`` -> class and mask logits, masked attention (as the
   model's ``attn_mask_probs`` say) computed inside the graph.
 
@@ -134,6 +138,10 @@ def _torch_export(spec: _Spec, exporter: str, dynamic_hw: bool, opset: int, patc
                 for axis, dim in enumerate(layout):
                     if isinstance(dim, int):
                         continue
+                    if dim == "tokens":  # 1 + registers + patches: follows height and width
+                        if dynamic_hw:
+                            axes[axis] = torch.export.Dim.AUTO
+                        continue
                     if dim in ("height", "width"):
                         if not dynamic_hw:
                             continue
@@ -150,7 +158,7 @@ def _torch_export(spec: _Spec, exporter: str, dynamic_hw: bool, opset: int, patc
                               verbose=False)
         else:
             axes = {name: {axis: dim for axis, dim in enumerate(layout) if isinstance(dim, str)
-                           and dim not in ("height", "width", "height/4", "width/4")}
+                           and dim not in ("height", "width", "height/4", "width/4", "tokens")}
                     for name, layout in spec.inputs + spec.outputs}
             torch.onnx.export(spec.module, spec.args, path, input_names=names, output_names=out_names,
                               dynamic_axes={k: v for k, v in axes.items() if v}, opset_version=opset, dynamo=False,
@@ -168,92 +176,130 @@ def _name_dims(model, spec: _Spec, dynamic_hw: bool) -> None:
         if layout is None:
             continue
         for dim, want in zip(value.type.tensor_type.shape.dim, layout):
-            if isinstance(want, str) and (dynamic_hw or want not in ("height", "width", "height/4", "width/4")):
+            if isinstance(want, str) and (dynamic_hw or want not in ("height", "width", "height/4", "width/4", "tokens")):
                 dim.dim_param = want
 
 
 # --------------------------------------------------------------------------------------------
-# the clip graph: the step graph in a Loop over frames
+# composing the step and clip graphs from the encode and query graphs
 
 
-def clip_from_step(step_model, num_queries: int, hidden: int, state_dtype: int):
-    """The clip graph ``pixel_values_videos (B, T, 3, H, W) -> (class logits (T*B, ...), mask logits
-    (T*B, ...), queries_out (B, Q, d))``: ``step_model``'s graph as the body of an ONNX ``Loop`` over T,
-    the carried queries as the loop state, ``first`` set on iteration 0. Rows are frame-major. The step's
-    weights are the body's initializers, its value names prefixed ``step/``."""
-    onnx = require("onnx", "ONNX export")
-    from onnx import TensorProto, helper
-
-    step = step_model.graph
-    inits = {t.name for t in step.initializer}
-    inputs = {"frames": "clip/frame", "queries": "clip/queries_in", "first": "clip/first"}
+def _renamed(graph, prefix: str, mapping: dict[str, str]):
+    """``graph``'s nodes and initializers with every value name prefixed (``mapping`` names the values wired
+    to outside names instead)."""
 
     def rename(name: str) -> str:
-        if not name or name in inits:
-            return name
-        return inputs.get(name, f"step/{name}")
+        return name if not name else mapping.get(name, prefix + name)
 
-    body_nodes = []
-    for node in step.node:
+    nodes = []
+    for node in graph.node:
         new = copy.deepcopy(node)
         new.input[:] = [rename(n) for n in node.input]
         new.output[:] = [rename(n) for n in node.output]
-        if new.name:
-            new.name = f"step/{new.name}"
-        body_nodes.append(new)
+        new.name = prefix + (node.name or node.op_type)
+        nodes.append(new)
+    inits = []
+    for tensor in graph.initializer:
+        new = copy.deepcopy(tensor)
+        new.name = rename(tensor.name)
+        inits.append(new)
+    return nodes, inits
+
+
+def _model(graph, parts):
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=list(parts[0].opset_import), producer_name="videomt_fast")
+    model.ir_version = max(p.ir_version for p in parts)
+    for part in parts:
+        model.functions.extend(part.functions)
+    return model
+
+
+def compose_step(encode, query):
+    """The step graph: ``frames -> hidden`` (encode) then the query graph on ``(frames, hidden, queries,
+    first)``, one frame per row."""
+    from onnx import helper
+
+    enc_nodes, enc_inits = _renamed(encode.graph, "encode/", {"frames": "frames", "hidden": "step/hidden"})
+    keep = {"frames": "frames", "hidden": "step/hidden", "queries": "queries", "first": "first"}
+    keep.update({o.name: o.name for o in query.graph.output})
+    q_nodes, q_inits = _renamed(query.graph, "query/", keep)
+    inputs = [next(i for i in encode.graph.input if i.name == "frames")]
+    inputs += [i for i in query.graph.input if i.name in ("queries", "first")]
+    graph = helper.make_graph(enc_nodes + q_nodes, "videomt_step", inputs, list(query.graph.output),
+                              initializer=enc_inits + q_inits)
+    return _model(graph, [encode, query])
+
+
+def compose_clip(encode, query, num_queries: int, hidden: int, state_dtype: int):
+    """The clip graph ``pixel_values_videos (B, T, 3, H, W) -> (class logits (T*B, ...), mask logits
+    (T*B, ...), queries_out (B, Q, d))``: the encode graph on all ``B*T`` frames at once (the clip
+    forward's batched early layers), then the query graph per frame as the body of an ONNX ``Loop`` over
+    T with the carried queries as the loop state and ``first`` set on iteration 0. Rows are frame-major.
+    The query graph's weights are the body's initializers (shape inference reads their values there)."""
+    from onnx import TensorProto, helper
+
     int64 = TensorProto.INT64
+    enc_nodes, enc_inits = _renamed(encode.graph, "encode/", {"frames": "clip/frames_bt", "hidden": "clip/hidden_flat"})
+    outs = [o.name for o in query.graph.output]  # class_queries_logits, masks_queries_logits, queries_out
+    wired = {"frames": "clip/frame", "hidden": "clip/hidden_t", "queries": "clip/queries_in", "first": "clip/first"}
+    q_nodes, q_inits = _renamed(query.graph, "query/", wired)
     head = [
         helper.make_node("Gather", ["pixel_values_videos", "clip/iter"], ["clip/frame"], axis=1),
+        helper.make_node("Gather", ["clip/hidden_bt", "clip/iter"], ["clip/hidden_t"], axis=1),
         helper.make_node("Constant", [], ["clip/zero"], value=helper.make_tensor("zero", int64, [], [0])),
         helper.make_node("Equal", ["clip/iter", "clip/zero"], ["clip/is_first"]),
         helper.make_node("Expand", ["clip/is_first", "clip/batch"], ["clip/first"]),
         helper.make_node("Identity", ["clip/cond_in"], ["clip/cond_out"]),
     ]
-    out_names = [o.name for o in step.output]  # class_queries_logits, masks_queries_logits, queries_out
-    body_outputs = [helper.make_tensor_value_info("clip/cond_out", TensorProto.BOOL, [])]
-    body_outputs.append(helper.make_tensor_value_info(rename(out_names[2]), state_dtype, None))
-    body_outputs += [helper.make_tensor_value_info(rename(n), 0, None) for n in out_names[:2]]
-    # typed outputs: copy the step graph's element types
-    types = {o.name: o.type.tensor_type.elem_type for o in step.output}
-    body_outputs[2].type.tensor_type.elem_type = types[out_names[0]]
-    body_outputs[3].type.tensor_type.elem_type = types[out_names[1]]
+    types = {o.name: o.type.tensor_type.elem_type for o in query.graph.output}
     body = helper.make_graph(
-        head + body_nodes, "clip_step",
+        head + q_nodes, "clip_query_step",
         [helper.make_tensor_value_info("clip/iter", int64, []),
          helper.make_tensor_value_info("clip/cond_in", TensorProto.BOOL, []),
          helper.make_tensor_value_info("clip/queries_in", state_dtype, None)],
-        body_outputs,
-        initializer=list(step.initializer),  # in the body: shape inference reads their values there
+        [helper.make_tensor_value_info("clip/cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info(f"query/{outs[2]}", state_dtype, None),
+         helper.make_tensor_value_info(f"query/{outs[0]}", types[outs[0]], None),
+         helper.make_tensor_value_info(f"query/{outs[1]}", types[outs[1]], None)],
+        initializer=q_inits,
     )
     nodes = [
         helper.make_node("Shape", ["pixel_values_videos"], ["clip/shape"]),
         helper.make_node("Slice", ["clip/shape", "clip/c0", "clip/c1"], ["clip/batch"]),
+        helper.make_node("Slice", ["clip/shape", "clip/c0", "clip/c2"], ["clip/batch_frames"]),
         helper.make_node("Slice", ["clip/shape", "clip/c1", "clip/c2"], ["clip/frames_1d"]),
         helper.make_node("Squeeze", ["clip/frames_1d"], ["clip/num_frames"]),
+        helper.make_node("Slice", ["clip/shape", "clip/c2", "clip/c5"], ["clip/chw"]),
+        helper.make_node("Concat", ["clip/minus1", "clip/chw"], ["clip/frames_shape"], axis=0),
+        helper.make_node("Reshape", ["pixel_values_videos", "clip/frames_shape"], ["clip/frames_bt"]),
+        *enc_nodes,
+        helper.make_node("Shape", ["clip/hidden_flat"], ["clip/token_dims"], start=1),
+        helper.make_node("Concat", ["clip/batch_frames", "clip/token_dims"], ["clip/hidden_shape"], axis=0),
+        helper.make_node("Reshape", ["clip/hidden_flat", "clip/hidden_shape"], ["clip/hidden_bt"]),
         helper.make_node("Concat", ["clip/batch", "clip/state_dims"], ["clip/state_shape"], axis=0),
         helper.make_node("ConstantOfShape", ["clip/state_shape"], ["clip/queries0"],
                          value=helper.make_tensor("v", state_dtype, [1], [0])),
         helper.make_node("Loop", ["clip/num_frames", "clip/true", "clip/queries0"],
-                         ["queries_out", "clip/classes_tb", "clip/masks_tb"], body=body),
+                         [outs[2], "clip/classes_tb", "clip/masks_tb"], body=body),
     ]
-    for src, dst, first_dim in (("clip/classes_tb", out_names[0], 2), ("clip/masks_tb", out_names[1], 2)):
+    for src, dst in (("clip/classes_tb", outs[0]), ("clip/masks_tb", outs[1])):
         nodes += [
-            helper.make_node("Shape", [src], [f"{src}/shape"], start=first_dim),
+            helper.make_node("Shape", [src], [f"{src}/shape"], start=2),
             helper.make_node("Concat", ["clip/minus1", f"{src}/shape"], [f"{src}/target"], axis=0),
             helper.make_node("Reshape", [src, f"{src}/target"], [dst]),
         ]
-    consts = [
-        helper.make_tensor("clip/c0", int64, [1], [0]), helper.make_tensor("clip/c1", int64, [1], [1]),
-        helper.make_tensor("clip/c2", int64, [1], [2]), helper.make_tensor("clip/minus1", int64, [1], [-1]),
+    consts = [helper.make_tensor(f"clip/c{i}", int64, [1], [i]) for i in (0, 1, 2, 5)] + [
+        helper.make_tensor("clip/minus1", int64, [1], [-1]),
         helper.make_tensor("clip/state_dims", int64, [2], [num_queries, hidden]),
         helper.make_tensor("clip/true", TensorProto.BOOL, [], [True]),
     ]
-    frames_in = next(i for i in step.input if i.name == "frames")
+    frames_in = next(i for i in encode.graph.input if i.name == "frames")
     video = helper.make_tensor_value_info("pixel_values_videos", frames_in.type.tensor_type.elem_type, None)
-    dims = [d for d in frames_in.type.tensor_type.shape.dim]
-    shape = video.type.tensor_type.shape
-    for i, d in enumerate([dims[0], None, *dims[1:]]):
-        new = shape.dim.add()
+    dims = list(frames_in.type.tensor_type.shape.dim)
+    for d in [dims[0], None, *dims[1:]]:
+        new = video.type.tensor_type.shape.dim.add()
         if d is None:
             new.dim_param = "num_frames"
         elif d.dim_param:
@@ -261,16 +307,13 @@ def clip_from_step(step_model, num_queries: int, hidden: int, state_dtype: int):
         else:
             new.dim_value = d.dim_value
     outputs = []
-    for o in step.output:
+    for o in query.graph.output:
         value = copy.deepcopy(o)
         if o.name != "queries_out":
             value.type.tensor_type.shape.dim[0].dim_param = "num_frames*batch"
         outputs.append(value)
-    graph = helper.make_graph(nodes, "videomt_clip", [video], outputs, initializer=consts)
-    model = helper.make_model(graph, opset_imports=list(step_model.opset_import), producer_name="videomt_fast")
-    model.ir_version = step_model.ir_version
-    model.functions.extend(step_model.functions)
-    return model
+    graph = helper.make_graph(nodes, "videomt_clip", [video], outputs, initializer=enc_inits + consts)
+    return _model(graph, [encode, query])
 
 
 # --------------------------------------------------------------------------------------------
@@ -317,19 +360,27 @@ def _trace_size(config, sizes: list[tuple[int, int]], dynamic_hw: bool) -> list[
     return [(max(h, 2) * ph, max(w, 2) * pw)]
 
 
-def _video_spec(model, table, size, dtype_name) -> _Spec:
+def _video_specs(model, table, size) -> tuple[_Spec, _Spec]:
+    """The encode graph ``frames -> hidden`` and the query graph ``(frames, hidden, queries, first) ->
+    (class logits, mask logits, queries_out)``, traced at ``size`` with a batch of 2 (one row starting a
+    video, one carrying)."""
     cfg = model.config
     q, d = cfg.num_queries, cfg.hidden_size
     frames = torch.randn(2, cfg.num_channels, *size)
+    with torch.no_grad(), graphs.export_tables(model, table):
+        hidden = model.encode_frames(frames)
     queries = torch.randn(2, q, d).to(model.dtype)
     first = torch.tensor([True, False])
-    return _Spec(
-        graphs.StepGraph(model, table), (frames, queries, first),
-        inputs=[("frames", ["batch", cfg.num_channels, "height", "width"]), ("queries", ["batch", q, d]),
-                ("first", ["batch"])],
+    frames_layout = ("frames", ["batch", cfg.num_channels, "height", "width"])
+    hidden_layout = ("hidden", ["batch", "tokens", d])
+    encode = _Spec(graphs.EncodeGraph(model), (frames,), inputs=[frames_layout], outputs=[hidden_layout])
+    query = _Spec(
+        graphs.QueryGraph(model, table), (frames, hidden, queries, first),
+        inputs=[frames_layout, hidden_layout, ("queries", ["batch", q, d]), ("first", ["batch"])],
         outputs=[("class_queries_logits", ["batch", q, cfg.num_labels + 1]),
                  ("masks_queries_logits", ["batch", q, "height/4", "width/4"]), ("queries_out", ["batch", q, d])],
     )
+    return encode, query
 
 
 def _image_spec(model, size) -> _Spec:
@@ -435,15 +486,19 @@ def _export_into(model, folder, kinds, dtype_names, sizes, dynamic_hw, exporter,
         prepared = _prepared(model, dtype, copy_always=not dynamic_hw)
         table = graphs.ExportTable()
         for trace_size in _trace_size(config, sizes, dynamic_hw):
-            spec = _video_spec(prepared, table, trace_size, dtype_name) if video else _image_spec(prepared, trace_size)
-            with graphs.export_tables(prepared, table), _table_for(prepared, trace_size, not dynamic_hw), \
-                    torch.no_grad():
-                traced = _torch_export(spec, exporter, dynamic_hw, opset, config.patch_hw)
+            with _table_for(prepared, trace_size, not dynamic_hw):
+                specs = _video_specs(prepared, table, trace_size) if video else [_image_spec(prepared, trace_size)]
+                with graphs.export_tables(prepared, table), torch.no_grad():
+                    traced = [_torch_export(spec, exporter, dynamic_hw, opset, config.patch_hw) for spec in specs]
             suffix = "" if dynamic_hw else f"-{_size_text(trace_size)}"
+            state_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype_name))
             for kind in kinds:
-                graph = traced if kind in ("step", "image") else clip_from_step(
-                    traced, config.num_queries, config.hidden_size,
-                    onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype_name)))
+                if kind == "image":
+                    graph = traced[0]
+                elif kind == "step":
+                    graph = compose_step(*traced)
+                else:
+                    graph = compose_clip(*traced, config.num_queries, config.hidden_size, state_dtype)
                 onnx.checker.check_model(graph, full_check=True)
                 name = f"{kind}-{SHORT[dtype_name]}{suffix}.onnx"
                 onnx.save(graph, os.path.join(folder, name))
@@ -459,7 +514,9 @@ def _export_into(model, folder, kinds, dtype_names, sizes, dynamic_hw, exporter,
                                             "learned queries and its queries input is not read (pass zeros); "
                                             "afterwards pass the previous frame's queries_out with first[b] unset")
                 if kind == "clip":
-                    entry["loop"] = "the step graph per frame in an ONNX Loop; first is set on frame 0 of the clip"
+                    entry["loop"] = ("the query-free layers on all batch*T frames at once (no chunking: split long "
+                                     "videos into clips, or use the step graph), then the query layers and the head "
+                                     "per frame in an ONNX Loop over T, queries carried, first set on frame 0")
                 if not video:
                     entry["attn_mask_probs"] = [float(p) for p in graphs.ImageGraph(prepared).probs]
                     entry["masked_attention"] = ("computed inside the graph in the query layers whose "

@@ -88,8 +88,8 @@ class ExportTable(ops.OpTable):
 
     def _query_update(self, out, table, prev=None, weight=None, bias=None):
         num_queries = table.shape[0]
-        if prev is None or self.first is None:
-            out[:, :num_queries] = table
+        if prev is None or self.first is None:  # EoMT: the table, expanded to the (traced) batch
+            out[:, :num_queries] = table.expand(out.shape[0], -1, -1)
             return out
         updated = F.linear(prev, weight, bias) + table
         out[:, :num_queries] = torch.where(self.first[:, None, None], table.expand_as(updated), updated)
@@ -106,22 +106,33 @@ def export_tables(model, table: ExportTable) -> Iterator[None]:
         yield
 
 
-class StepGraph(torch.nn.Module):
-    """VidEoMT's frame step: ``(frames (B, 3, H, W), queries (B, Q, d), first (B,) bool) -> (class logits,
-    mask logits, queries to carry)``, as ``encode_frames`` then ``query_step`` (what a session's ``step``
-    runs). Rows whose ``first`` is set start a video from the learned queries; their ``queries`` are not
-    read."""
+class EncodeGraph(torch.nn.Module):
+    """``frames (N, 3, H, W) -> hidden (N, 1 + R + P, d)``: the embeddings and the query-free layers
+    (``encode_frames``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_frames(frames)
+
+
+class QueryGraph(torch.nn.Module):
+    """``(frames, hidden, queries (B, Q, d), first (B,) bool) -> (class logits, mask logits, queries to
+    carry)``: one frame through the query layers and the head (``query_step``); ``frames`` gives only the
+    frame size. Rows whose ``first`` is set start a video from the learned queries (their ``queries`` are
+    not read). ``encode_frames`` then this is what a session's ``step`` runs."""
 
     def __init__(self, model, table: ExportTable):
         super().__init__()
         self.model = model
         self.table = table
 
-    def forward(self, frames: torch.Tensor, queries: torch.Tensor, first: torch.Tensor):
+    def forward(self, frames: torch.Tensor, hidden: torch.Tensor, queries: torch.Tensor, first: torch.Tensor):
         model = self.model
         self.table.first = first
         try:
-            hidden = model.encode_frames(frames)
             masks, classes, _, carried = model.query_step(hidden, queries, model.grid_for(*frames.shape[-2:]))
         finally:
             self.table.first = None
