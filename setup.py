@@ -93,8 +93,12 @@ setup(
     extras_require={
         "video": ["av", "pycocotools", "tqdm"],
         "segment": ["av", "pycocotools", "tqdm"],
-        "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm", "ray"],
+        "test": ["pytest", "transformers>=5.3", "scipy", "pillow", "av", "pycocotools", "tqdm", "ray", "onnx>=1.16",
+                 "onnxruntime>=1.17", "onnxscript"],
         "ray": ["ray"],
+        # videomt-fast export and the ONNX Runtime runner (videomt_fast.export); onnxscript is what torch's
+        # dynamo exporter needs (without it the TorchScript exporter writes fixed-size graphs)
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.17", "onnxscript"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

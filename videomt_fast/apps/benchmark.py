@@ -184,6 +184,9 @@ def build_parser(prog: str = "videomt-fast bench") -> argparse.ArgumentParser:
     p.add_argument("--providers", type=_names(PROVIDERS, "providers"), default=None,
                    help=f"comma list from {','.join(PROVIDERS)} (default: all on CUDA; on CPU "
                         f"{','.join(CPU_PROVIDERS)})")
+    p.add_argument("--ort", default="none", metavar="EPS",
+                   help="ONNX Runtime rows on the exported graphs (videomt_fast.apps.bench_ort): comma list of "
+                        "cpu, cuda, tensorrt, or auto (those installed), or none (default)")
     p.add_argument("--peers", type=_names(PEERS, "peers"), default=None,
                    help=f"comma list from {','.join(PEERS)}, or none (default: both on CUDA, none on CPU)")
     p.add_argument("--frames", type=int, default=None, help="offline clip length (default 64 on CUDA, 4 on CPU)")
@@ -234,6 +237,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.interleave = not cuda
     if args.providers is None:
         args.providers = list(PROVIDERS if cuda else CPU_PROVIDERS)
+    from videomt_fast.apps import bench_ort
+
+    try:
+        args.providers = list(args.providers) + bench_ort.resolve(args.ort)  # ort-* rows, built by bench_ort
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.peers is None:
         video_peers = [p for p in PEERS if not eomt or p == "mask2former-swin-t"]  # EdgeTAM is a video model
         args.peers = video_peers if cuda and not args.tiny else []
@@ -586,6 +595,10 @@ class Bench:
             return self._build_hf(name, size)
         if name.startswith("fast"):
             return self._build_fast(name, size)
+        if name.startswith("ort-"):
+            from videomt_fast.apps import bench_ort
+
+            return bench_ort.build(self, name, size)
         if name == "mask2former-swin-t":
             return self._build_mask2former(size)
         if name == "edgetam-video":
@@ -1102,7 +1115,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     bench.progress = Progress(args, sum(len(names) for _, names in names_by_size) * len(args.modes))
     rows: list[dict[str, Any]] = []
     for size, names in names_by_size:
-        if any(n.startswith(("hf-", "fast")) for n in names):
+        if any(n.startswith(("hf-", "fast", "ort-")) for n in names):
             bench.progress.say(f"building the shared weights ({size[0]}x{size[1]})", case=False)
             bench.hf_master(size)  # the shared CPU weight source exists before any provider's memory is probed
         if args.interleave:
@@ -1468,7 +1481,8 @@ def _spread(row: dict[str, Any]) -> str | None:
 COLUMNS: tuple[tuple[str, Callable[[dict[str, Any]], Any], str, str], ...] = (
     ("provider", lambda r: r["label"] + (" (peer)" if r["kind"] == "peer" else ""), "",
      "hf-* = transformers (eager attention, SDPA, torch.compile), fast-ref = videomt_fast on its reference "
-     "ops, fast = videomt_fast after optimize(); the suffix is the dtype that ran"),
+     "ops, fast = videomt_fast after optimize(), ort-* = the exported ONNX graphs on ONNX Runtime (--ort); the suffix is "
+     "the dtype that ran"),
     ("mode", lambda r: r["mode"], "",
      "online = one frame per call, queries carried; offline = one clip per call; end-to-end = uint8 frames "
      "in, segmentation maps out (pre- and post-processing timed)"),

@@ -3,6 +3,7 @@
     videomt-fast bench     side-by-side benchmark (videomt_fast.apps.benchmark)
     videomt-fast profile   per-stage latency profile (videomt_fast.apps.profiler)
     videomt-fast segment   offline video segmentation (videomt_fast.apps.segment)
+    videomt-fast export    ONNX graphs (frame step, clip, EoMT image) and their JSON sidecar (videomt_fast.apps.export)
     videomt-fast demo      segment a synthetic clip with the packaged demo model (videomt_fast.apps.demo)
     videomt-fast plan      the execution plan of a model on this device: per op site the implementation
                            chosen, every candidate's time and error, why any was excluded (videomt_fast.apps.plan)
@@ -20,6 +21,7 @@ _SUBCOMMANDS = {
     "bench": ("videomt_fast.apps.benchmark", "side-by-side benchmark against transformers"),
     "profile": ("videomt_fast.apps.profiler", "per-stage latency profile and a Chrome trace"),
     "segment": ("videomt_fast.apps.segment", "offline segmentation of videos and frame folders"),
+    "export": ("videomt_fast.apps.export", "ONNX graphs of the frame step, the clip or EoMT's image forward"),
     "demo": ("videomt_fast.apps.demo", "segment a synthetic clip with the packaged demo model, offline"),
     "plan": ("videomt_fast.apps.plan", "the execution plan on this device: choices, candidates' times and errors"),
 }

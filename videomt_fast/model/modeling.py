@@ -625,6 +625,13 @@ class _Segmenter(nn.Module):
             raise TypeError(f"save_pretrained got unsupported keyword arguments {sorted(kwargs)}")
         save_pretrained(self, save_directory)
 
+    def export(self, out_dir: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """Write ONNX graphs and their JSON sidecar into ``out_dir``; returns the sidecar. Arguments as
+        :func:`videomt_fast.export.export` (which this calls; needs the ``onnx`` extra)."""
+        from videomt_fast.export import export  # the export layer sits above the model, imported on use
+
+        return export(self, out_dir, **kwargs)
+
     # ------------------------------------------------------------------ transformers' model surface
     supports_gradient_checkpointing = False
     is_gradient_checkpointing = False

@@ -25,6 +25,7 @@ The parts, each in its own file, each importing only what it needs (the command 
 * :mod:`.locking`    claims on videos under OUT, and what may be deleted;
 * :mod:`.decoding`   decoder threads filling bounded per-video queues;
 * :mod:`.engine`     one device's model: pre-processing, queries carried across chunks, post-processing;
+* :mod:`.ort`        ``--runtime onnxruntime``: the exported frame step on ONNX Runtime, for the engine;
 * :mod:`.writer`     the writer thread: files under a temporary folder, renamed into place when complete;
 * :mod:`.pipeline`   one device: claim, decode, run, write;
 * :mod:`.processes`  several devices: one worker process each over a shared list;

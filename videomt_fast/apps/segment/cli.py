@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["chunk", "session"], default="chunk",
                    help="chunk: early layers batched per chunk; session: one frame per step (CUDA graphs with --fast)")
     p.add_argument("--fast", action="store_true", help="model.optimize(): fused kernels, CUDA-graph sessions")
+    p.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: export the frame step to ONNX once and run it on ONNX Runtime (one frame per step)")
     p.add_argument("--threads", type=int, default=0,
                    help="PyTorch threads on a CPU device (0 = PyTorch's default); on a shared or small CPU, "
                         "1 avoids oversubscribing the cores next to the decoder and PNG threads")
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
+    from videomt_fast.apps.segment.ort import check_settings
+
+    check_settings(args.runtime, args.dtype, args.fast)
     try:
         fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
     except ValueError:
@@ -95,7 +100,7 @@ def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
         decode_workers=args.decode_workers, decode_threads=args.decode_threads, prefetch_chunks=args.prefetch_chunks,
         png_threads=args.png_threads, png_level=max(0, min(9, args.png_level)), threshold=args.threshold,
         mask_threshold=args.mask_threshold, overlap_threshold=args.overlap_threshold, fuse_labels=fuse,
-        overlay=args.overlay, overwrite=args.overwrite, top_k=args.top_k,
+        overlay=args.overlay, overwrite=args.overwrite, top_k=args.top_k, runtime=args.runtime,
     ).validate()
 
 

@@ -128,6 +128,10 @@ class Engine:
         self.processor = self.processor_cls(size={"height": geometry.resize[0], "width": geometry.resize[1]})
         self.prev_queries = None
         self.session = self.model.new_session(1) if self.settings.engine == "session" else None
+        if self.settings.runtime == "onnxruntime":
+            from videomt_fast.apps.segment import ort
+
+            self.session = ort.new_session(self.model, geometry.padded, self.settings.dtype, str(self.device))
         self.tracker = None
         if self.settings.task == "instance":
             from videomt_fast.processing.tracks import VideoInstanceAccumulator

@@ -66,6 +66,8 @@ def result_settings(settings: SegmentSettings) -> dict:
     """The settings that change a video's results (recorded in done.json and compared on resume)."""
     out = {"task": settings.task, "size": settings.size, "short_side": settings.short_side,
            "dtype": settings.dtype, "fast": settings.fast, "overlay": settings.overlay}
+    if settings.runtime != "torch":  # (absent for torch: markers written before the option stay valid)
+        out["runtime"] = settings.runtime
     if settings.task == "instance":
         out.update(threshold=settings.task_threshold(), top_k=settings.top_k)
     elif settings.task == "panoptic":

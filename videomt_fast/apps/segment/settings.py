@@ -19,6 +19,7 @@ class SegmentSettings:
     dtype: str = "auto"
     engine: str = "chunk"  # "chunk": early layers batched over a chunk; "session": model.new_session()
     fast: bool = False  # model.optimize() (bf16 weights, fused kernels, CUDA graphs for sessions)
+    runtime: str = "torch"  # "onnxruntime": the exported step graph on ONNX Runtime (segment/ort.py)
     threads: int = 0  # torch intra-op threads on a CPU device; 0 = PyTorch's default
     decoder: str = "auto"
     decode_workers: int = 2
