@@ -546,3 +546,32 @@ def test_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "FAILED v" in text and "NaN" in text and "query_updater.weight" in text, text
     assert _visible(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_a_failed_input_s_reason_is_printed_once(model_dir, tmp_path, capsys, progress):
+    """A file that is not a video: its reason appears once, in the summary (with the progress line on, the
+    failure is named as it happens, without repeating the reason). Mutation caught: the live line carrying
+    the reason as well (printed twice, the former behaviour)."""
+    fake = tmp_path / "fake.mp4"
+    fake.write_bytes(b"not a video")
+    args = [a for a in _argv(model_dir, tmp_path / "out", fake) if progress is False or a != "--no-progress"]
+    assert seg.main(args) == 1
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert text.count("cannot open as a video") == 1, text
+    assert ("failed: fake (the reason is in the summary)" in captured.err) is progress
+
+
+def test_a_settings_change_is_named_in_plain_words(model_dir, tmp_path, capsys):
+    """Results made with other settings are kept (no --overwrite) and the reason names what changed, in a
+    sentence ("made with other settings (threshold ...)", not "another settings")."""
+    video = tmp_path / "v.mp4"
+    video_io.write_test_video(str(video), 3, 32, 32, seed=2)
+    out = tmp_path / "out"
+    assert _run(model_dir, out, video, task="instance", extra=["--threshold", "0.5"]) == 0
+    capsys.readouterr()
+    assert _run(model_dir, out, video, task="instance", extra=["--threshold", "0.3"]) == 1
+    text = capsys.readouterr().out
+    assert "holds results made with other settings (" in text and "threshold 0.5 -> 0.3" in text, text
+    assert "another settings" not in text

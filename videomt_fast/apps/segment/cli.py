@@ -231,9 +231,10 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
                 results.append(payload)
                 if payload["status"] in counts:
                     counts[payload["status"]] += 1
-                if payload["status"] == "failed":
-                    first = payload["error"].splitlines()[0] if payload["error"] else payload["name"]
-                    show(lambda b: b.write(f"failed: {printable(first)}", file=sys.stderr))
+                if payload["status"] == "failed" and progress:
+                    # named as it happens; its reason is printed once, in the summary
+                    name = printable(payload["name"])
+                    show(lambda b: b.write(f"failed: {name} (the reason is in the summary)", file=sys.stderr))
                 show(lambda b: b.set_postfix(videos=counts["done"], failed=counts["failed"], refresh=False))
 
     interrupted = False

@@ -134,14 +134,15 @@ def existing_result(job: Job) -> tuple[str, str | None]:
     if recorded == job.identity:
         return "done", None
     changed = []
+    what = {"source": "another source", "model": "another model", "settings": "other settings"}
     for part in ("source", "model", "settings"):
         old, new = recorded.get(part) or {}, job.identity.get(part) or {}
         if old != new:
             keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
             detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys if k != "sha256")
-            changed.append(f"{part} ({detail or 'content changed'})")
-    return "conflict", (f"{job.out_dir} holds results made with another {'; another '.join(changed)}; pass "
-                        f"--overwrite to replace them, or choose another --out")
+            changed.append(f"{what[part]} ({detail or 'content changed'})")
+    return "conflict", (f"{job.out_dir} holds results made with {'; '.join(changed)}; pass --overwrite to "
+                        f"replace them, or choose another --out")
 
 
 def assign_names(sources: list[VideoSource], out: str) -> None:
