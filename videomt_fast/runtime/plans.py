@@ -708,8 +708,10 @@ def _gate_outputs(model, plan: Plan, pixels: torch.Tensor):
 
 
 def peer_outputs(model, pixels: torch.Tensor):
-    """``(masks, classes)`` of the model's own weights and dtype on the reference ops (a plan's peer)."""
-    with tables_restored(model), torch.no_grad(), ops.use_backend("reference"), exact_float32():
+    """``(masks, classes)`` of the model's own weights and dtype on the reference ops (a plan's peer), under
+    the same math settings the plan runs with (TF32 where the user allows it): the error a plan may have is
+    measured against what the library baseline would give this user."""
+    with tables_restored(model), torch.no_grad(), ops.use_backend("reference"):
         apply(model, None)
         return run_frames(model, pixels.to(model.dtype))
 
