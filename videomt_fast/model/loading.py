@@ -284,14 +284,30 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 # key maps
 
 
-def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None) -> dict[str, torch.Tensor]:
+def qkv_biases(config: _SegmenterConfig | None) -> dict[str, bool]:
+    """Which of q / k / v have a bias in transformers' model (DINOv3: ``query_bias`` / ``key_bias`` /
+    ``value_bias``; DINOv2: all three). Our fused bias holds zeros for the others."""
+    if config is None or config.backbone_family != "dinov3":
+        return {"q": True, "k": True, "v": True}
+    return {"q": config.query_bias, "k": config.key_bias, "v": config.value_bias}
+
+
+_SWIGLU_PACKED = re.compile(r"^(layers\.\d+\.mlp\.)weights_(in|out)\.(weight|bias)$")
+
+
+def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None,
+               config: _SegmenterConfig | None = None) -> dict[str, torch.Tensor]:
     """transformers names -> ours: drop training-only keys, fuse q/k/v projections into ``qkv``.
 
     A q/k/v projection missing beside its siblings raises, or with ``missing`` (a list) is initialised
-    as transformers would and its name appended to ``missing``.
+    as transformers would and its name appended to ``missing``; a bias the ``config`` says transformers
+    leaves out (DINOv3's key bias) is a zero part of the fused bias. transformers before 5.2x named
+    DINOv2's SwiGLU ``mlp.weights_in`` (``[gate | up]`` packed) and ``mlp.weights_out``: read as
+    ``gate_proj`` / ``up_proj`` / ``down_proj``.
     """
     out: dict[str, torch.Tensor] = {}
     qkv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    has_bias = qkv_biases(config)
     for key, value in state.items():
         if _IGNORED_KEYS.match(key):
             continue
@@ -300,8 +316,24 @@ def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None)
             prefix, which, kind = match.groups()
             qkv_parts.setdefault((prefix, kind), {})[which] = value
             continue
+        packed = _SWIGLU_PACKED.match(key)
+        if packed:
+            prefix, which, kind = packed.groups()
+            if which == "out":
+                out[f"{prefix}down_proj.{kind}"] = value
+            else:
+                if value.shape[0] % 2:
+                    raise CheckpointError(f"{key} has {value.shape[0]} rows; a packed SwiGLU holds [gate | up], "
+                                          "an even count")
+                out[f"{prefix}gate_proj.{kind}"], out[f"{prefix}up_proj.{kind}"] = value.chunk(2, dim=0)
+            continue
         out[key] = value
     for (prefix, kind), parts in qkv_parts.items():
+        if kind == "bias":
+            like = next(iter(parts.values()))
+            for p in "qkv":
+                if not has_bias[p] and p not in parts:
+                    parts[p] = torch.zeros_like(like)
         absent = [p for p in "qkv" if p not in parts]
         if absent and missing is None:
             raise CheckpointError("missing keys: " + ", ".join(f"{prefix}{p}_proj.{kind}" for p in absent))
@@ -346,17 +378,27 @@ def split_packed_swiglu(state: dict[str, torch.Tensor], expected: set[str]) -> d
     return out
 
 
-def fast_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> transformers names (splits ``qkv``)."""
+def is_transformers_key(key: str) -> bool:
+    """A key only transformers' naming has (split q/k/v, the training-only loss, the older packed SwiGLU)."""
+    return bool(_IGNORED_KEYS.match(key) or _QKV.match(key) or _SWIGLU_PACKED.match(key))
+
+
+def fast_to_hf(state: dict[str, torch.Tensor], config: _SegmenterConfig | None = None,
+               contiguous: bool = True) -> dict[str, torch.Tensor]:
+    """Ours -> transformers names: ``qkv`` split into ``q_proj`` / ``k_proj`` / ``v_proj`` (views of it unless
+    ``contiguous``), leaving out the bias parts transformers' model does not have (``config``: DINOv3's key
+    bias)."""
     out: dict[str, torch.Tensor] = {}
+    has_bias = qkv_biases(config)
     for key, value in state.items():
-        match = re.match(r"^(layers\.\d+\.attention\.)qkv\.(weight|bias)$", key)
+        match = re.match(r"^(.*layers\.\d+\.attention\.)qkv\.(weight|bias)$", key)
         if match:
             prefix, kind = match.groups()
             for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}{name}_proj.{kind}"] = part.contiguous()
+                if kind == "weight" or has_bias[name]:
+                    out[f"{prefix}{name}_proj.{kind}"] = part.contiguous() if contiguous else part
         else:
-            out[key] = value.contiguous()
+            out[key] = value.contiguous() if contiguous else value
     return out
 
 
@@ -483,11 +525,12 @@ def _resolve_dtype(dtype: torch.dtype | str | None, state: dict[str, torch.Tenso
     return dtype
 
 
-def hf_names(key: str) -> list[str]:
-    """Our parameter name -> transformers' (a fused ``qkv`` is three)."""
+def hf_names(key: str, config: _SegmenterConfig | None = None) -> list[str]:
+    """Our parameter name -> transformers' (a fused ``qkv`` is three, or two where ``config`` leaves a bias out)."""
     match = re.match(r"^(layers\.\d+\.attention\.)qkv\.(weight|bias)$", key)
     if match:
-        return [f"{match.group(1)}{p}_proj.{match.group(2)}" for p in "qkv"]
+        has_bias = qkv_biases(config)
+        return [f"{match.group(1)}{p}_proj.{match.group(2)}" for p in "qkv" if match.group(2) == "weight" or has_bias[p]]
     return [key]
 
 
@@ -585,9 +628,9 @@ def build_model(
     for module in model.modules():  # non-persistent state created on meta
         if hasattr(module, "_pos_cache"):
             module._pos_cache = {}
-    missing_names = sorted({n for k in missing for n in hf_names(k)} | set(init_missing or ()))
-    unexpected_names = sorted({n for k in unexpected for n in hf_names(k)})
-    mismatched_names = sorted((n, a, b) for k, a, b in mismatched for n in hf_names(k))
+    missing_names = sorted({n for k in missing for n in hf_names(k, config)} | set(init_missing or ()))
+    unexpected_names = sorted({n for k in unexpected for n in hf_names(k, config)})
+    mismatched_names = sorted((n, a, b) for k, a, b in mismatched for n in hf_names(k, config))
     if missing_names or unexpected_names or mismatched_names:
         lines = [f"{cls.__name__} loaded from {source} with differences:"]
         if missing_names:
@@ -722,7 +765,7 @@ def load_pretrained(
             raise ValueError("from_pretrained(None, ...) needs config= (and state_dict=, transformers' key names; "
                              "without it every weight is initialised)")
         missing: list[str] = []
-        model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict or {}), None if strict else missing),
+        model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict or {}), None if strict else missing, config),
                             source="state_dict", loading_info=info, init_missing=missing, **build)
         return (model, info) if output_loading_info else model
     path = os.fspath(name_or_path)
@@ -750,7 +793,7 @@ def load_pretrained(
             raise FileNotFoundError(f"no config.json in {directory}; expected a transformers save_pretrained directory")
         config = config_cls.from_json_file(config_path)
     missing = []
-    state = hf_to_fast(raw, None if strict else missing)
+    state = hf_to_fast(raw, None if strict else missing, _config_with(config, overrides))
     model = build_model(cls, _config_with(config, overrides), state, source=directory, loading_info=info,
                         init_missing=missing, **build)
     return (model, info) if output_loading_info else model
@@ -817,19 +860,17 @@ def _load_torch_file(path: str) -> dict[str, torch.Tensor]:
 def from_transformers(hf_model: Any):
     """A videomt_fast model from a loaded transformers VidEoMT / EoMT model, sharing parameter storage
     (all but the fused QKV projections, which are concatenated once)."""
-    from videomt_fast.model.modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
+    from videomt_fast.model.modeling import (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation,
+                                             VideomtForUniversalSegmentation)
 
     name = type(hf_model).__name__
-    targets = {
-        "VideomtForUniversalSegmentation": (VideomtForUniversalSegmentation, VideomtConfig),
-        "EomtForUniversalSegmentation": (EomtForUniversalSegmentation, EomtConfig),
-    }
+    targets = {cls.__name__: cls for cls in (VideomtForUniversalSegmentation, EomtForUniversalSegmentation,
+                                             EomtDinov3ForUniversalSegmentation)}
     if name not in targets:
-        raise TypeError(f"from_transformers takes a transformers VideomtForUniversalSegmentation or "
-                        f"EomtForUniversalSegmentation, got {name}")
-    cls, config_cls = targets[name]
-    config = config_cls.coerce(hf_model.config)
-    state = hf_to_fast({k: v.detach() for k, v in hf_model.state_dict().items()})
+        raise TypeError(f"from_transformers takes a transformers {', '.join(sorted(targets))}, got {name}")
+    cls = targets[name]
+    config = cls.config_class.coerce(hf_model.config)
+    state = hf_to_fast({k: v.detach() for k, v in hf_model.state_dict().items()}, config=config)
     weight = next(iter(hf_model.parameters()))
     model = build_model(cls, config, state, dtype=weight.dtype, device=None, source=f"transformers {name}")
     return model
