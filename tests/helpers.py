@@ -50,6 +50,17 @@ def hf_eomt(**overrides):
     return transformers.EomtForUniversalSegmentation(config).eval()
 
 
+# EoMT-DINOv3: TINY's shapes, an MLP size of its own, DINOv3's LayerNorm eps
+TINY_DINOV3 = dict(TINY, intermediate_size=96, layer_norm_eps=1e-5)
+
+
+def hf_eomt_dinov3(**overrides):
+    import transformers
+
+    config = transformers.EomtDinov3Config(**{**TINY_DINOV3, **overrides})
+    return transformers.EomtDinov3ForUniversalSegmentation(config).eval()
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter fresh non-trivial values (layer scales, norms, registers, query table and
     updater included), reproducibly, so parity tests cannot pass on identity-like initialisations."""

@@ -426,12 +426,22 @@ _RESEARCH_MAP: list[tuple[str, str]] = [
     (r"^upscale\.(\d+)\.conv2\.weight$", r"upscale_block.block.\1.conv2.weight"),
     (r"^upscale\.(\d+)\.norm\.(weight|bias)$", r"upscale_block.block.\1.layernorm2d.\2"),
     (r"^attn_mask_probs$", "attn_mask_probs"),
+    # DINOv3: transformers' DINOv3ViTModel renamed timm-style (embeddings -> patch_embed, layer -> blocks); q/k/v
+    # keep transformers' names here and are fused with the inferred config's biases (hf_to_fast)
+    (r"^encoder\.backbone\.patch_embed\.(cls_token|register_tokens)$", r"embeddings.\1"),
+    (r"^encoder\.backbone\.patch_embed\.patch_embeddings\.(weight|bias)$", r"embeddings.patch_embeddings.\1"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.attention\.(q|k|v|o)_proj\.(weight|bias)$", r"layers.\1.attention.\2_proj.\3"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.attention\.qkv_proj\.(weight|bias)$", r"layers.\1.attention.qkv.\2"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.layer_scale(1|2)\.lambda1$", r"layers.\1.layer_scale\2.lambda1"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)$", r"layers.\1.mlp.\2_proj.\3"),
 ]
-_RESEARCH_IGNORED = re.compile(r"^(criterion\.|encoder\.pixel_(mean|std)$|encoder\.backbone\.(head|fc_norm)\.)")
+_RESEARCH_IGNORED = re.compile(r"^(criterion\.|encoder\.pixel_(mean|std)$|encoder\.backbone\.(head|fc_norm)\.|"
+                               r"encoder\.backbone\.rope_embeddings\.|encoder\.backbone\.patch_embed\.mask_token$)")
 
 
 def research_to_fast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Research-code keys (``backbone.`` / ``network.`` prefixed or not) -> ours. Unknown keys raise."""
+    """Research-code keys (``backbone.`` / ``network.`` prefixed or not) -> ours (a DINOv3 backbone's q / k / v
+    keep transformers' names: fuse them with :func:`hf_to_fast` and the config). Unknown keys raise."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -464,13 +474,53 @@ _RESEARCH_NAMES = {
     "query.weight": "q.weight",
     "class_predictor.weight": "class_head.weight",
 }
+_RESEARCH_NAMES_DINOV3 = {
+    "embeddings.cls_token": "encoder.backbone.patch_embed.cls_token",
+    "embeddings.register_tokens": "encoder.backbone.patch_embed.register_tokens",
+    "embeddings.patch_embeddings.weight": "encoder.backbone.patch_embed.patch_embeddings.weight",
+    "layers.0.mlp.up_proj.weight": "encoder.backbone.blocks.0.mlp.up_proj.weight",
+    "query.weight": "q.weight",
+    "class_predictor.weight": "class_head.weight",
+}
+# What DINOv3 checkpoints hold that their weights do not show: every published DINOv3 ViT has LayerNorm eps
+# 1e-5 and rotary base 100 (facebook/dinov3-vit*16 configs), and SiLU exactly where its MLP is gated (ViT-S+,
+# H+, 7B; GELU for S, B, L)
+RESEARCH_DINOV3_DEFAULTS: dict[str, Any] = {"layer_norm_eps": 1e-5,
+                                             "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}}
+
+
+def research_backbone(state: dict[str, torch.Tensor]) -> str:
+    """``"dinov3"`` when a mapped research state dict holds a DINOv3 backbone (transformers' DINOv3 ViT
+    renamed timm-style), else ``"dinov2"`` (timm's DINOv2 with registers)."""
+    return "dinov3" if "embeddings.patch_embeddings.weight" in state or any(
+        re.match(r"layers\.\d+\.attention\.(o_proj|q_proj)\.", k) for k in state) else "dinov2"
+
+
+def research_config_class(cls_config: type[_SegmenterConfig], backbone: str) -> type[_SegmenterConfig]:
+    """The config class a research checkpoint of ``backbone`` needs where ``cls_config`` was asked for
+    (VidEoMT takes both; EoMT on DINOv3 is :class:`EomtDinov3Config`); a mismatch raises, naming the class."""
+    from videomt_fast.model.configuration import EomtDinov3Config
+
+    if issubclass(cls_config, VideomtConfig):
+        return cls_config
+    wanted = EomtDinov3Config if backbone == "dinov3" else EomtConfig
+    if not issubclass(cls_config, wanted):
+        model = "EomtDinov3ForUniversalSegmentation" if backbone == "dinov3" else "EomtForUniversalSegmentation"
+        raise CheckpointError(f"this research checkpoint holds a {backbone.upper()} backbone; load it with "
+                              f"videomt_fast.{model} (its config is {wanted.__name__}, not {cls_config.__name__})")
+    return cls_config
 
 
 def infer_research_config(
     state: dict[str, torch.Tensor], cls: type[_SegmenterConfig], patch_size: int | None = None, **overrides: Any
 ) -> _SegmenterConfig:
-    """A config from the shapes of a mapped research state dict (heads: head dim 64, as DINOv2)."""
-    absent = [research for ours, research in _RESEARCH_NAMES.items() if ours not in state]
+    """A config from the shapes of a mapped research state dict (heads: head dim 64, as DINOv2 and DINOv3;
+    DINOv3's LayerNorm eps and rotary base from :data:`RESEARCH_DINOV3_DEFAULTS`, its image size 640 unless
+    given: a rotary model has no position table to read it from)."""
+    backbone = research_backbone(state)
+    cls = research_config_class(cls, backbone)
+    names = _RESEARCH_NAMES_DINOV3 if backbone == "dinov3" else _RESEARCH_NAMES
+    absent = [research for ours, research in names.items() if ours not in state]
     if absent:
         raise CheckpointError(
             "research checkpoint lacks tensors needed to infer the config: " + ", ".join(absent)
@@ -482,31 +532,69 @@ def infer_research_config(
         what = "encoder.backbone.blocks.N.norm1.weight" if not layer_ids else "upscale.N.* (the upscale blocks)"
         raise CheckpointError(f"research checkpoint lacks tensors needed to infer the config: {what}")
     hidden = state["embeddings.cls_token"].shape[-1]
-    proj = state["embeddings.patch_embeddings.projection.weight"]
-    num_patches = state["embeddings.position_embeddings.weight"].shape[0]
-    fc1, fc2 = state["layers.0.mlp.fc1.weight"].shape[0], state["layers.0.mlp.fc2.weight"].shape[1]
-    patch = patch_size or proj.shape[-1]
-    side = int(round(num_patches**0.5))
-    if side * side != num_patches and "image_size" not in overrides:
-        raise CheckpointError(f"position embeddings hold {num_patches} patches (not a square grid); pass image_size")
-    swiglu = fc1 == 2 * fc2  # packed SwiGLU (DINOv2-giant): fc1 holds [gate | up]
     fields = dict(
         hidden_size=hidden,
         num_hidden_layers=1 + max(layer_ids),
         num_attention_heads=max(1, hidden // 64),
-        mlp_ratio=4 if swiglu else fc1 // hidden,
-        use_swiglu_ffn=swiglu,
-        patch_size=patch,
-        image_size=side * patch,
         num_register_tokens=state["embeddings.register_tokens"].shape[1],
         num_queries=state["query.weight"].shape[0],
         num_labels=state["class_predictor.weight"].shape[0] - 1,
         num_upscale_blocks=1 + max(upscale_ids),
     )
+    if backbone == "dinov3":
+        fields.update(_dinov3_fields(state), **copy_defaults(RESEARCH_DINOV3_DEFAULTS))
+        fields["patch_size"] = patch_size or state["embeddings.patch_embeddings.weight"].shape[-1]
+        fields["image_size"] = 640
+        if issubclass(cls, VideomtConfig):
+            fields["backbone_type"] = "dinov3"
+            if "norm_queries" not in overrides:
+                # the research code's NORM_QUERIES lives in its yaml, not in the weights: the published DINOv3
+                # configs set it for VIPSeg and VSPW (124 classes) and not for YouTube-VIS (40)
+                fields["norm_queries"] = fields["num_labels"] == 124
+                warnings.warn(
+                    f"research VidEoMT-DINOv3 checkpoint with {fields['num_labels']} classes: propagating "
+                    f"{'normalized' if fields['norm_queries'] else 'raw'} queries (norm_queries="
+                    f"{fields['norm_queries']}, as the published {'VIPSeg/VSPW' if fields['norm_queries'] else 'YouTube-VIS'} "
+                    "configs do; the weights cannot say). Pass norm_queries=True/False to choose.",
+                    LoadingWarning, stacklevel=4)
+    else:
+        proj = state["embeddings.patch_embeddings.projection.weight"]
+        num_patches = state["embeddings.position_embeddings.weight"].shape[0]
+        fc1, fc2 = state["layers.0.mlp.fc1.weight"].shape[0], state["layers.0.mlp.fc2.weight"].shape[1]
+        patch = patch_size or proj.shape[-1]
+        side = int(round(num_patches**0.5))
+        if side * side != num_patches and "image_size" not in overrides:
+            raise CheckpointError(f"position embeddings hold {num_patches} patches (not a square grid); pass image_size")
+        swiglu = fc1 == 2 * fc2  # packed SwiGLU (DINOv2-giant): fc1 holds [gate | up]
+        fields.update(mlp_ratio=4 if swiglu else fc1 // hidden, use_swiglu_ffn=swiglu, patch_size=patch,
+                      image_size=side * patch)
     if "attn_mask_probs" in state:
         fields["num_blocks"] = state["attn_mask_probs"].shape[0]
     fields.update(overrides)
     return cls(**fields)
+
+
+def copy_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+
+
+def _dinov3_fields(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The DINOv3 fields the weights show: MLP size and kind, and which projections have biases."""
+    def has(key: str) -> bool:
+        return key in state
+
+    fused_bias = has("layers.0.attention.qkv.bias")  # the research code's FUSED_QKV (zeros where absent)
+    gated = has("layers.0.mlp.gate_proj.weight")
+    return dict(
+        intermediate_size=state["layers.0.mlp.up_proj.weight"].shape[0],
+        use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu",
+        query_bias=fused_bias or has("layers.0.attention.q_proj.bias"),
+        key_bias=fused_bias or has("layers.0.attention.k_proj.bias"),
+        value_bias=fused_bias or has("layers.0.attention.v_proj.bias"),
+        proj_bias=has("layers.0.attention.o_proj.bias"),
+        mlp_bias=has("layers.0.mlp.up_proj.bias"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -785,6 +873,7 @@ def load_pretrained(
         state = research_to_fast(raw)
         if config is None:
             config = infer_research_config(state, config_cls)
+        state = hf_to_fast(state, config=config)
         model = build_model(cls, _config_with(config, overrides), state, source=directory, loading_info=info,
                             **{**build, "strict": True})
         return (model, info) if output_loading_info else model
@@ -834,6 +923,7 @@ def load_research_checkpoint(
         config = infer_research_config(state, _config_class_for(cls), **config_overrides)
     else:
         config = _config_with(config, config_overrides)
+    state = hf_to_fast(state, config=config)
     return build_model(cls, config, state, dtype=dtype, device=device, source=path, strict=True,
                        ignore_mismatched_sizes=ignore_mismatched_sizes, loading_info=loading_info)
 
