@@ -670,7 +670,7 @@ def build_model(
     """
     with torch.device("meta"):
         model = cls(config)
-    expected = model.state_dict()
+    expected = model.fused_state_dict()
     state = split_packed_swiglu(state, set(expected))
     for key, make in _OPTIONAL_KEYS.items():
         if key in expected and key not in state:
@@ -988,7 +988,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike) -> None:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     mode = 0o666 & ~_umask()
-    state = fast_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # transformers' names
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:

@@ -345,6 +345,11 @@ class Attention(nn.Module):
         if config.backbone_family == "dinov3":
             self.qkv_biases = (config.query_bias, config.key_bias, config.value_bias)
             self.qkv = nn.Linear(d, 3 * d, bias=any(self.qkv_biases))
+            if self.qkv.bias is not None:
+                with torch.no_grad():
+                    for part, real in enumerate(self.qkv_biases):
+                        if not real:
+                            self.qkv.bias[part * d:(part + 1) * d] = 0
             self.o_proj = nn.Linear(d, d, bias=config.proj_bias)
         else:
             self.qkv_biases = (True, True, True)
@@ -612,6 +617,25 @@ def _fuse_transformers_names(module: nn.Module, state_dict: dict, prefix: str, *
     state_dict.update({prefix + n: v for n, v in ours.items()})
 
 
+def _transformers_state_names(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``state_dict`` post-hook: our keys rewritten in place to transformers' (``qkv`` split into views
+    ``q_proj`` / ``k_proj`` / ``v_proj``, the bias parts transformers' model has; the training-only
+    ``criterion.empty_weight`` its loss holds), so a state dict loads into transformers' class and its tools.
+    :meth:`_Segmenter.fused_state_dict` gives our own keys."""
+    if module.__dict__.get("_fused_names"):
+        return
+    from videomt_fast.model.loading import fast_to_hf
+
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    ours = {k[len(prefix):]: state_dict.pop(k) for k in keys}
+    theirs = fast_to_hf(ours, module.config, contiguous=False)
+    weight = module.layernorm.weight
+    empty = torch.ones(module.config.num_labels + 1, dtype=weight.dtype, device=weight.device)
+    empty[-1] = module.config.no_object_weight
+    theirs["criterion.empty_weight"] = empty
+    state_dict.update({prefix + k: v for k, v in theirs.items()})
+
+
 # --------------------------------------------------------------------------------------------
 # the shared segmenter
 
@@ -644,6 +668,7 @@ class _Segmenter(nn.Module):
         self.check_finite = True  # set False to skip the NaN/inf scan of inputs (one reduction + sync)
         self.register_load_state_dict_post_hook(self._refresh_mask_probs)
         self.register_load_state_dict_pre_hook(_fuse_transformers_names)
+        self.register_state_dict_post_hook(_transformers_state_names)
         if self.attn_mask_probs.device.type != "meta":
             self._refresh_mask_probs()
         self.eval()
@@ -702,6 +727,15 @@ class _Segmenter(nn.Module):
         return masks, class_logits
 
     # ------------------------------------------------------------------ loading
+    def fused_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``state_dict()`` with this package's own keys (one fused ``qkv`` per attention, no loss buffer);
+        ``state_dict()`` itself gives transformers' names (and ``load_state_dict`` takes either)."""
+        self.__dict__["_fused_names"] = True
+        try:
+            return self.state_dict(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_fused_names", None)
+
     @classmethod
     def from_pretrained(
         cls,
