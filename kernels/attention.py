@@ -171,15 +171,17 @@ def _rotate(x, partner_ptrs, rows, row_ok, offs_d, d_ok, sign, cos_ptr, sin_ptr,
     return cast_to(x.to(tl.float32) * cos + signs * other * sin, DTYPE, INTERP_BF16)
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+def _launch_config(head_dim: int, dtype: torch.dtype, rope: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim and dtype; to be re-measured on the GPU.
 
     fp32 (IEEE dots on the FMA units) keeps half the key block and twice the warps: at 64x64 with
     4 warps ptxas spills (sm_90: 255 registers, ~1.6 KB spill stores unmasked, ~6.6 KB masked), at
     64x32 with 8 warps it uses 90 / 248 registers and no local memory (videomt_fast/testing/triton_compile.py).
+    The rotary variant holds three more key tiles (the partner half, cos, sin): in fp32 64x32 spills
+    (255 registers, 0.6 KB unmasked, 5.3 KB masked), so it halves the key block (64x16: 201-235 registers).
     """
     if dtype == torch.float32:
-        return 64, 32, 8, 2
+        return (64, 16, 8, 2) if rope else (64, 32, 8, 2)
     if head_dim <= 64:
         return 64, 64, 4, 3
     return 64, 64, 8, 2
@@ -197,7 +199,7 @@ def attention_launch(
     out = torch.empty(batch, seq_len, dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0 or seq_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _launch_config(head_dim, qkv.dtype)
+    block_m, block_n, num_warps, num_stages = _launch_config(head_dim, qkv.dtype, cos is not None)
     has_mask = mask_bits is not None and num_queries > 0
     bits = mask_bits if has_mask else qkv  # dummy pointer when unmasked, never read
     grid = (triton.cdiv(seq_len, block_m), batch * num_heads)
