@@ -64,6 +64,17 @@ for _name in ("hidden_dropout_prob", "initializer_range", "drop_path_rate", "att
               "class_weight", "mask_weight", "dice_weight", "oversample_ratio", "importance_sample_ratio"):
     _FIELD_RULES[_name] = (_is_number, "a finite number")
 _FIELD_RULES["train_num_points"] = (_is_int, "an int")
+_FIELD_RULES.update({
+    "architectures": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                      "null or a list of class names"),
+    "dtype": (lambda v: v is None or isinstance(v, str), "null or a dtype name such as 'float32'"),
+    "chunk_size_feed_forward": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "problem_type": (lambda v: v is None or isinstance(v, str), "null or a string"),
+})
+# transformers' PreTrainedConfig fields with no inference meaning here: kept, round-tripped, written to
+# config.json only when set
+_PRETRAINED_DEFAULTS: dict[str, Any] = {"architectures": None, "dtype": None, "chunk_size_feed_forward": 0,
+                                        "problem_type": None}
 
 
 def _rope_ok(value: Any) -> bool:
@@ -141,6 +152,10 @@ class _SegmenterConfig:
     return_dict: bool = True
     output_hidden_states: bool = False
     output_attentions: bool = False
+    architectures: list[str] | None = None
+    dtype: str | None = None  # a torch dtype's name ("float32"); a torch.dtype set here is stored by name
+    chunk_size_feed_forward: int = 0
+    problem_type: str | None = None
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json fields, kept for round trips
@@ -153,12 +168,24 @@ class _SegmenterConfig:
             setattr(self, f.name, kwargs.pop(f.name, f.default))
         num_labels = kwargs.pop("num_labels", None)
         self.extra = dict(kwargs.pop("extra", {}) or {})
-        for key in ("model_type", "transformers_version", "_name_or_path", "use_return_dict"):
+        # transformers' attention switch (not written to config.json); our kernels compute either
+        self._attn_implementation = kwargs.pop("attn_implementation", None) or kwargs.pop("_attn_implementation", None)
+        self._name_or_path = str(kwargs.pop("_name_or_path", "") or "")
+        for key in ("model_type", "transformers_version", "use_return_dict", "_attn_implementation"):
             kwargs.pop(key, None)
         self.extra.update({k: v for k, v in kwargs.items() if k not in names})
         self._finish_labels(num_labels)
         self._normalize()
         self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "dtype" and value is not None and not isinstance(value, str):
+            value = str(value).removeprefix("torch.")  # torch.float16 -> "float16", as config.json holds it
+        super().__setattr__(name, value)
+
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
 
     def _normalize(self) -> None:
         """Fill fields whose value depends on others (DINOv3's ``rope_parameters``), as transformers does."""
@@ -322,7 +349,7 @@ class _SegmenterConfig:
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
-        hidden = self._hidden_fields()
+        hidden = self._hidden_fields() | {k for k, v in _PRETRAINED_DEFAULTS.items() if getattr(self, k) == v}
         for f in fields(self):
             if f.name != "extra" and f.name not in hidden:
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
@@ -424,12 +451,13 @@ class _SegmenterConfig:
         return f"{type(self).__name__}({inner}, ...)"
 
     def __eq__(self, other: object) -> bool:
-        """Same type and same fields; bookkeeping that saving adds (``architectures``) is not compared."""
+        """Same type and same fields; bookkeeping that saving adds (``architectures``, ``dtype``) is not compared."""
         if type(self) is not type(other):
             return False
         mine, theirs = self.to_dict(), other.to_dict()  # type: ignore[union-attr]
         for data in (mine, theirs):
             data.pop("architectures", None)
+            data.pop("dtype", None)
         return mine == theirs
 
 

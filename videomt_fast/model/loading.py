@@ -397,6 +397,10 @@ def fast_to_hf(state: dict[str, torch.Tensor], config: _SegmenterConfig | None =
             for name, part in zip("qkv", value.chunk(3, dim=0)):
                 if kind == "weight" or has_bias[name]:
                     out[f"{prefix}{name}_proj.{kind}"] = part.contiguous() if contiguous else part
+                elif part.device.type != "meta" and bool(part.detach().ne(0).any()):
+                    raise ValueError(f"{key}: the {name} part of the fused bias is not zero, but the config has no "
+                                     f"{name} bias ({'query key value'.split()['qkv'.index(name)]}_bias=False): "
+                                     "transformers' names cannot hold it")
         else:
             out[key] = value.contiguous() if contiguous else value
     return out
@@ -622,6 +626,20 @@ def hf_names(key: str, config: _SegmenterConfig | None = None) -> list[str]:
     return [key]
 
 
+def initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """transformers' initial value of every parameter and buffer of ``model`` (our names), on its device and in
+    its dtypes; the fused bias parts of biases the config leaves out are zero."""
+    out = {}
+    for key, value in model.fused_state_dict().items():
+        fresh = _initial_value(model, key, value.shape, model.config)
+        if key.endswith("attention.qkv.bias"):
+            for part, real in enumerate(qkv_biases(model.config).values()):
+                if not real:
+                    fresh.view(3, -1)[part] = 0
+        out[key] = fresh.to(device=value.device, dtype=value.dtype)
+    return out
+
+
 def _initial_value(model: nn.Module, key: str, shape: torch.Size, config: _SegmenterConfig) -> torch.Tensor:
     """transformers' ``_init_weights`` value for parameter ``key`` (a weight the checkpoint lacks)."""
     owner_name, _, leaf = key.rpartition(".")
@@ -796,7 +814,6 @@ def _config_with(config: _SegmenterConfig, overrides: dict[str, Any]) -> _Segmen
 
 # from_pretrained arguments transformers takes that need nothing from us, and why
 _ACCEPTED_NOOPS = {
-    "attn_implementation": "videomt_fast always runs its own attention kernels",
     "low_cpu_mem_usage": "weights are always assigned onto a meta-device model",
     "trust_remote_code": "no remote code is ever run",
     "_fast_init": "",
@@ -834,6 +851,14 @@ def load_pretrained(
         device = _device_from_map(device_map)
     for key in _ACCEPTED_NOOPS:
         kwargs.pop(key, None)
+    attn = kwargs.pop("attn_implementation", None)
+    if attn is not None:  # recorded on the model's config once it exists (set_attn_implementation)
+        loaded = load_pretrained(cls, name_or_path, config=config, dtype=dtype, device=device, state_dict=state_dict,
+                                 output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                 strict=strict, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token, timeout=timeout, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).set_attn_implementation(attn)
+        return loaded
     config_cls = _config_class_for(cls)
     field_names = {f.name for f in dataclasses.fields(config_cls)} | {"num_labels"}
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
@@ -1002,4 +1027,5 @@ def save_pretrained(model: Any, directory: str | os.PathLike) -> None:
     data = model.config.to_dict()
     if not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
+    data["dtype"] = str(model.dtype).removeprefix("torch.")  # as transformers writes it
     atomic_write_text(os.path.join(directory, "config.json"), json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -636,6 +636,21 @@ def _transformers_state_names(module: nn.Module, state_dict: dict, prefix: str, 
     state_dict.update({prefix + k: v for k, v in theirs.items()})
 
 
+# transformers' PreTrainedModel methods that only training uses: a clear error instead of an AttributeError
+_TRAINING_ONLY = ("resize_token_embeddings", "add_adapter", "load_adapter", "set_adapter", "enable_adapters",
+                  "disable_adapters", "get_loss_dict", "get_loss")
+
+
+def _training_only(name: str):
+    def refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__}.{name} is a training API of transformers' PreTrainedModel; videomt_fast is "
+            "inference-only (train with transformers' class, then load its checkpoint here)")
+
+    refuse.__name__ = name
+    refuse.__doc__ = "Refused: a training API (videomt_fast is inference-only)."
+    return refuse
+
 # --------------------------------------------------------------------------------------------
 # the shared segmenter
 
@@ -649,6 +664,8 @@ class _Segmenter(nn.Module):
     def __init__(self, config: _SegmenterConfig):
         super().__init__()
         config = self.config_class.coerce(config)  # ours, or transformers' config of the same model type
+        if config._attn_implementation is None:
+            config._attn_implementation = "sdpa"
         self.config = config
         self.num_hidden_layers = config.num_hidden_layers
         if config.backbone_family == "dinov3":
@@ -801,8 +818,9 @@ class _Segmenter(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         """Nothing to disable: gradient checkpointing is never on."""
 
-    # attention always runs on our kernels: transformers' implementation switching does not apply
-    _supports_sdpa = False
+    # transformers' attention switch: recorded (config._attn_implementation), and every setting computes the
+    # same attention (eager's math; our kernels, chosen by the execution plan, run either way)
+    _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _keep_in_fp32_modules: list[str] = []
@@ -810,7 +828,44 @@ class _Segmenter(nn.Module):
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
-        return False
+        return True
+
+    def set_attn_implementation(self, attn_implementation: str | dict | None) -> None:
+        """transformers' ``set_attn_implementation``: records the setting in ``config._attn_implementation``
+        (``None``: ``"sdpa"``). Outputs do not change with it: the attention is computed by the op the
+        execution plan chose, and ``output_attentions`` works under every setting."""
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", next(iter(attn_implementation.values()), None))
+        if attn_implementation is not None and not isinstance(attn_implementation, str):
+            raise TypeError(f"attn_implementation must be a string such as 'sdpa' or 'eager', got {attn_implementation!r}")
+        self.config._attn_implementation = attn_implementation or "sdpa"
+
+    # ------------------------------------------------------------------ training helpers
+    def init_weights(self) -> None:
+        """transformers' ``init_weights``: every parameter and buffer set to transformers' initial value (e.g. after
+        building on the meta device and ``to_empty``), in place."""
+        from videomt_fast.model.loading import initial_state
+
+        with torch.no_grad():
+            for name, value in initial_state(self).items():
+                target = self.get_parameter(name) if name in dict(self.named_parameters()) else self.get_buffer(name)
+                target.copy_(value)
+        self._refresh_mask_probs()
+
+    def enable_input_require_grads(self) -> None:
+        """transformers' helper: the input embeddings' output requires grad (so gradients reach the layers while the
+        embeddings are frozen)."""
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+
+    def disable_input_require_grads(self) -> None:
+        handle = self.__dict__.pop("_require_grads_hook", None)
+        if handle is not None:
+            handle.remove()
+
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -824,11 +879,13 @@ class _Segmenter(nn.Module):
     def _from_config(cls, config: Any, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None,
                      **kwargs: Any) -> "_Segmenter":
         """transformers' ``_from_config``: a freshly initialised model (PyTorch's default initialisation).
-        ``attn_implementation`` is accepted and changes nothing, as in :meth:`from_pretrained`."""
-        kwargs.pop("attn_implementation", None)
+        ``attn_implementation`` is recorded as by :meth:`set_attn_implementation`."""
+        attn = kwargs.pop("attn_implementation", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}._from_config got unsupported keyword arguments {sorted(kwargs)}")
         model = cls(config)
+        if attn is not None:
+            model.set_attn_implementation(attn)
         dtype = dtype or torch_dtype
         return model.to(dtype) if dtype is not None else model
 
@@ -926,6 +983,10 @@ class _Segmenter(nn.Module):
     def _refresh_mask_probs(self, *_: Any) -> None:
         self._mask_probs_key = None
         self._mask_probs()
+
+
+for _name in _TRAINING_ONLY:
+    setattr(_Segmenter, _name, _training_only(_name))
 
 
 class VideomtForUniversalSegmentation(_Segmenter):
