@@ -291,3 +291,33 @@ def test_videomt_dinov3_config_round_trips(tmp_path):
     x = video(1, 2, 32, 32)
     with torch.no_grad():
         assert_outputs_close(again(pixel_values_videos=x), model(pixel_values_videos=x), atol=0.0)
+
+
+def test_segment_a_video_with_a_research_videomt_dinov3_checkpoint(tmp_path):
+    """``videomt-fast segment VIDEO --model X.pth``: a research VidEoMT-DINOv3 checkpoint segments a video; the
+    instances match the model run on the same frames by hand."""
+    import numpy as np
+
+    from videomt_fast.apps import cli, video_io
+    from videomt_fast.processing.tracks import VideoInstanceAccumulator
+    from videomt_fast.processing.video_processor import VideomtVideoProcessor
+
+    _, path = _research_model(tmp_path, num_attention_heads=1, hidden_size=64, num_classes=40)
+    video_io.write_test_video(str(tmp_path / "clip.mp4"), 6, 40, 56, seed=4)
+    with pytest.warns(videomt_fast.model.loading.LoadingWarning, match="norm_queries=False"):
+        code = cli.main(["segment", str(tmp_path / "clip.mp4"), "--model", str(path), "--task", "instance",
+                         "--size", "48", "--threshold", "0.0", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert code == 0
+    result = json.loads((tmp_path / "out" / "clip" / "instances.json").read_text())["annotations"]
+    assert result and {"score", "label_id", "id"} <= set(result[0])
+    with pytest.warns(videomt_fast.model.loading.LoadingWarning):
+        model = VideomtForUniversalSegmentation.from_pretrained(path)
+    frames = np.concatenate(list(video_io.iter_chunks(video_io.VideoSource(str(tmp_path / "clip.mp4"), "video"), 100)))
+    pixels = VideomtVideoProcessor(size={"height": 48, "width": 48}).preprocess(
+        torch.from_numpy(frames).permute(0, 3, 1, 2))["pixel_values_videos"]
+    with torch.inference_mode():
+        out = model(pixel_values_videos=pixels)
+    tracks = VideoInstanceAccumulator(top_k=10)
+    tracks.update(out, target_sizes=[frames.shape[1:3]] * frames.shape[0])
+    want = sorted((i.track_id + 1, i.label_id) for i in tracks.finalize())
+    assert sorted((r["id"], r["label_id"]) for r in result) == want

@@ -375,8 +375,8 @@ class _SegmenterConfig:
         if getattr(config, "model_type", None) == cls.model_type and callable(to_dict):
             data = {k: v for k, v in to_dict().items() if not k.startswith("_") and v is not None}
             # transformers keeps these switches on the config object, not always in to_dict()
-            for key in ("return_dict", "output_hidden_states", "output_attentions"):
-                if hasattr(config, key):
+            for key in ("return_dict", "output_hidden_states", "output_attentions", "_attn_implementation"):
+                if getattr(config, key, None) is not None:
                     data[key] = getattr(config, key)
             return cls.from_dict(data)
         raise TypeError(

@@ -629,15 +629,8 @@ def hf_names(key: str, config: _SegmenterConfig | None = None) -> list[str]:
 def initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """transformers' initial value of every parameter and buffer of ``model`` (our names), on its device and in
     its dtypes; the fused bias parts of biases the config leaves out are zero."""
-    out = {}
-    for key, value in model.fused_state_dict().items():
-        fresh = _initial_value(model, key, value.shape, model.config)
-        if key.endswith("attention.qkv.bias"):
-            for part, real in enumerate(qkv_biases(model.config).values()):
-                if not real:
-                    fresh.view(3, -1)[part] = 0
-        out[key] = fresh.to(device=value.device, dtype=value.dtype)
-    return out
+    return {key: _initial_value(model, key, value.shape, model.config).to(device=value.device, dtype=value.dtype)
+            for key, value in model.fused_state_dict().items()}
 
 
 def _initial_value(model: nn.Module, key: str, shape: torch.Size, config: _SegmenterConfig) -> torch.Tensor:
@@ -663,6 +656,10 @@ def _initial_value(model: nn.Module, key: str, shape: torch.Size, config: _Segme
         nn.init.ones_(value)
     else:  # register and mask tokens
         nn.init.zeros_(value)
+    if key.endswith("attention.qkv.bias"):  # the parts of biases transformers' model does not have stay zero
+        for part, real in enumerate(qkv_biases(config).values()):
+            if not real:
+                value.view(3, -1)[part] = 0
     return value
 
 

@@ -636,6 +636,10 @@ def _transformers_state_names(module: nn.Module, state_dict: dict, prefix: str, 
     state_dict.update({prefix + k: v for k, v in theirs.items()})
 
 
+# the attn_implementation names transformers knows
+_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                                   "flex_attention"})
+
 # transformers' PreTrainedModel methods that only training uses: a clear error instead of an AttributeError
 _TRAINING_ONLY = ("resize_token_embeddings", "add_adapter", "load_adapter", "set_adapter", "enable_adapters",
                   "disable_adapters", "get_loss_dict", "get_loss")
@@ -836,9 +840,12 @@ class _Segmenter(nn.Module):
         execution plan chose, and ``output_attentions`` works under every setting."""
         if isinstance(attn_implementation, dict):
             attn_implementation = attn_implementation.get("", next(iter(attn_implementation.values()), None))
-        if attn_implementation is not None and not isinstance(attn_implementation, str):
-            raise TypeError(f"attn_implementation must be a string such as 'sdpa' or 'eager', got {attn_implementation!r}")
-        self.config._attn_implementation = attn_implementation or "sdpa"
+        name = attn_implementation or "sdpa"
+        if not isinstance(name, str) or not (name in _ATTN_IMPLEMENTATIONS or name.startswith("paged|") or "/" in name):
+            raise ValueError(f'Specified `attn_implementation="{name}"` is not supported. The only possible arguments '
+                             f"are {sorted(_ATTN_IMPLEMENTATIONS)}, a 'paged|' one or a hub kernel repo id (every one "
+                             "computes the same attention here)")
+        self.config._attn_implementation = name
 
     # ------------------------------------------------------------------ training helpers
     def init_weights(self) -> None:
