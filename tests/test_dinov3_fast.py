@@ -146,3 +146,60 @@ def test_compiled_frame_step_is_chosen_and_matches(monkeypatch):
         for t in range(3):
             a, b = session.step(x[:, t]), plain.step(x[:, t])
             assert torch.allclose(a.masks_queries_logits, b.masks_queries_logits, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------ the apps: bench, profiler, plan
+
+
+@pytest.mark.parametrize("model", ["videomt", "eomt"])
+def test_bench_arch_dinov3(tmp_path, model):
+    """``bench --arch dinov3-s``: transformers' rows (EoMT-DINOv3; for VidEoMT its DINOv3 modules in the VidEoMT
+    loop, transformers having no such class) and the fast rows, which agree with them."""
+    import json
+
+    from videomt_fast.apps import benchmark
+
+    argv = ["--arch", "dinov3-s", "--model", model, "--device", "cpu", "--size", "32x32", "--repeats", "1",
+            "--warmup", "0", "--num-inputs", "1", "--frames", "2", "--online-frames", "2", "--e2e-frames", "1",
+            "--agree-frames", "2", "--e2e-size", "32x40", "--providers", "hf-eager-fp32,fast", "--out-dir",
+            str(tmp_path / "out")]
+    assert benchmark.main(argv) == 0
+    (name,) = list((tmp_path / "out").iterdir())
+    report = json.loads(name.read_text())
+    assert report["config"]["hidden_size"] == 384 and report["config"].get("rope_parameters")
+    rows = {(r["provider"], r["mode"]): r for r in report["rows"]}
+    for mode in benchmark.MODES:
+        assert rows[("hf-eager-fp32", mode)]["status"] == "ok"
+        fast = rows[("fast", mode)]
+        assert fast["status"] == "ok" and fast["agreement"]["mask_sign"] == 1.0, fast
+        assert fast["agreement"]["mask_max_abs_err"] < 1e-3
+    sites = {site["op"] for p in report["plan"]["plans"] for site in p["sites"].values()}
+    assert "rope_attention" in sites and "attention" not in sites
+
+
+def test_profiler_stages_compute_what_a_dinov3_session_step_computes():
+    from videomt_fast.apps import profiler
+
+    args = profiler.parse_args(["--arch", "dinov3-s", "--device", "cpu", "--size", "32x32", "--no-postprocess",
+                                "--provider", "fast-ref"])
+    model, _ = profiler.build_model(args)
+    assert model.config.backbone_type == "dinov3"
+    frame_fn = profiler._frame_fn(model, None, args)
+    session = model.new_session(batch_size=1)
+    prev = None
+    with torch.inference_mode():
+        for t in range(2):
+            frame = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(t))
+            masks, classes, prev = frame_fn(frame, prev, None)
+            out = session.step(frame)
+            assert torch.equal(masks, out.masks_queries_logits) and torch.equal(classes, out.class_queries_logits)
+            assert torch.equal(prev, session.propagated_queries)
+
+
+def test_plan_command_for_dinov3(capsys):
+    from videomt_fast.apps import plan
+
+    assert plan.main(["--arch", "dinov3-s", "--model", "eomt", "--device", "cpu", "--size", "32x48",
+                      "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "early.rope_attention" in printed and "masked.rope_attention" in printed

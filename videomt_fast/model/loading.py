@@ -890,7 +890,7 @@ def load_pretrained(
         raise FileNotFoundError(f"no config.json in {directory}; expected a transformers save_pretrained directory")
     raw = read_state_dict(directory) if state_dict is None else dict(state_dict)
     if _looks_research(raw):  # a research-style folder: the research model zoo's pytorch_model.bin
-        if config is None and _declared_model_type(config_path) == config_cls.model_type:
+        if config is None and declared_model_type(config_path) == config_cls.model_type:
             config = config_cls.from_json_file(config_path)
         state = research_to_fast(raw)
         if config is None:
@@ -910,7 +910,7 @@ def load_pretrained(
     return (model, info) if output_loading_info else model
 
 
-def _declared_model_type(config_path: str) -> str | None:
+def declared_model_type(config_path: str) -> str | None:
     try:
         with open(config_path, encoding="utf-8") as handle:
             data = json.load(handle)

@@ -1237,3 +1237,11 @@ class EomtDinov3ForUniversalSegmentation(EomtForUniversalSegmentation):
     attention included."""
 
     config_class = EomtDinov3Config
+
+
+def model_class_for(config: _SegmenterConfig) -> type[_Segmenter]:
+    """The model class of a config of ours: VidEoMT (either backbone), EoMT, EoMT-DINOv3."""
+    for cls in (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, VideomtForUniversalSegmentation):
+        if type(config) is cls.config_class:
+            return cls
+    raise TypeError(f"no model class for {type(config).__name__}")
