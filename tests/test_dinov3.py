@@ -298,6 +298,7 @@ def test_segment_a_video_with_a_research_videomt_dinov3_checkpoint(tmp_path):
     instances match the model run on the same frames by hand."""
     import numpy as np
 
+    pytest.importorskip("av")
     from videomt_fast.apps import cli, video_io
     from videomt_fast.processing.tracks import VideoInstanceAccumulator
     from videomt_fast.processing.video_processor import VideomtVideoProcessor

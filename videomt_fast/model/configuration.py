@@ -426,6 +426,7 @@ class _SegmenterConfig:
 
     # transformers' PreTrainedConfig surface that callers read on single-model configs
     is_encoder_decoder: ClassVar[bool] = False
+    _commit_hash: ClassVar[str | None] = None  # the hub revision transformers' pipelines read (none: local)
     sub_configs: ClassVar[dict[str, Any]] = {}
 
     @property
