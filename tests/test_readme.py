@@ -9,8 +9,8 @@ marker (an HTML comment, invisible on GitHub) on the line just before the block 
 
 Hub ids the examples load (``from_pretrained("org/name")``) come from a Hugging Face cache built for the
 test, offline (``HF_HUB_CACHE``, ``HF_HUB_OFFLINE=1``): each id holds a tiny random checkpoint of the
-same kind (EoMT when the id names eomt, else VidEoMT) saved by transformers, so the code runs unchanged,
-as it does for a user who has the real model in their cache.
+same kind (EoMT when the id names eomt, EoMT-DINOv3 when it also names dinov3, else VidEoMT) saved by
+transformers, so the code runs unchanged, as it does for a user who has the real model in their cache.
 """
 
 from __future__ import annotations
@@ -93,8 +93,9 @@ def hub_cache(tmp_path_factory):
                  num_labels=5, image_size=640)
     for repo_id in ids:
         eomt = "eomt" in repo_id.lower() and "videomt" not in repo_id.lower()
-        config = (transformers.EomtConfig if eomt else transformers.VideomtConfig)(**small)
-        cls = transformers.EomtForUniversalSegmentation if eomt else transformers.VideomtForUniversalSegmentation
+        name = "EomtDinov3" if eomt and "dinov3" in repo_id.lower() else "Eomt" if eomt else "Videomt"
+        config = getattr(transformers, f"{name}Config")(**small)
+        cls = getattr(transformers, f"{name}ForUniversalSegmentation")
         repo = cache / ("models--" + repo_id.replace("/", "--"))
         commit = "0" * 40
         (repo / "refs").mkdir(parents=True)
