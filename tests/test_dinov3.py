@@ -131,26 +131,6 @@ def test_patch_transformers_covers_eomt_dinov3(tmp_path):
         "transformers")
 
 
-def test_image_segmentation_pipeline():
-    """transformers' EoMT image processor and pipeline take the model unchanged."""
-    import numpy as np
-    from PIL import Image
-
-    hf = randomize_(hf_eomt_dinov3(), seed=8)
-    processor = transformers.EomtImageProcessorPil(
-        size={"shortest_edge": 48, "longest_edge": 48}, do_split_image=False, do_pad=True
-    )
-    image = Image.fromarray((np.random.RandomState(0).rand(40, 56, 3) * 255).astype("uint8"))
-    results = []
-    for model in (hf, videomt_fast.from_transformers(hf)):
-        segmenter = transformers.pipeline("image-segmentation", model=model, image_processor=processor)
-        results.append(segmenter(image, subtask="panoptic", threshold=0.0))
-    assert len(results[0]) == len(results[1]) > 0
-    for a, b in zip(*results):
-        assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-4
-        assert np.array_equal(np.array(a["mask"]), np.array(b["mask"]))
-
-
 def test_config_fields_and_errors():
     ours, theirs = EomtDinov3Config(), transformers.EomtDinov3Config()
     for key, value in theirs.to_diff_dict().items():

@@ -14,7 +14,7 @@ import videomt_fast
 from videomt_fast import EomtForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation
 from videomt_fast.model.loading import CheckpointError, LoadingWarning
 
-from helpers import TINY, hf_eomt, hf_videomt, max_abs, randomize_, to_research_keys, video
+from helpers import TINY, hf_eomt, hf_eomt_dinov3, hf_videomt, max_abs, randomize_, to_research_keys, video
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,11 +88,14 @@ def test_torch_export():
             _same_outputs(program.module()(**kwargs), ours(**kwargs), tol=1e-5)
 
 
-def test_image_segmentation_pipeline():
+@pytest.mark.parametrize("make,seed", [(hf_eomt, 0), (hf_eomt_dinov3, 8)], ids=["eomt", "eomt_dinov3"])
+def test_image_segmentation_pipeline(make, seed):
+    """transformers' EoMT image processor and pipeline take our EoMT and EoMT-DINOv3 unchanged (seeds whose
+    random weights leave segments in the panoptic result)."""
     import numpy as np
     from PIL import Image
 
-    hf = randomize_(hf_eomt())
+    hf = randomize_(make(), seed=seed)
     ours = videomt_fast.from_transformers(hf)
     processor = transformers.EomtImageProcessorPil(
         size={"shortest_edge": 48, "longest_edge": 48}, do_split_image=False, do_pad=True
