@@ -11,11 +11,13 @@ with ``VIDEOMT_FAST_DISABLE=attention,...`` or all of them with ``VIDEOMT_FAST_D
 op                     kernel file                  fast path
 =====================  ===========================  =========================================
 attention              attention.py                 flash-style, fused-QKV strides, mask bits
+rope_attention         attention.py                 the same, DINOv3's rotary embedding in the Q/K load
 mask_bits              mask_bits.py                 bilinear resize + ``> 0`` + bit packing
 layer_norm             layer_norm.py                one pass, fp32 statistics
 residual_layer_norm    layer_norm.py                ``x += scale * f`` and LayerNorm, one pass
 linear_gelu            linear.py                    cuBLAS + GELU pass, or Triton GEMM epilogue
 linear_residual        linear.py                    cuBLAS + scale/residual pass, or Triton GEMM
+linear_gated           linear.py                    cuBLAS x2 + act(gate)*up pass, or one two-accumulator GEMM
 query_update           query_update.py              GEMM + bias + table into the token buffer
 =====================  ===========================  =========================================
 """
@@ -61,17 +63,20 @@ if __name__ == "videomt_fast.kernels":
     # The package's attributes named after ops are its kernel modules (``videomt_fast.kernels.attention``
     # is the module); the functions registered with ops live in them.
     ops.register_impl("attention", "triton", _attention.attention, _attention.attention_guard)
+    ops.register_impl("rope_attention", "triton", _attention.rope_attention, _attention.rope_attention_guard)
     ops.register_impl("mask_bits", "triton", _mask_bits.mask_bits, _mask_bits.mask_bits_guard)
     ops.register_impl("layer_norm", "triton", _layer_norm.layer_norm, _layer_norm.layer_norm_guard)
     ops.register_impl("residual_layer_norm", "triton", _layer_norm.residual_layer_norm, _layer_norm.residual_layer_norm_guard)
     ops.register_impl("linear_gelu", "triton", _linear.make_linear_gelu(_TRITON_GEMM), _linear.linear_gelu_guard)
     ops.register_impl("linear_residual", "triton", _linear.make_linear_residual(_TRITON_GEMM), _linear.linear_residual_guard)
     ops.register_impl("query_update", "triton", _query_update.query_update, _query_update.query_update_guard)
+    ops.register_impl("linear_gated", "triton", _linear.make_linear_gated(_TRITON_GEMM), _linear.linear_gated_guard)
     # execution plans time the other GEMM-epilogue variant too, and keep whichever wins on the device
     _OTHER = "triton-epilogue" if _TRITON_GEMM else "triton-gemm"
     ops.register_candidate("linear_gelu", _OTHER, _linear.make_linear_gelu(not _TRITON_GEMM), _linear.linear_gelu_guard)
     ops.register_candidate("linear_residual", _OTHER, _linear.make_linear_residual(not _TRITON_GEMM),
                            _linear.linear_residual_guard)
+    ops.register_candidate("linear_gated", _OTHER, _linear.make_linear_gated(not _TRITON_GEMM), _linear.linear_gated_guard)
 
     __all__ = ["GEMM", "attention", "layer_norm", "linear", "mask_bits", "query_update"]
 else:

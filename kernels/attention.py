@@ -11,6 +11,12 @@ only where bit ``j`` of their packed mask words is set; all other (row, column) 
 masked score is ``-inf`` and the running max starts at a finite ``-1e30``, so a block in which a row sees
 nothing contributes exactly zero and never produces NaN; every query row keeps its non-patch columns.
 
+Rotary variant (DINOv3, ``ROPE``): the q and k of the last ``P`` rows (the patch tokens; queries, cls and
+registers are left alone) are rotated as they are loaded, ``x * cos + rotate_half(x) * sin`` per head in fp32
+from the ``(P, head_dim)`` fp32 tables, then rounded once to the input dtype before the dot. The partner
+half of each head (``rotate_half``) is a second load of the same rows, so the rotated Q and K never exist in
+memory: no extra pass over the QKV output, no second copy of it.
+
 The block sizes below are a conventional starting point (Triton's fused-attention tutorial uses the
 same family); they must be re-tuned on the GPU, e.g. against SDPA's flash backend with
 ``bench/bench_kernels.py``.
@@ -54,6 +60,10 @@ def _attention_kernel(
     HAS_MASK: tl.constexpr,
     PRECISION: tl.constexpr,  # tl.dot input precision ("ieee" for fp32 tensors)
     INTERP_BF16: tl.constexpr,  # interpreter bf16 workarounds, see _common.interp_bf16 (never on a GPU)
+    cos_ptr=None,  # (P, HEAD_DIM) fp32 rotary cosines of the patch rows (ROPE only)
+    sin_ptr=None,  # (P, HEAD_DIM) fp32 rotary sines (ROPE only)
+    first_patch=0,  # N - P: the first rotated row (ROPE only)
+    ROPE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -75,6 +85,12 @@ def _attention_kernel(
         mask=row_ok[:, None] & d_ok[None, :],
         other=0.0,
     )  # (BLOCK_M, BLOCK_D)
+    if ROPE:
+        # the partner of dimension d in rotate_half: d + half (negated) in the first half, d - half in the second
+        partner = tl.where(offs_d < HEAD_DIM // 2, offs_d + HEAD_DIM // 2, offs_d - HEAD_DIM // 2)
+        sign = tl.where(offs_d < HEAD_DIM // 2, -1.0, 1.0)
+        q = _rotate(q, q_base + offs_m[:, None] * stride_qkv_n + partner[None, :], offs_m, row_ok, offs_d, d_ok,
+                    sign, cos_ptr, sin_ptr, first_patch, HEAD_DIM, False, qkv_ptr.dtype.element_ty, INTERP_BF16)
     if INTERP_BF16:
         q = q.to(tl.float32)
 
@@ -95,6 +111,9 @@ def _attention_kernel(
             mask=col_ok[None, :] & d_ok[:, None],
             other=0.0,
         )  # (BLOCK_D, BLOCK_N)
+        if ROPE:
+            k_t = _rotate(k_t, k_base + cols[None, :] * stride_qkv_n + partner[:, None], cols, col_ok, offs_d, d_ok,
+                          sign, cos_ptr, sin_ptr, first_patch, HEAD_DIM, True, qkv_ptr.dtype.element_ty, INTERP_BF16)
         if INTERP_BF16:
             k_t = k_t.to(tl.float32)
         s = tl.dot(q, k_t, input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N) fp32
@@ -129,31 +148,58 @@ def _attention_kernel(
     tl.store(out_ptrs, cast_to(out, out_ptr.dtype.element_ty, INTERP_BF16), mask=row_ok[:, None] & d_ok[None, :])
 
 
-def _launch_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+@triton.jit
+def _rotate(x, partner_ptrs, rows, row_ok, offs_d, d_ok, sign, cos_ptr, sin_ptr, first_patch, HEAD_DIM: tl.constexpr,
+            TRANSPOSED: tl.constexpr, DTYPE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """``x * cos + rotate_half(x) * sin`` on the patch rows of a loaded tile (rows: token indices; a
+    ``(rows, dims)`` tile, or ``(dims, rows)`` when ``TRANSPOSED``), computed in fp32 and rounded once to
+    ``DTYPE``; other rows come back unchanged (cos 1, sin 0)."""
+    patch = rows - first_patch
+    is_patch = (patch >= 0) & row_ok
+    patch = tl.maximum(patch, 0)
+    if TRANSPOSED:
+        ok = d_ok[:, None] & is_patch[None, :]
+        table = patch[None, :] * HEAD_DIM + offs_d[:, None]
+        signs = sign[:, None]
+    else:
+        ok = is_patch[:, None] & d_ok[None, :]
+        table = patch[:, None] * HEAD_DIM + offs_d[None, :]
+        signs = sign[None, :]
+    other = tl.load(partner_ptrs, mask=ok, other=0.0).to(tl.float32)
+    cos = tl.load(cos_ptr + table, mask=ok, other=1.0)
+    sin = tl.load(sin_ptr + table, mask=ok, other=0.0)
+    return cast_to(x.to(tl.float32) * cos + signs * other * sin, DTYPE, INTERP_BF16)
+
+
+def _launch_config(head_dim: int, dtype: torch.dtype, rope: bool = False) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a head dim and dtype; to be re-measured on the GPU.
 
     fp32 (IEEE dots on the FMA units) keeps half the key block and twice the warps: at 64x64 with
     4 warps ptxas spills (sm_90: 255 registers, ~1.6 KB spill stores unmasked, ~6.6 KB masked), at
     64x32 with 8 warps it uses 90 / 248 registers and no local memory (videomt_fast/testing/triton_compile.py).
+    The rotary variant holds three more key tiles (the partner half, cos, sin): in fp32 64x32 spills
+    (255 registers, 0.6 KB unmasked, 5.3 KB masked), so it halves the key block (64x16: 201-235 registers).
     """
     if dtype == torch.float32:
-        return 64, 32, 8, 2
+        return (64, 16, 8, 2) if rope else (64, 32, 8, 2)
     if head_dim <= 64:
         return 64, 64, 4, 3
     return 64, 64, 8, 2
 
 
 def attention_launch(
-    qkv: torch.Tensor, num_heads: int, mask_bits: torch.Tensor | None, num_queries: int, num_prefix: int
+    qkv: torch.Tensor, num_heads: int, mask_bits: torch.Tensor | None, num_queries: int, num_prefix: int,
+    cos: torch.Tensor | None = None, sin: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Host launcher: ``(B, N, 3d)`` -> new ``(B, N, d)``. Inputs must have passed :func:`attention_guard`."""
+    """Host launcher: ``(B, N, 3d)`` -> new ``(B, N, d)``; with ``cos`` / ``sin`` (fp32 ``(P, head_dim)``) the
+    rotary variant. Inputs must have passed :func:`attention_guard` (:func:`rope_attention_guard`)."""
     batch, seq_len, three_d = qkv.shape
     dim = three_d // 3
     head_dim = dim // num_heads
     out = torch.empty(batch, seq_len, dim, dtype=qkv.dtype, device=qkv.device)
     if batch == 0 or seq_len == 0:
         return out
-    block_m, block_n, num_warps, num_stages = _launch_config(head_dim, qkv.dtype)
+    block_m, block_n, num_warps, num_stages = _launch_config(head_dim, qkv.dtype, cos is not None)
     has_mask = mask_bits is not None and num_queries > 0
     bits = mask_bits if has_mask else qkv  # dummy pointer when unmasked, never read
     grid = (triton.cdiv(seq_len, block_m), batch * num_heads)
@@ -181,6 +227,10 @@ def attention_launch(
             HAS_MASK=has_mask,
             PRECISION=dot_precision(qkv.dtype),
             INTERP_BF16=interp_bf16(qkv.dtype),
+            cos_ptr=cos,
+            sin_ptr=sin,
+            first_patch=seq_len - cos.shape[0] if cos is not None else 0,
+            ROPE=cos is not None,
             num_warps=num_warps,
             num_stages=num_stages,
         )
@@ -248,4 +298,63 @@ def attention_guard(
     # offsets within one batch entry are int32 in the kernel (batch offsets are int64)
     if not int32_offsets_ok(span(qkv, slice(1, None)), seq_len * (three_d // 3)):
         return f"one batch entry of qkv {tuple(qkv.shape)} spans 2**31 elements or more (32-bit offsets within it)"
+    return None
+
+
+# ------------------------------------------------------------------ DINOv3: the rotary embedding in the Q/K load
+
+
+@torch.library.custom_op("videomt_fast::rope_attention", mutates_args=())
+def rope_attention_op(
+    qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor, mask_bits: torch.Tensor | None,
+    num_queries: int, num_prefix: int,
+) -> torch.Tensor:
+    return attention_launch(qkv, num_heads, mask_bits, num_queries, num_prefix, cos.contiguous(), sin.contiguous())
+
+
+@rope_attention_op.register_fake
+def _(qkv, num_heads, cos, sin, mask_bits, num_queries, num_prefix):
+    batch, seq_len, three_d = qkv.shape
+    return qkv.new_empty(batch, seq_len, three_d // 3)
+
+
+def rope_attention(
+    qkv: torch.Tensor,
+    num_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """Triton implementation of :func:`videomt_fast.ops.reference.rope_attention_ref` (same signature)."""
+    return torch.ops.videomt_fast.rope_attention(qkv, int(num_heads), cos, sin, mask_bits, int(num_queries),
+                                                  int(num_prefix))
+
+
+def rope_attention_guard(
+    qkv: torch.Tensor,
+    num_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> str | None:
+    """None when the rotary kernel takes these inputs, else why not."""
+    reason = attention_guard(qkv, num_heads, mask_bits, num_queries, num_prefix)
+    if reason is not None:
+        return reason
+    seq_len, head_dim = qkv.shape[1], qkv.shape[2] // 3 // num_heads
+    for name, table in (("cos", cos), ("sin", sin)):
+        if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[1] != head_dim:
+            return f"{name} must be a (patches, head_dim={head_dim}) tensor"
+        if table.dtype != torch.float32:
+            return f"{name} dtype {table.dtype} (needs float32)"
+        if table.device != qkv.device:
+            return f"{name} is on {table.device}, qkv on {qkv.device}"
+    if cos.shape != sin.shape or cos.shape[0] > seq_len:
+        return f"cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must match and cover at most N={seq_len} rows"
+    if mask_bits is not None and num_queries > 0 and seq_len - num_prefix != cos.shape[0]:
+        return f"the rotated rows ({cos.shape[0]}) are not the masked patch columns (N - num_prefix = {seq_len - num_prefix})"
     return None

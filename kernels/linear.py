@@ -1,4 +1,5 @@
-"""GEMM epilogues of a ViT block: ``linear_gelu`` (fc1) and ``linear_residual`` (out-proj, fc2).
+"""GEMM epilogues of a ViT block: ``linear_gelu`` (fc1), ``linear_residual`` (out-proj, fc2) and ``linear_gated``
+(the gated MLP's ``act(gate(x)) * up(x)``: DINOv2's SwiGLU, DINOv3's gated MLP).
 
 Two implementations of each, one registered:
 
@@ -8,6 +9,11 @@ Two implementations of each, one registered:
 * ``"triton"``: one Triton GEMM (``tl.dot`` tiles, grouped launch order) that applies bias, GELU or
   ``scale`` + ``residual`` to the fp32 accumulator before its only store. No extra pass at all, but a
   hand-written GEMM must first match cuBLAS at these shapes.
+
+``linear_gated`` the same way: ``"cublas"`` runs the gate and up projections with ``F.linear`` and one Triton
+pass writes ``act(gate) * up`` over the gate output; ``"triton"`` is one GEMM kernel with two accumulators
+(the gate's and the up projection's columns ``j`` of the same row block), bias, activation and product in
+its epilogue: the ``2 x (M, N)`` intermediate is never written.
 
 ``VIDEOMT_FAST_GEMM=cublas|triton`` (read when ``videomt_fast.kernels`` is imported) picks the one
 that :mod:`videomt_fast.ops` gets; both stay callable from here. The default is ``cublas`` because it
@@ -44,6 +50,37 @@ def _gelu(x):
 
 
 @triton.jit
+def _silu(x):
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _activation(x, ACT: tl.constexpr):
+    """``ACT``: 0 exact-erf GELU, 1 SiLU."""
+    if ACT == 0:
+        return _gelu(x)
+    return _silu(x)
+
+
+ACT_CODES = {"gelu": 0, "silu": 1}
+
+
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's row and column offsets, its tile taken in grouped order: GROUP_M row blocks share the
+    weight tiles while they are in L2."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * num_pid_n)
+    first_m = group * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
+    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
+    return pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _linear_kernel(
     x_ptr,  # (M, K) input rows; row m = (m // rows_per_batch, m % rows_per_batch) by strides, unit K stride
     w_ptr,  # (N, K) weight, row stride stride_wn, unit K stride
@@ -73,18 +110,7 @@ def _linear_kernel(
     PRECISION: tl.constexpr,
     INTERP_BF16: tl.constexpr,
 ):
-    # grouped order: GROUP_M row blocks share the weight tiles while they are in L2
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * num_pid_n)
-    first_m = group * GROUP_M
-    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * num_pid_n)) % group_size
-    pid_n = (pid % (GROUP_M * num_pid_n)) // group_size
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
@@ -391,3 +417,177 @@ def linear_residual_guard(x, weight, bias, scale, residual) -> str | None:
     if residual.dtype != x.dtype:
         return f"residual dtype {residual.dtype} differs from x {x.dtype}"
     return vector_reason("scale", scale, weight.shape[0], x.dtype)
+
+
+# ------------------------------------------------------------------ the gated MLP: act(x @ Wg.T + bg) * (x @ Wu.T + bu)
+
+
+@triton.jit
+def _gated_kernel(
+    x_ptr,  # (M, K) input rows, row stride stride_xm, unit K stride
+    wg_ptr,  # (N, K) gate weight, row stride stride_wg, unit K stride
+    bg_ptr,  # (N,) gate bias (unused unless HAS_BIAS)
+    wu_ptr,  # (N, K) up weight, row stride stride_wu, unit K stride
+    bu_ptr,  # (N,) up bias (unused unless HAS_BIAS)
+    out_ptr,  # (M, N) output, row stride stride_om, unit N stride
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_wg,
+    stride_wu,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,  # 0 GELU, 1 SiLU
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    offs_m, offs_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
+    g_rows = wg_ptr + offs_n.to(tl.int64) * stride_wg
+    u_rows = wu_ptr + offs_n.to(tl.int64) * stride_wu
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(x_rows[:, None] + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wmask = n_ok[None, :] & k_ok[:, None]
+        bg = tl.load(g_rows[None, :] + kk[:, None], mask=wmask, other=0.0)  # (BLOCK_K, BLOCK_N)
+        bu = tl.load(u_rows[None, :] + kk[:, None], mask=wmask, other=0.0)
+        if INTERP_BF16:
+            a = a.to(tl.float32)
+            bg = bg.to(tl.float32)
+            bu = bu.to(tl.float32)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=PRECISION)
+        acc_u = tl.dot(a, bu, acc_u, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc_g += tl.load(bg_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc_u += tl.load(bu_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y = _activation(acc_g, ACT) * acc_u
+    out = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    tl.store(out, cast_to(y, out_ptr.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gated_config(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): two accumulators, so half the N tile of
+    :func:`_gemm_config`; a starting point, to be tuned on the GPU."""
+    if dtype == torch.float32:
+        return 64, 32, 32, 4, 3
+    return 128, 64, 64, 8, 3
+
+
+def gated_launch(x2: torch.Tensor, wg, bg, wu, bu, activation: str) -> torch.Tensor:
+    """``act(x2 @ wg.T + bg) * (x2 @ wu.T + bu)`` for ``(M, K)`` rows (unit K stride); a new ``(M, N)``."""
+    m, k = x2.shape
+    n = wg.shape[0]
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    if m == 0 or n == 0:
+        return out
+    block_m, block_n, block_k, num_warps, num_stages = _gated_config(x2.dtype)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
+    with launch_device(x2.device, "_gated_kernel"):
+        _gated_kernel[grid](
+            x2, wg, bg if bg is not None else out, wu, bu if bu is not None else out, out,
+            m, n, k, x2.stride(0), wg.stride(0), wu.stride(0), out.stride(0),
+            HAS_BIAS=bg is not None,
+            ACT=ACT_CODES[activation],
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            GROUP_M=8,
+            PRECISION=dot_precision(x2.dtype),
+            INTERP_BF16=interp_bf16(x2.dtype),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    return out
+
+
+@triton.jit
+def _gate_product_kernel(
+    g_ptr,  # (M, N) contiguous gate projection (bias added), overwritten with act(g) * u
+    u_ptr,  # (M, N) contiguous up projection (bias added)
+    numel,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    INTERP_BF16: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(g_ptr + offs, cast_to(_activation(g, ACT) * u, g_ptr.dtype.element_ty, INTERP_BF16), mask=ok)
+
+
+def linear_gated_cublas(x, wg, bg, wu, bu, activation):
+    g = F.linear(x, wg, bg)
+    u = F.linear(x, wu, bu)
+    if g.numel():
+        block = 1024
+        with launch_device(g.device, "_gate_product_kernel"):
+            _gate_product_kernel[(triton.cdiv(g.numel(), block),)](
+                g, u, g.numel(), ACT=ACT_CODES[activation], BLOCK=block, INTERP_BF16=interp_bf16(g.dtype), num_warps=4
+            )
+    return g
+
+
+def linear_gated_triton(x, wg, bg, wu, bu, activation):
+    x2 = x.reshape(-1, x.shape[-1])
+    return gated_launch(x2, wg, bg, wu, bu, activation).view(*x.shape[:-1], wg.shape[0])
+
+
+@torch.library.custom_op("videomt_fast::linear_gated", mutates_args=())
+def linear_gated_op(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: str,
+    triton_gemm: bool,
+) -> torch.Tensor:
+    impl = linear_gated_triton if triton_gemm else linear_gated_cublas
+    return impl(x, gate_weight, gate_bias, up_weight, up_bias, activation)
+
+
+@linear_gated_op.register_fake
+def _(x, gate_weight, gate_bias, up_weight, up_bias, activation, triton_gemm):
+    return x.new_empty(*x.shape[:-1], gate_weight.shape[0])
+
+
+def make_linear_gated(triton_gemm: bool):
+    def linear_gated(x, gate_weight, gate_bias, up_weight, up_bias, activation):
+        """Triton implementation of :func:`videomt_fast.ops.reference.linear_gated_ref`."""
+        return torch.ops.videomt_fast.linear_gated(x, gate_weight, gate_bias, up_weight, up_bias, activation,
+                                                   triton_gemm)
+
+    return linear_gated
+
+
+def linear_gated_guard(x, gate_weight, gate_bias, up_weight, up_bias, activation) -> str | None:
+    if activation not in ACT_CODES:
+        return f"activation {activation!r} (needs one of {sorted(ACT_CODES)})"
+    reason = linear_gelu_guard(x, gate_weight, gate_bias)
+    if reason is not None:
+        return reason
+    reason = first_reason(weight_reason(x, up_weight), device_reason(x, up_weight))
+    if reason is not None:
+        return reason
+    if tuple(up_weight.shape) != tuple(gate_weight.shape):
+        return f"up weight {tuple(up_weight.shape)} differs from gate weight {tuple(gate_weight.shape)}"
+    if (gate_bias is None) != (up_bias is None):
+        return "gate and up projections must both have a bias or both have none"
+    reason = vector_reason("up bias", up_bias, up_weight.shape[0], x.dtype)
+    if reason is not None:
+        return reason
+    if not x.is_contiguous():
+        return "x is not contiguous (the gated kernel reads (M, K) rows)"
+    return None

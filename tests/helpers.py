@@ -50,6 +50,17 @@ def hf_eomt(**overrides):
     return transformers.EomtForUniversalSegmentation(config).eval()
 
 
+# EoMT-DINOv3: TINY's shapes, an MLP size of its own, DINOv3's LayerNorm eps
+TINY_DINOV3 = dict(TINY, intermediate_size=96, layer_norm_eps=1e-5)
+
+
+def hf_eomt_dinov3(**overrides):
+    import transformers
+
+    config = transformers.EomtDinov3Config(**{**TINY_DINOV3, **overrides})
+    return transformers.EomtDinov3ForUniversalSegmentation(config).eval()
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Give every parameter fresh non-trivial values (layer scales, norms, registers, query table and
     updater included), reproducibly, so parity tests cannot pass on identity-like initialisations."""
@@ -59,6 +70,11 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             std = 0.5 if param.ndim <= 1 or "token" in name else max(param.shape[-1], 1) ** -0.5
             offset = 1.0 if name.endswith(_NORM_WEIGHTS) else 0.0
             param.copy_(torch.randn(param.shape, generator=gen) * std + offset)
+        for module in model.modules():  # a fused bias keeps zeros where the config has no bias (DINOv3's key)
+            if getattr(module, "qkv_biases", None) and module.qkv.bias is not None:
+                for part, real in enumerate(module.qkv_biases):
+                    if not real:
+                        module.qkv.bias.view(3, -1)[part] = 0
     return model
 
 

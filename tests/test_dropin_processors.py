@@ -129,7 +129,13 @@ def _metadata(total, fps=None):
     [(8, None, 3, None), (9, None, 9, None), (7, 4.0, None, 3), (10, 30.0, None, 1), (11, None, None, None), (5, 2.0, 1, None)],
 )
 def test_sample_frames_matches_transformers(total, fps_video, num_frames, fps):
-    theirs = _hf_video_class()().sample_frames(metadata=_metadata(total, fps_video), num_frames=num_frames, fps=fps)
+    import transformers
+
+    try:
+        theirs = _hf_video_class()().sample_frames(metadata=_metadata(total, fps_video), num_frames=num_frames, fps=fps)
+    except (ZeroDivisionError, TypeError) as exc:  # transformers 5.17: fps rounding to 0 frames, num_frames None
+        pytest.skip(f"transformers {transformers.__version__}'s sample_frames itself fails on these arguments "
+                    f"({type(exc).__name__}: {exc}): no oracle to compare with")
     ours = VideomtVideoProcessor().sample_frames(metadata={"total_num_frames": total, "fps": fps_video}, num_frames=num_frames, fps=fps)
     np.testing.assert_array_equal(ours, theirs)
     # transformers' own VideoMetadata objects are accepted too

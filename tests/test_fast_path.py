@@ -221,9 +221,9 @@ def test_optimize_on_cpu_runs_exactly_the_reference_path(lean_model, monkeypatch
     monkeypatch.setenv("VIDEOMT_FAST_PLAN_CACHE", str(tmp_path))
     plain = lean_model
     fast = copy.deepcopy(plain)
-    before = {name: (t.data_ptr(), t.dtype) for name, t in fast.state_dict().items()}
+    before = {name: (t.data_ptr(), t.dtype) for name, t in fast.fused_state_dict().items()}
     assert fast.optimize(dtype=torch.float32, check_finite=True) is fast
-    after = {name: (t.data_ptr(), t.dtype) for name, t in fast.state_dict().items()}
+    after = {name: (t.data_ptr(), t.dtype) for name, t in fast.fused_state_dict().items()}
     assert after == before  # same dtype: optimize() casts and copies nothing
     assert fast.fast_settings.dtype == torch.float32
 

@@ -165,3 +165,45 @@ def test_no_32_bit_limit_on_elements_only_on_rows():
                 assert f"{rows} rows" in why, why
     # ViT-L at 640x640 (1 + 4 + 1600 tokens, fc1 to 4096 features) passes 2**31 elements from 327 frames
     assert 327 * 1605 * 4096 > 2**31 and 327 * 1605 <= most
+
+
+# ------------------------------------------------------------------ the gated MLP (linear_gated)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("shape,bias", [(((1, 20), 64, 96), True), (((3, 27), 48, 40), False), (((1, 212), 96, 130), True)],
+                         ids=str)
+def test_linear_gated(device, impl, dtype, activation, shape, bias):
+    """``act(gate) * up`` in one GEMM epilogue (triton) or after two cuBLAS GEMMs (cublas); rows, K and N
+    that are not tile multiples, with and without biases, both activations."""
+    lead, k, n = shape
+    x, gate, gate_bias, _, _ = _inputs(lead, k, n, DTYPES[dtype], device, with_bias=bias)
+    _, up, up_bias, _, _ = _inputs(lead, k, n, DTYPES[dtype], device, with_bias=bias)
+    args = (x, gate, gate_bias, up, up_bias, activation)
+    with poisoned_empty():
+        out = torch.ops.videomt_fast.linear_gated(*args, impl == "triton")
+    truth = reference.linear_gated_ref(*(_d(a) if isinstance(a, torch.Tensor) or a is None else a for a in args))
+    assert out.dtype == x.dtype and out.shape == (*lead, n)
+    assert_close(out, truth, reference.linear_gated_ref(*args), what=f"{impl} linear_gated {activation}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_gated_dispatches(device):
+    x, gate, gate_bias, _, _ = _inputs((3, 27), 64, 48, torch.float32, device)
+    _, up, up_bias, _, _ = _inputs((3, 27), 64, 48, torch.float32, device)
+    with poisoned_empty():
+        out = run_triton("linear_gated", x, gate, gate_bias, up, up_bias, "silu")
+    assert_close(out, reference.linear_gated_ref(x.double(), gate.double(), gate_bias.double(), up.double(),
+                                                 up_bias.double(), "silu"))
+    with ops.use_backend("triton"):
+        for needle, args in {
+            "activation 'relu'": (x, gate, gate_bias, up, up_bias, "relu"),
+            "up weight": (x, gate, gate_bias, up[:40], up_bias[:40], "silu"),
+            "both have a bias": (x, gate, gate_bias, up, None, "gelu"),
+            "not contiguous": (x.transpose(0, 1), gate, gate_bias, up, up_bias, "gelu"),
+        }.items():
+            backend, _, why = ops.choose("linear_gated", *args)
+            assert backend == "reference" and needle in why, (needle, why)

@@ -239,7 +239,7 @@ def test_research_vit_s_key_names_and_shapes(tmp_path, name):
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_register_tokens) == (384, 12, 6, 4)
     assert (cfg.patch_size, cfg.image_size, cfg.num_queries, cfg.num_labels, cfg.num_blocks) == (16, 640, 200, labels, 3)
     assert (cfg.mlp_ratio, cfg.use_swiglu_ffn, cfg.num_upscale_blocks) == (4, False, 2)
-    ours = model.state_dict()
+    ours = model.fused_state_dict()
     prefix = keys[0][0].split(".")[0] + "."
     expected = {
         "embeddings.cls_token": "encoder.backbone.cls_token",

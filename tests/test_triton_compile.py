@@ -8,7 +8,8 @@ is compiled ahead of time to a cubin for ``GPUTarget("cuda", 90, 32)`` in a subp
 real ``JITFunction`` objects, i.e. a process without ``TRITON_INTERPRET=1``), and its resources are read
 back (registers and spills from ``ptxas -v``, shared memory).
 
-Default run: every unique launch of ViT-L, batch 2, bf16 / fp16 / fp32, for sm_90 (~20-40 s cold on two
+Default run: every unique launch of ViT-L on DINOv2 and on DINOv3 (rotary attention, gated MLP), batch 2,
+bf16 / fp16 / fp32, for sm_90 (~20-40 s cold on two
 cores, ~10 s with Triton's kernel cache warm). The full sweep (ViT-S/B/L, batch 1 and 2, sm_90 and
 sm_80; ~140 s cold, ~30 s warm) runs only when asked for with ``-m slow``.
 ``VIDEOMT_FAST_COMPILE_REPORT=/path/table.json`` writes the resource table of the default run there (the
@@ -47,8 +48,9 @@ from videomt_fast.kernels import attention, layer_norm  # noqa: E402
 from videomt_fast.testing.kernel_checks import poisoned_empty  # noqa: E402
 
 # every kernel the launchers launch (module-level ``_*_kernel`` JIT functions of the kernel modules)
-KERNELS = {"_attention_kernel", "_mask_bits_kernel", "_layer_norm_kernel", "_linear_kernel", "_epilogue_kernel"}
-DEFAULT = dict(models=("vit-l",), batches=(2,), dtypes=tuple(cc.DTYPES))
+KERNELS = {"_attention_kernel", "_mask_bits_kernel", "_layer_norm_kernel", "_linear_kernel", "_epilogue_kernel",
+           "_gated_kernel", "_gate_product_kernel"}
+DEFAULT = dict(models=("vit-l", "dinov3-l"), batches=(2,), dtypes=tuple(cc.DTYPES))
 FULL = dict(models=cc.MODELS, batches=cc.BATCHES, dtypes=tuple(cc.DTYPES))
 
 # Launches ptxas compiles with register spills (found by this test, sm_90, Triton 3.9):
@@ -136,14 +138,16 @@ def test_capture_covers_every_kernel_op_and_dtype(default_launches):
     triton_ops = {name for name, entry in report.items() if "triton" in entry["available"]}
     assert triton_ops == {op.split("[")[0] for op in captured_ops}
     assert {"linear_gelu[cublas]", "linear_gelu[triton]", "linear_residual[cublas]",
-            "linear_residual[triton]"} <= captured_ops
+            "linear_residual[triton]", "linear_gated[cublas]", "linear_gated[triton]", "rope_attention"} <= captured_ops
     # every kernel in every dtype; attention masked and unmasked
     seen = {(x.name, _dtype_of(x)) for x in default_launches}
     assert seen == {(k, d) for k in KERNELS for d in cc.DTYPES}
     for dtype in cc.DTYPES:
-        masks = {x.constexprs["HAS_MASK"] for x in default_launches
+        forms = {(x.constexprs["HAS_MASK"], x.constexprs.get("ROPE", False)) for x in default_launches
                  if x.name == "_attention_kernel" and _dtype_of(x) == dtype}
-        assert masks == {True, False}, dtype
+        assert forms == {(True, False), (False, False), (True, True), (False, True)}, dtype
+        acts = {x.constexprs["ACT"] for x in default_launches if x.name == "_gated_kernel" and _dtype_of(x) == dtype}
+        assert acts == {0, 1}, dtype
 
 
 def test_captured_launch_parameters_are_the_gpu_ones(default_launches):
@@ -155,7 +159,8 @@ def test_captured_launch_parameters_are_the_gpu_ones(default_launches):
             assert x.constexprs["PRECISION"] == ("ieee" if _dtype_of(x) == "fp32" else "tf32"), x.describe()
         if x.name == "_attention_kernel":
             assert x.constexprs["HEAD_DIM"] == 64 and x.signature["qkv_ptr"] == x.signature["out_ptr"]
-            want = {"fp32": (64, 32, 8, 2)}.get(_dtype_of(x), (64, 64, 4, 3))  # pinned: the spill-free configs ptxas vetted
+            fp32 = (64, 16, 8, 2) if x.constexprs["ROPE"] else (64, 32, 8, 2)
+            want = {"fp32": fp32}.get(_dtype_of(x), (64, 64, 4, 3))  # pinned: the spill-free configs ptxas vetted
             assert (x.constexprs["BLOCK_M"], x.constexprs["BLOCK_N"], x.options["num_warps"],
                     x.options["num_stages"]) == want, x.describe()
         assert all(x.grid) and x.cases
@@ -215,7 +220,7 @@ def test_every_launch_is_made_on_its_tensors_device(monkeypatch):
         return record(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     monkeypatch.setattr(cc, "_recording_run", run)
-    cc.capture(cc.launch_cases(("vit-s",), (1,), ("bf16",)))
+    cc.capture(cc.launch_cases(("vit-s", "dinov3-s"), (1,), ("bf16",)))
     assert {name for name, _, _ in seen} == KERNELS
     for name, entered, tensor_devices in seen:
         assert entered == [(d, name) for d in tensor_devices], (name, entered, tensor_devices)
@@ -299,8 +304,8 @@ def test_full_sweep_compiles_for_sm90_and_sm80(request):
 
 # setup.py declares triton>=3.6,<3.10: a GPU image may hold 3.6, PyPI's CUDA torch 2.13 pins 3.7.1, CI 3.9.0
 SUPPORTED_TRITON = ("3.6.0", "3.9.0")  # the oldest and the newest release in the range
-KERNEL_TESTS = [f"tests/test_kernels_{name}.py" for name in ("attention", "layer_norm", "linear", "mask_bits",
-                                                            "query_update")]
+KERNEL_TESTS = [f"tests/test_kernels_{name}.py" for name in ("attention", "rope_attention", "layer_norm", "linear",
+                                                            "mask_bits", "query_update")]
 
 
 @pytest.mark.slow

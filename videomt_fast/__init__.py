@@ -1,4 +1,4 @@
-"""videomt_fast: transformers' VidEoMT and EoMT, same outputs, many times faster.
+"""videomt_fast: transformers' VidEoMT, EoMT and EoMT-DINOv3, same outputs, many times faster.
 
 Change one import::
 
@@ -7,9 +7,10 @@ Change one import::
 
 from videomt_fast import ops
 from videomt_fast.ops import postprocess  # postprocess declares the post-processing ops
-from videomt_fast.model.configuration import PRESETS, EomtConfig, VideomtConfig, config_from_preset
+from videomt_fast.model.configuration import PRESETS, EomtConfig, EomtDinov3Config, VideomtConfig, config_from_preset
 from videomt_fast.processing.eomt_processor import EomtImageProcessor
 from videomt_fast.model.modeling import (
+    EomtDinov3ForUniversalSegmentation,
     EomtForUniversalSegmentation,
     EomtForUniversalSegmentationOutput,
     VideomtForUniversalSegmentation,
@@ -28,14 +29,14 @@ def backend_report(device="cpu"):
 
 
 def from_transformers(hf_model):
-    """Convert a loaded transformers VidEoMT / EoMT model; parameters share its storage where they can."""
+    """Convert a loaded transformers VidEoMT / EoMT / EoMT-DINOv3 model; parameters share its storage where they can."""
     from videomt_fast.model.loading import from_transformers as _convert
 
     return _convert(hf_model)
 
 
 def patch_transformers():
-    """Make transformers' ``VideomtForUniversalSegmentation.from_pretrained`` (and EoMT's, and
+    """Make transformers' ``VideomtForUniversalSegmentation.from_pretrained`` (and EoMT's, EoMT-DINOv3's, and
     ``AutoModelForUniversalSegmentation``'s for those model types) return videomt_fast models.
 
     Returns a handle; ``handle.undo()`` or :func:`unpatch_transformers` restores transformers. Also a
@@ -56,10 +57,12 @@ def unpatch_transformers():
 __all__ = [
     "VideomtConfig",
     "EomtConfig",
+    "EomtDinov3Config",
     "VideomtForUniversalSegmentation",
     "VideomtForUniversalSegmentationOutput",
     "EomtForUniversalSegmentation",
     "EomtForUniversalSegmentationOutput",
+    "EomtDinov3ForUniversalSegmentation",
     "VideomtVideoProcessor",
     "EomtImageProcessor",
     "VideomtSession",

@@ -63,6 +63,7 @@ import torch
 
 from videomt_fast.model.cost import frame_flops, layer_flops  # noqa: F401 (layer_flops: part of this module's API)
 
+ARCHS = ("vit-s", "vit-b", "vit-l", "dinov3-s", "dinov3-b", "dinov3-l")
 PROVIDERS = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile", "fast-ref", "fast")
 BASELINES = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile")
 PEERS = ("mask2former-swin-t", "edgetam-video")
@@ -134,8 +135,9 @@ def _names(choices: tuple[str, ...], what: str) -> Callable[[str], list[str]]:
 def add_model_arguments(p: argparse.ArgumentParser, threads_default: str = "torch's") -> None:
     """The arguments the benchmark and the profiler share: which model, where, in which dtype."""
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l"), default=None,
-                       help="published backbone shape with random weights (default vit-s)")
+    model.add_argument("--arch", choices=ARCHS, default=None,
+                       help="published backbone shape with random weights (default vit-s): vit-s/b/l are DINOv2, "
+                            "dinov3-s/b/l DINOv3 (rotary attention; --model eomt: EoMT-DINOv3)")
     model.add_argument("--checkpoint", default=None, help="a transformers VidEoMT checkpoint folder or hub id")
     model.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--num-labels", type=int, default=None,
@@ -481,34 +483,93 @@ def building_label(name: str, args: argparse.Namespace) -> str:
 
 
 def _hf_config(config: Any, attn: str):
+    """transformers' config of ``config``'s model (a VidEoMT on DINOv3: the EoMT-DINOv3 config its modules use)."""
     import transformers
 
-    values = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "extra")}
-    cls = transformers.EomtConfig if config.model_type == "eomt" else transformers.VideomtConfig
+    values = {k: v for k, v in config.to_dict().items()
+              if k not in ("model_type", "extra", "backbone_type", "norm_queries")}
+    if config.backbone_family == "dinov3":
+        cls = transformers.EomtDinov3Config
+    else:
+        cls = transformers.EomtConfig if config.model_type == "eomt" else transformers.VideomtConfig
     hf_config = cls(**values)
     hf_config._attn_implementation = attn
     return hf_config
 
 
+def _hf_videomt_dinov3(config: Any):
+    """VidEoMT on DINOv3 from transformers' own modules. transformers has no such class; the research code
+    (tue-mps/videomt) builds it from transformers' DINOv3 ViT and runs the VidEoMT query loop around it. Here:
+    transformers' EoMT-DINOv3 (the same DINOv3 layers, rotary embedding, final norm and head) with the
+    ``query_updater`` Linear, its masked attention off, driven by :func:`_hf_online_step` /
+    :func:`_hf_clip_forward`."""
+    import transformers
+
+    model = transformers.EomtDinov3ForUniversalSegmentation(_hf_config(config, "eager"))
+    model.query_updater = torch.nn.Linear(config.hidden_size, config.hidden_size)
+    model.attn_mask_probs.zero_()
+    model.videomt_norm_queries = bool(config.norm_queries)
+    return model
+
+
+def _hf_frame_layers(model: Any, frames: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """transformers' embeddings of ``frames`` and the keyword its layers take (DINOv3's rotary tables)."""
+    hidden = model.embeddings(frames)
+    rope = getattr(model, "rope_embeddings", None)
+    return hidden, ({} if rope is None else {"position_embeddings": rope(frames.to(hidden.dtype))})
+
+
+def _hf_query_layers(model: Any, hidden: torch.Tensor, prev: torch.Tensor | None, extra: dict):
+    """One frame through transformers' query layers and head, queries carried (the clip forward's loop body)."""
+    query_start = model.num_hidden_layers - model.config.num_blocks
+    num_queries = model.config.num_queries
+    query = model.query.weight[None].expand(hidden.shape[0], -1, -1)
+    if prev is not None:
+        query = model.query_updater(prev) + query
+    hidden = torch.cat((query, hidden), dim=1)
+    for layer in model.layers[query_start:]:
+        hidden = layer(hidden, **extra)
+    normed = model.layernorm(hidden)
+    masks, classes = model.predict(normed)
+    carried = normed if getattr(model, "videomt_norm_queries", False) else hidden
+    return masks, classes, carried[:, :num_queries]
+
+
 def _hf_online_step(model: Any) -> Callable:
     """transformers' clip-forward loop body for one frame, on its own modules (queries carried)."""
     query_start = model.num_hidden_layers - model.config.num_blocks
-    num_queries = model.config.num_queries
 
     def step(frame: torch.Tensor, prev: torch.Tensor | None):
-        hidden = model.embeddings(frame)
+        hidden, extra = _hf_frame_layers(model, frame)
         for layer in model.layers[:query_start]:
-            hidden = layer(hidden)
-        query = model.query.weight[None].expand(frame.shape[0], -1, -1)
-        if prev is not None:
-            query = model.query_updater(prev) + query
-        hidden = torch.cat((query, hidden), dim=1)
-        for layer in model.layers[query_start:]:
-            hidden = layer(hidden)
-        masks, classes = model.predict(model.layernorm(hidden))
-        return masks, classes, hidden[:, :num_queries]
+            hidden = layer(hidden, **extra)
+        return _hf_query_layers(model, hidden, prev, extra)
 
     return step
+
+
+def _hf_clip_forward(model: Any) -> Callable:
+    """A VidEoMT clip forward on transformers' DINOv3 modules (:func:`_hf_videomt_dinov3`), as the research code
+    runs it: embeddings and early layers batched over the clip's frames, then frame by frame the query layers
+    and the head; rows frame-major, as transformers' VidEoMT returns them."""
+    from types import SimpleNamespace
+
+    query_start = model.num_hidden_layers - model.config.num_blocks
+
+    def forward(pixel_values_videos: torch.Tensor):
+        batch, frames = pixel_values_videos.shape[:2]
+        hidden, extra = _hf_frame_layers(model, pixel_values_videos.flatten(0, 1))
+        for layer in model.layers[:query_start]:
+            hidden = layer(hidden, **extra)
+        hidden = hidden.view(batch, frames, *hidden.shape[1:])
+        masks, classes, prev = [], [], None
+        for t in range(frames):
+            m, c, prev = _hf_query_layers(model, hidden[:, t], prev, extra)
+            masks.append(m)
+            classes.append(c)
+        return SimpleNamespace(masks_queries_logits=torch.cat(masks), class_queries_logits=torch.cat(classes))
+
+    return forward
 
 
 class Bench:
@@ -551,12 +612,23 @@ class Bench:
         args = self.args
         cls = EomtConfig if self.eomt else VideomtConfig
         if args.checkpoint:
+            from videomt_fast.model.configuration import EomtDinov3Config
+            from videomt_fast.model.loading import declared_model_type, resolve_checkpoint_dir
+
+            directory = resolve_checkpoint_dir(args.checkpoint)
+            if self.eomt and declared_model_type(os.path.join(directory, "config.json")) == "eomt_dinov3":
+                cls = EomtDinov3Config
             return cls.from_pretrained(args.checkpoint)
         square = size[0] == size[1]
         image = size[0] if square else 640
         if args.tiny:
             return cls(**TINY_CONFIG, image_size=image if square else 32)
         return config_from_preset(args.arch, cls, num_labels=args.num_labels, image_size=image)
+
+    @property
+    def videomt_dinov3(self) -> bool:
+        """VidEoMT on a DINOv3 backbone: transformers' baselines are its DINOv3 modules in the VidEoMT loop."""
+        return not self.eomt and self.model_config((32, 32)).backbone_family == "dinov3"
 
     def masked_blocks(self, size: tuple[int, int]) -> int:
         """Query layers that run masked attention (EoMT with ``attn_mask_probs`` on)."""
@@ -577,9 +649,21 @@ class Bench:
         if key not in self._hf_master:
             self._hf_master.clear()
             gc.collect()
-            cls = (transformers.EomtForUniversalSegmentation if self.eomt
-                   else transformers.VideomtForUniversalSegmentation)
-            if self.args.checkpoint:
+            if config.model_type == "eomt_dinov3":
+                cls = transformers.EomtDinov3ForUniversalSegmentation
+            else:
+                cls = (transformers.EomtForUniversalSegmentation if self.eomt
+                       else transformers.VideomtForUniversalSegmentation)
+            if self.videomt_dinov3:
+                torch.manual_seed(self.args.seed)
+                model = _hf_videomt_dinov3(config)
+                if self.args.checkpoint:  # our save_pretrained folder: transformers' names, query_updater beside
+                    from videomt_fast.model.loading import read_state_dict, resolve_checkpoint_dir
+
+                    state = read_state_dict(resolve_checkpoint_dir(self.args.checkpoint))
+                    state.setdefault("criterion.empty_weight", model.criterion.empty_weight)
+                    model.load_state_dict(state, strict=True)
+            elif self.args.checkpoint:
                 model = cls.from_pretrained(self.args.checkpoint, dtype=torch.float32)
             else:
                 torch.manual_seed(self.args.seed)
@@ -588,6 +672,19 @@ class Bench:
                 model.attn_mask_probs.fill_(1.0 if self.args.masked_attention == "on" else 0.0)
             self._hf_master[key] = model.eval()
         return self._hf_master[key]
+
+    def lean_model(self, size: tuple[int, int]):
+        """A videomt_fast model (float32, CPU) with the weights of :meth:`hf_master`, its own copy."""
+        from videomt_fast import from_transformers
+
+        master = self.hf_master(size)
+        if self.videomt_dinov3:  # transformers has no class to convert from: its modules' state dict, our config
+            from videomt_fast.model.modeling import VideomtForUniversalSegmentation
+
+            state = {k: v.detach().clone() for k, v in master.state_dict().items()}
+            return VideomtForUniversalSegmentation.from_pretrained(None, config=self.model_config(size),
+                                                                   state_dict=state, strict=True)
+        return from_transformers(copy.deepcopy(master))
 
     # ------------------------------------------------------------------ builders
     def build(self, name: str, size: tuple[int, int]) -> Runner:
@@ -629,6 +726,12 @@ class Bench:
             return self._eomt_runner(name, dtype, backend, notes, size, lambda images: forward(pixel_values=images),
                                      self.eomt_hf_postprocessor)
         step = _hf_online_step(model)
+        if self.videomt_dinov3:  # no transformers class: its DINOv3 modules in the research code's clip loop
+            notes.append("transformers has no VidEoMT on DINOv3: its EoMT-DINOv3 modules (DINOv3 layers, rotary "
+                         "embedding, head) and a query_updater run the VidEoMT clip loop (research code's structure)")
+            forward = _hf_clip_forward(model)
+            if compiled:
+                forward = torch.compile(forward, mode=self.args.compile_mode)
         if compiled:
             step = torch.compile(step, mode=self.args.compile_mode)
 
@@ -696,10 +799,9 @@ class Bench:
         return Runner(name, "eomt", dtype, backend, offline, new_online, end_to_end, notes, context=context)
 
     def _build_fast(self, name: str, size: tuple[int, int]) -> Runner:
-        from videomt_fast import from_transformers, ops
+        from videomt_fast import ops
 
-        master = self.hf_master(size)
-        model = from_transformers(copy.deepcopy(master)).to(self.device)
+        model = self.lean_model(size).to(self.device)
         notes = []
         context: Callable[[], Any] = contextlib.nullcontext
         if name == "fast-ref":

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="videomt-fast plan", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=("videomt", "eomt"), default="videomt", help="model family (default videomt)")
-    p.add_argument("--arch", default="vit-s", help="published shapes with random weights: vit-s, vit-b or vit-l "
-                                                    "(default vit-s; ignored with --checkpoint)")
+    p.add_argument("--arch", default="vit-s", help="published shapes with random weights: vit-s, vit-b, vit-l (DINOv2) "
+                                                    "or dinov3-s, dinov3-b, dinov3-l (default vit-s; ignored with "
+                                                    "--checkpoint)")
     p.add_argument("--checkpoint", default=None, help="a save_pretrained folder, hub id or research .pth instead")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--size", default=None, help="frame size HxW (default: the config's image_size)")
@@ -55,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     import videomt_fast
     from videomt_fast import ops
     from videomt_fast.model.configuration import EomtConfig, VideomtConfig, config_from_preset
+    from videomt_fast.model.modeling import model_class_for
     from videomt_fast.runtime.fast import compiled_step, plan_for
 
     try:
@@ -65,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda but torch sees no CUDA device")
     if args.rows < 1:
         parser.error("--rows must be at least 1")
-    cls = videomt_fast.EomtForUniversalSegmentation if args.model == "eomt" else videomt_fast.VideomtForUniversalSegmentation
     if args.checkpoint:
+        cls = videomt_fast.VideomtForUniversalSegmentation
+        if args.model == "eomt":
+            from videomt_fast.model.loading import declared_model_type, resolve_checkpoint_dir
+
+            dinov3 = not args.checkpoint.endswith((".pth", ".pt", ".ckpt")) and declared_model_type(
+                os.path.join(resolve_checkpoint_dir(args.checkpoint), "config.json")) == "eomt_dinov3"
+            cls = videomt_fast.EomtDinov3ForUniversalSegmentation if dinov3 else videomt_fast.EomtForUniversalSegmentation
         model = cls.from_pretrained(args.checkpoint, dtype=torch.float32, device=device)
     else:
         try:
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             parser.error(f"--arch: {exc}")
         torch.manual_seed(0)
-        model = cls(config).to(device)
+        model = model_class_for(config)(config).to(device)
     size = _size(parser, args.size) if args.size else tuple(
         g * p for g, p in zip(model.config.grid_size, model.config.patch_hw))
     ph, pw = model.config.patch_hw

@@ -77,10 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_model(args: argparse.Namespace):
     """The videomt_fast model to profile: the benchmark's weights (random through transformers, or the checkpoint)."""
-    from videomt_fast import from_transformers
-
     source = Bench(argparse.Namespace(**{**vars(args), "model": "videomt", "masked_attention": "model"}))
-    model = from_transformers(source.hf_master(args.size)).to(args.device)
+    model = source.lean_model(args.size).to(args.device)
     if args.provider == "fast":
         from videomt_fast.runtime.fast import current_plan
 
@@ -155,18 +153,19 @@ def _frame_fn(model, processor, args) -> Callable[[torch.Tensor, Any, StageClock
             clock.new_frame()
         with stage(clock, "patch_embed"):
             hidden = model.embeddings(x)
+            rope = model.rope(grid)  # DINOv3's rotary tables (cached per grid), else None
         with stage(clock, "early_layers"):
             for layer in model.layers[: model.query_start]:
-                hidden = layer(hidden)
+                hidden = layer(hidden, rope=rope)
         if split:
             with stage(clock, "query_layers"):
                 tokens = model._new_token_buffer(hidden)
                 ops.call("query_update", tokens, model.query.weight, prev, model.query_updater.weight,
                          model.query_updater.bias)
                 for layer in model.layers[model.query_start:]:
-                    tokens = layer(tokens)
+                    tokens = layer(tokens, rope=rope)
                 sequence = model._final_norm(tokens)
-                queries = tokens[:, : model.config.num_queries]
+                queries = (sequence if model.config.norm_queries else tokens)[:, : model.config.num_queries]
             with stage(clock, "head_upscale"):
                 masks, classes = model.predict(sequence, grid)
         else:  # a model without the split points: query layers and head as one stage

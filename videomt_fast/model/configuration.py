@@ -36,7 +36,7 @@ _FIELD_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "hidden_size": (lambda v: _is_int(v) and v > 0, "a positive int"),
     "num_hidden_layers": (lambda v: _is_int(v) and v > 0, "a positive int"),
     "num_attention_heads": (lambda v: _is_int(v) and v > 0, "a positive int"),
-    "hidden_act": (lambda v: v == "gelu", "'gelu' (exact erf)"),
+    "hidden_act": (lambda v: v == "gelu", "'gelu' (exact erf)"),  # DINOv3 configs: 'gelu' or 'silu'
     "layer_norm_eps": (lambda v: _is_number(v) and v > 0, "a positive finite number"),
     "image_size": (
         lambda v: (_is_int(v) and v > 0)
@@ -64,6 +64,45 @@ for _name in ("hidden_dropout_prob", "initializer_range", "drop_path_rate", "att
               "class_weight", "mask_weight", "dice_weight", "oversample_ratio", "importance_sample_ratio"):
     _FIELD_RULES[_name] = (_is_number, "a finite number")
 _FIELD_RULES["train_num_points"] = (_is_int, "an int")
+_FIELD_RULES.update({
+    "architectures": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                      "null or a list of class names"),
+    "dtype": (lambda v: v is None or isinstance(v, str), "null or a dtype name such as 'float32'"),
+    "chunk_size_feed_forward": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+    "problem_type": (lambda v: v is None or isinstance(v, str), "null or a string"),
+})
+# transformers' PreTrainedConfig fields with no inference meaning here: kept, round-tripped, written to
+# config.json only when set
+_PRETRAINED_DEFAULTS: dict[str, Any] = {"architectures": None, "dtype": None, "chunk_size_feed_forward": 0,
+                                        "problem_type": None}
+
+
+def _rope_ok(value: Any) -> bool:
+    if value is None:
+        return True
+    if not isinstance(value, dict):
+        return False
+    theta = value.get("rope_theta", 100.0)
+    return value.get("rope_type", "default") == "default" and _is_number(theta) and theta > 0
+
+
+def _optional_number(value: Any) -> bool:
+    return value is None or _is_number(value)
+
+
+# DINOv3 backbones (EomtDinov3Config, and VideomtConfig with backbone_type="dinov3")
+_DINOV3_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "hidden_act": (lambda v: v in ("gelu", "silu"), "'gelu' (exact erf) or 'silu'"),
+    "intermediate_size": (lambda v: _is_int(v) and v > 0, "a positive int"),
+    "rope_parameters": (_rope_ok, "None or {'rope_type': 'default', 'rope_theta': a positive number} "
+                                  "(only the default rope type is supported, as in transformers' EoMT-DINOv3)"),
+    "pos_embed_shift": (_optional_number, "None or a finite number"),
+    "pos_embed_jitter": (_optional_number, "None or a finite number"),
+    "pos_embed_rescale": (_optional_number, "None or a finite number"),
+}
+for _name in ("query_bias", "key_bias", "value_bias", "proj_bias", "mlp_bias", "use_gated_mlp"):
+    _DINOV3_RULES[_name] = (lambda v: isinstance(v, bool), "true or false")
+BACKBONES = ("dinov2", "dinov3")
 
 
 def _label_key(key: Any) -> int:
@@ -95,12 +134,10 @@ class _SegmenterConfig:
     image_size: int | list[int] | tuple[int, int] = 640
     patch_size: int | list[int] | tuple[int, int] = 16
     num_channels: int = 3
-    mlp_ratio: int = 4
     layerscale_value: float = 1.0
     drop_path_rate: float = 0.0
     num_upscale_blocks: int = 2
     attention_dropout: float = 0.0
-    use_swiglu_ffn: bool = False
     num_blocks: int = 4
     no_object_weight: float = 0.1
     class_weight: float = 2.0
@@ -115,6 +152,10 @@ class _SegmenterConfig:
     return_dict: bool = True
     output_hidden_states: bool = False
     output_attentions: bool = False
+    architectures: list[str] | None = None
+    dtype: str | None = None  # a torch dtype's name ("float32"); a torch.dtype set here is stored by name
+    chunk_size_feed_forward: int = 0
+    problem_type: str | None = None
     id2label: dict[int, str] | None = None
     label2id: dict[str, int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json fields, kept for round trips
@@ -125,7 +166,8 @@ class _SegmenterConfig:
         "hidden_dropout_prob", "initializer_range", "drop_path_rate", "attention_dropout", "no_object_weight",
         "class_weight", "mask_weight", "dice_weight", "train_num_points", "oversample_ratio",
         "importance_sample_ratio", "return_dict", "output_hidden_states", "output_attentions", "id2label",
-        "label2id", "extra",
+        "label2id", "extra", "architectures", "dtype", "chunk_size_feed_forward", "problem_type",
+        "pos_embed_shift", "pos_embed_jitter", "pos_embed_rescale",  # (DINOv3's training augmentations)
     })
 
     def __init__(self, **kwargs: Any) -> None:
@@ -136,11 +178,32 @@ class _SegmenterConfig:
             setattr(self, f.name, kwargs.pop(f.name, f.default))
         num_labels = kwargs.pop("num_labels", None)
         self.extra = dict(kwargs.pop("extra", {}) or {})
-        for key in ("model_type", "transformers_version", "_name_or_path", "use_return_dict"):
+        # transformers' attention switch (not written to config.json); our kernels compute either
+        self._attn_implementation = kwargs.pop("attn_implementation", None) or kwargs.pop("_attn_implementation", None)
+        self._name_or_path = str(kwargs.pop("_name_or_path", "") or "")
+        for key in ("model_type", "transformers_version", "use_return_dict", "_attn_implementation"):
             kwargs.pop(key, None)
         self.extra.update({k: v for k, v in kwargs.items() if k not in names})
         self._finish_labels(num_labels)
+        self._normalize()
         self.validate()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "dtype" and value is not None and not isinstance(value, str):
+            value = str(value).removeprefix("torch.")  # torch.float16 -> "float16", as config.json holds it
+        super().__setattr__(name, value)
+
+    @property
+    def name_or_path(self) -> str:
+        return self._name_or_path
+
+    def _normalize(self) -> None:
+        """Fill fields whose value depends on others (DINOv3's ``rope_parameters``), as transformers does."""
+        if self.backbone_family == "dinov3" and (self.rope_parameters is None or isinstance(self.rope_parameters, dict)):
+            rope = dict(self.rope_parameters or {})
+            rope.setdefault("rope_theta", 100.0)
+            rope.setdefault("rope_type", "default")
+            self.rope_parameters = rope
 
     def _finish_labels(self, num_labels: Any) -> None:
         if num_labels is not None and not (_is_int(num_labels) and num_labels >= 1):
@@ -193,7 +256,13 @@ class _SegmenterConfig:
 
     def validate(self) -> None:
         name = type(self).__name__
-        for key, (ok, expected) in _FIELD_RULES.items():
+        names = {f.name for f in fields(self)}
+        rules = dict(_FIELD_RULES)
+        if self.backbone_family == "dinov3":
+            rules.update(_DINOV3_RULES)
+        for key, (ok, expected) in rules.items():
+            if key not in names:
+                continue
             value = getattr(self, key)
             if not ok(value):
                 raise ValueError(f"invalid {name}: {key} = {value!r}; expected {expected}")
@@ -208,6 +277,12 @@ class _SegmenterConfig:
                 f"num_blocks ({self.num_blocks}) must be in [1, num_hidden_layers={self.num_hidden_layers}]",
             ),
         ]
+        if self.backbone_family == "dinov3":
+            checks.append((
+                self.head_dim % 4 == 0,
+                f"the head dim hidden_size / num_attention_heads = {self.hidden_size / self.num_attention_heads:g} must "
+                "be a multiple of 4 (DINOv3's rotary embedding turns head_dim / 4 frequencies per axis)",
+            ))
         image, patch = _pair(self.image_size), _pair(self.patch_size)
         checks.append(
             (
@@ -250,17 +325,51 @@ class _SegmenterConfig:
         return 1 + self.num_register_tokens
 
     @property
+    def backbone_family(self) -> str:
+        """``"dinov2"`` (learned absolute position table, fused QKV with biases) or ``"dinov3"`` (rotary
+        embeddings on the patch tokens, optional gated MLP)."""
+        return "dinov2"
+
+    @property
     def mlp_hidden_size(self) -> int:
+        if self.backbone_family == "dinov3":
+            return self.intermediate_size
         hidden = int(self.hidden_size * self.mlp_ratio)
         if self.use_swiglu_ffn:
             hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
         return hidden
 
+    @property
+    def gated_mlp(self) -> bool:
+        """The MLP is ``down(act(gate(x)) * up(x))`` (DINOv2's SwiGLU, DINOv3's gated MLP)."""
+        return bool(self.use_gated_mlp if self.backbone_family == "dinov3" else self.use_swiglu_ffn)
+
+    @property
+    def mlp_activation(self) -> str:
+        """The MLP's activation: DINOv2's SwiGLU is SiLU-gated, its plain MLP GELU; DINOv3 uses ``hidden_act``."""
+        if self.backbone_family == "dinov3":
+            return self.hidden_act
+        return "silu" if self.use_swiglu_ffn else "gelu"
+
+    @property
+    def head_activation(self) -> str:
+        """The activation of the mask head and the upscale blocks: GELU (transformers' EoMT-DINOv3: ``hidden_act``)."""
+        return "gelu"
+
+    @property
+    def rope_theta(self) -> float:
+        return float((self.rope_parameters or {}).get("rope_theta", 100.0))
+
+    def _hidden_fields(self) -> set[str]:
+        """Fields ``to_dict`` leaves out (another backbone family's)."""
+        return set()
+
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.extra)
+        hidden = self._hidden_fields() | {k for k, v in _PRETRAINED_DEFAULTS.items() if getattr(self, k) == v}
         for f in fields(self):
-            if f.name != "extra":
+            if f.name != "extra" and f.name not in hidden:
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
         out["id2label"] = {str(k): v for k, v in self.id2label.items()}
         out["model_type"] = self.model_type
@@ -284,8 +393,8 @@ class _SegmenterConfig:
         if getattr(config, "model_type", None) == cls.model_type and callable(to_dict):
             data = {k: v for k, v in to_dict().items() if not k.startswith("_") and v is not None}
             # transformers keeps these switches on the config object, not always in to_dict()
-            for key in ("return_dict", "output_hidden_states", "output_attentions"):
-                if hasattr(config, key):
+            for key in ("return_dict", "output_hidden_states", "output_attentions", "_attn_implementation"):
+                if getattr(config, key, None) is not None:
                     data[key] = getattr(config, key)
             return cls.from_dict(data)
         raise TypeError(
@@ -335,6 +444,7 @@ class _SegmenterConfig:
 
     # transformers' PreTrainedConfig surface that callers read on single-model configs
     is_encoder_decoder: ClassVar[bool] = False
+    _commit_hash: ClassVar[str | None] = None  # the hub revision transformers' pipelines read (none: local)
     sub_configs: ClassVar[dict[str, Any]] = {}
 
     @property
@@ -360,38 +470,132 @@ class _SegmenterConfig:
         return f"{type(self).__name__}({inner}, ...)"
 
     def __eq__(self, other: object) -> bool:
-        """Same type and same fields; bookkeeping that saving adds (``architectures``) is not compared."""
+        """Same type and same fields; bookkeeping that saving adds (``architectures``, ``dtype``) is not compared."""
         if type(self) is not type(other):
             return False
         mine, theirs = self.to_dict(), other.to_dict()  # type: ignore[union-attr]
         for data in (mine, theirs):
             data.pop("architectures", None)
+            data.pop("dtype", None)
         return mine == theirs
 
 
-class VideomtConfig(_SegmenterConfig):
-    """transformers' ``VideomtConfig``: same fields, same defaults (ViT-L shapes)."""
+@dataclass(init=False, eq=False, repr=False)
+class _Dinov2Fields(_SegmenterConfig):
+    """DINOv2's MLP fields (transformers' ``EomtConfig`` / ``VideomtConfig``)."""
+
+    mlp_ratio: int = 4
+    use_swiglu_ffn: bool = False
+
+
+@dataclass(init=False, eq=False, repr=False)
+class _Dinov3Fields(_SegmenterConfig):
+    """DINOv3's fields (transformers' ``EomtDinov3Config``), same names and defaults. The position-embedding
+    shift / jitter / rescale are training-time augmentations: inference never applies them (as transformers'
+    eval mode)."""
+
+    intermediate_size: int = 4096
+    rope_parameters: dict[str, Any] | None = None
+    query_bias: bool = True
+    key_bias: bool = False
+    value_bias: bool = True
+    proj_bias: bool = True
+    mlp_bias: bool = True
+    use_gated_mlp: bool = False
+    pos_embed_shift: float | None = None
+    pos_embed_jitter: float | None = None
+    pos_embed_rescale: float | None = 2.0
+
+
+_DINOV2_NAMES = ("mlp_ratio", "use_swiglu_ffn")
+_DINOV3_NAMES = tuple(f.name for f in fields(_Dinov3Fields) if f.name not in {g.name for g in fields(_SegmenterConfig)})
+
+
+@dataclass(init=False, eq=False, repr=False)
+class VideomtConfig(_Dinov3Fields, _Dinov2Fields):
+    """transformers' ``VideomtConfig``: same fields, same defaults (ViT-L shapes).
+
+    Two fields of our own, written to ``config.json`` only when they differ from transformers' model:
+    ``backbone_type`` (``"dinov2"``, transformers' VidEoMT; ``"dinov3"``, the research code's VidEoMT on
+    DINOv3, which transformers has no class for: then the DINOv3 fields of :class:`EomtDinov3Config` apply
+    and ``mlp_ratio`` / ``use_swiglu_ffn`` do not) and ``norm_queries`` (the research code's
+    ``NORM_QUERIES``: the queries carried to the next frame are taken after the final LayerNorm).
+    """
 
     model_type: ClassVar[str] = "videomt"
 
+    backbone_type: str = "dinov2"
+    norm_queries: bool = False
 
-class EomtConfig(_SegmenterConfig):
+    @property
+    def backbone_family(self) -> str:
+        return self.backbone_type
+
+    def validate(self) -> None:
+        if self.backbone_type not in BACKBONES:
+            raise ValueError(f"invalid {type(self).__name__}: backbone_type = {self.backbone_type!r}; expected one "
+                             f"of {list(BACKBONES)}")
+        if not isinstance(self.norm_queries, bool):
+            raise ValueError(f"invalid {type(self).__name__}: norm_queries = {self.norm_queries!r}; expected true or false")
+        super().validate()
+
+    def _hidden_fields(self) -> set[str]:
+        if self.backbone_type == "dinov3":
+            return set(_DINOV2_NAMES) | ({"norm_queries"} if not self.norm_queries else set())
+        return set(_DINOV3_NAMES) | {"backbone_type"} | ({"norm_queries"} if not self.norm_queries else set())
+
+
+@dataclass(init=False, eq=False, repr=False)
+class EomtConfig(_Dinov2Fields):
     """transformers' ``EomtConfig``: same fields, same defaults (ViT-L shapes)."""
 
     model_type: ClassVar[str] = "eomt"
 
 
-# The published VidEoMT backbones (DINOv2 with registers), for benchmarks and random-weight models.
+@dataclass(init=False, eq=False, repr=False)
+class EomtDinov3Config(_Dinov3Fields):
+    """transformers' ``EomtDinov3Config``: same fields, same defaults (ViT-L shapes); no ``mlp_ratio`` /
+    ``use_swiglu_ffn`` (``intermediate_size`` and ``use_gated_mlp`` instead)."""
+
+    model_type: ClassVar[str] = "eomt_dinov3"
+
+    @property
+    def backbone_family(self) -> str:
+        return "dinov3"
+
+    @property
+    def head_activation(self) -> str:
+        return self.hidden_act
+
+
+# The published backbones: DINOv2 with registers (VidEoMT, EoMT) and DINOv3 (its ViT-S/B/L, 4 registers,
+# rotary embeddings, LayerNorm eps 1e-5), for benchmarks and random-weight models.
 PRESETS: dict[str, dict[str, Any]] = {
     "vit-s": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
     "vit-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
     "vit-l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16),
 }
+_DINOV3_COMMON = dict(layer_norm_eps=1e-5, rope_parameters={"rope_theta": 100.0, "rope_type": "default"})
+PRESETS.update({
+    "dinov3-s": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536, **_DINOV3_COMMON),
+    "dinov3-b": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                     **_DINOV3_COMMON),
+    "dinov3-l": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                     **_DINOV3_COMMON),
+})
 
 
 def config_from_preset(name: str, cls: type[_SegmenterConfig] = VideomtConfig, **overrides: Any) -> _SegmenterConfig:
-    """A config with the published shapes of ``name`` (``vit-s``, ``vit-b``, ``vit-l``)."""
+    """A config with the published shapes of ``name`` (``vit-s``, ``vit-b``, ``vit-l``: DINOv2; ``dinov3-s``,
+    ``dinov3-b``, ``dinov3-l``: DINOv3). With a DINOv3 preset, ``VideomtConfig`` gets ``backbone_type="dinov3"``
+    and ``EomtConfig`` becomes an :class:`EomtDinov3Config`."""
     key = name.lower()
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
-    return cls(**{**PRESETS[key], **overrides})
+    fields_ = dict(PRESETS[key])
+    if key.startswith("dinov3"):
+        if issubclass(cls, VideomtConfig):
+            fields_["backbone_type"] = "dinov3"
+        elif issubclass(cls, EomtConfig):
+            cls = EomtDinov3Config
+    return cls(**{**fields_, **overrides})

@@ -33,7 +33,7 @@ def frame_flops(config: Any, height: int, width: int, first_frame: bool = False,
     tokens = config.num_prefix_tokens + patches
     queries = config.num_queries
     mlp = config.mlp_hidden_size
-    swiglu = bool(config.use_swiglu_ffn)
+    swiglu = bool(config.gated_mlp)  # DINOv2 SwiGLU or DINOv3 gated MLP: three projections
     early = config.num_hidden_layers - config.num_blocks
     out = {
         "patch_embed": 2 * patches * d * config.num_channels * ph * pw,

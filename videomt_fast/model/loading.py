@@ -284,14 +284,30 @@ def read_state_dict(directory: str) -> dict[str, torch.Tensor]:
 # key maps
 
 
-def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None) -> dict[str, torch.Tensor]:
+def qkv_biases(config: _SegmenterConfig | None) -> dict[str, bool]:
+    """Which of q / k / v have a bias in transformers' model (DINOv3: ``query_bias`` / ``key_bias`` /
+    ``value_bias``; DINOv2: all three). Our fused bias holds zeros for the others."""
+    if config is None or config.backbone_family != "dinov3":
+        return {"q": True, "k": True, "v": True}
+    return {"q": config.query_bias, "k": config.key_bias, "v": config.value_bias}
+
+
+_SWIGLU_PACKED = re.compile(r"^(layers\.\d+\.mlp\.)weights_(in|out)\.(weight|bias)$")
+
+
+def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None,
+               config: _SegmenterConfig | None = None) -> dict[str, torch.Tensor]:
     """transformers names -> ours: drop training-only keys, fuse q/k/v projections into ``qkv``.
 
     A q/k/v projection missing beside its siblings raises, or with ``missing`` (a list) is initialised
-    as transformers would and its name appended to ``missing``.
+    as transformers would and its name appended to ``missing``; a bias the ``config`` says transformers
+    leaves out (DINOv3's key bias) is a zero part of the fused bias. transformers before 5.2x named
+    DINOv2's SwiGLU ``mlp.weights_in`` (``[gate | up]`` packed) and ``mlp.weights_out``: read as
+    ``gate_proj`` / ``up_proj`` / ``down_proj``.
     """
     out: dict[str, torch.Tensor] = {}
     qkv_parts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    has_bias = qkv_biases(config)
     for key, value in state.items():
         if _IGNORED_KEYS.match(key):
             continue
@@ -300,8 +316,24 @@ def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None)
             prefix, which, kind = match.groups()
             qkv_parts.setdefault((prefix, kind), {})[which] = value
             continue
+        packed = _SWIGLU_PACKED.match(key)
+        if packed:
+            prefix, which, kind = packed.groups()
+            if which == "out":
+                out[f"{prefix}down_proj.{kind}"] = value
+            else:
+                if value.shape[0] % 2:
+                    raise CheckpointError(f"{key} has {value.shape[0]} rows; a packed SwiGLU holds [gate | up], "
+                                          "an even count")
+                out[f"{prefix}gate_proj.{kind}"], out[f"{prefix}up_proj.{kind}"] = value.chunk(2, dim=0)
+            continue
         out[key] = value
     for (prefix, kind), parts in qkv_parts.items():
+        if kind == "bias":
+            like = next(iter(parts.values()))
+            for p in "qkv":
+                if not has_bias[p] and p not in parts:
+                    parts[p] = torch.zeros_like(like)
         absent = [p for p in "qkv" if p not in parts]
         if absent and missing is None:
             raise CheckpointError("missing keys: " + ", ".join(f"{prefix}{p}_proj.{kind}" for p in absent))
@@ -346,17 +378,31 @@ def split_packed_swiglu(state: dict[str, torch.Tensor], expected: set[str]) -> d
     return out
 
 
-def fast_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Ours -> transformers names (splits ``qkv``)."""
+def is_transformers_key(key: str) -> bool:
+    """A key only transformers' naming has (split q/k/v, the training-only loss, the older packed SwiGLU)."""
+    return bool(_IGNORED_KEYS.match(key) or _QKV.match(key) or _SWIGLU_PACKED.match(key))
+
+
+def fast_to_hf(state: dict[str, torch.Tensor], config: _SegmenterConfig | None = None,
+               contiguous: bool = True) -> dict[str, torch.Tensor]:
+    """Ours -> transformers names: ``qkv`` split into ``q_proj`` / ``k_proj`` / ``v_proj`` (views of it unless
+    ``contiguous``), leaving out the bias parts transformers' model does not have (``config``: DINOv3's key
+    bias)."""
     out: dict[str, torch.Tensor] = {}
+    has_bias = qkv_biases(config)
     for key, value in state.items():
-        match = re.match(r"^(layers\.\d+\.attention\.)qkv\.(weight|bias)$", key)
+        match = re.match(r"^(.*layers\.\d+\.attention\.)qkv\.(weight|bias)$", key)
         if match:
             prefix, kind = match.groups()
             for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"{prefix}{name}_proj.{kind}"] = part.contiguous()
+                if kind == "weight" or has_bias[name]:
+                    out[f"{prefix}{name}_proj.{kind}"] = part.contiguous() if contiguous else part
+                elif part.device.type != "meta" and bool(part.detach().ne(0).any()):
+                    raise ValueError(f"{key}: the {name} part of the fused bias is not zero, but the config has no "
+                                     f"{name} bias ({'query key value'.split()['qkv'.index(name)]}_bias=False): "
+                                     "transformers' names cannot hold it")
         else:
-            out[key] = value.contiguous()
+            out[key] = value.contiguous() if contiguous else value
     return out
 
 
@@ -384,12 +430,22 @@ _RESEARCH_MAP: list[tuple[str, str]] = [
     (r"^upscale\.(\d+)\.conv2\.weight$", r"upscale_block.block.\1.conv2.weight"),
     (r"^upscale\.(\d+)\.norm\.(weight|bias)$", r"upscale_block.block.\1.layernorm2d.\2"),
     (r"^attn_mask_probs$", "attn_mask_probs"),
+    # DINOv3: transformers' DINOv3ViTModel renamed timm-style (embeddings -> patch_embed, layer -> blocks); q/k/v
+    # keep transformers' names here and are fused with the inferred config's biases (hf_to_fast)
+    (r"^encoder\.backbone\.patch_embed\.(cls_token|register_tokens)$", r"embeddings.\1"),
+    (r"^encoder\.backbone\.patch_embed\.patch_embeddings\.(weight|bias)$", r"embeddings.patch_embeddings.\1"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.attention\.(q|k|v|o)_proj\.(weight|bias)$", r"layers.\1.attention.\2_proj.\3"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.attention\.qkv_proj\.(weight|bias)$", r"layers.\1.attention.qkv.\2"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.layer_scale(1|2)\.lambda1$", r"layers.\1.layer_scale\2.lambda1"),
+    (r"^encoder\.backbone\.blocks\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)$", r"layers.\1.mlp.\2_proj.\3"),
 ]
-_RESEARCH_IGNORED = re.compile(r"^(criterion\.|encoder\.pixel_(mean|std)$|encoder\.backbone\.(head|fc_norm)\.)")
+_RESEARCH_IGNORED = re.compile(r"^(criterion\.|encoder\.pixel_(mean|std)$|encoder\.backbone\.(head|fc_norm)\.|"
+                               r"encoder\.backbone\.rope_embeddings\.|encoder\.backbone\.patch_embed\.mask_token$)")
 
 
 def research_to_fast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Research-code keys (``backbone.`` / ``network.`` prefixed or not) -> ours. Unknown keys raise."""
+    """Research-code keys (``backbone.`` / ``network.`` prefixed or not) -> ours (a DINOv3 backbone's q / k / v
+    keep transformers' names: fuse them with :func:`hf_to_fast` and the config). Unknown keys raise."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for key, value in state.items():
@@ -422,13 +478,53 @@ _RESEARCH_NAMES = {
     "query.weight": "q.weight",
     "class_predictor.weight": "class_head.weight",
 }
+_RESEARCH_NAMES_DINOV3 = {
+    "embeddings.cls_token": "encoder.backbone.patch_embed.cls_token",
+    "embeddings.register_tokens": "encoder.backbone.patch_embed.register_tokens",
+    "embeddings.patch_embeddings.weight": "encoder.backbone.patch_embed.patch_embeddings.weight",
+    "layers.0.mlp.up_proj.weight": "encoder.backbone.blocks.0.mlp.up_proj.weight",
+    "query.weight": "q.weight",
+    "class_predictor.weight": "class_head.weight",
+}
+# What DINOv3 checkpoints hold that their weights do not show: every published DINOv3 ViT has LayerNorm eps
+# 1e-5 and rotary base 100 (facebook/dinov3-vit*16 configs), and SiLU exactly where its MLP is gated (ViT-S+,
+# H+, 7B; GELU for S, B, L)
+RESEARCH_DINOV3_DEFAULTS: dict[str, Any] = {"layer_norm_eps": 1e-5,
+                                             "rope_parameters": {"rope_theta": 100.0, "rope_type": "default"}}
+
+
+def research_backbone(state: dict[str, torch.Tensor]) -> str:
+    """``"dinov3"`` when a mapped research state dict holds a DINOv3 backbone (transformers' DINOv3 ViT
+    renamed timm-style), else ``"dinov2"`` (timm's DINOv2 with registers)."""
+    return "dinov3" if "embeddings.patch_embeddings.weight" in state or any(
+        re.match(r"layers\.\d+\.attention\.(o_proj|q_proj)\.", k) for k in state) else "dinov2"
+
+
+def research_config_class(cls_config: type[_SegmenterConfig], backbone: str) -> type[_SegmenterConfig]:
+    """The config class a research checkpoint of ``backbone`` needs where ``cls_config`` was asked for
+    (VidEoMT takes both; EoMT on DINOv3 is :class:`EomtDinov3Config`); a mismatch raises, naming the class."""
+    from videomt_fast.model.configuration import EomtDinov3Config
+
+    if issubclass(cls_config, VideomtConfig):
+        return cls_config
+    wanted = EomtDinov3Config if backbone == "dinov3" else EomtConfig
+    if not issubclass(cls_config, wanted):
+        model = "EomtDinov3ForUniversalSegmentation" if backbone == "dinov3" else "EomtForUniversalSegmentation"
+        raise CheckpointError(f"this research checkpoint holds a {backbone.upper()} backbone; load it with "
+                              f"videomt_fast.{model} (its config is {wanted.__name__}, not {cls_config.__name__})")
+    return cls_config
 
 
 def infer_research_config(
     state: dict[str, torch.Tensor], cls: type[_SegmenterConfig], patch_size: int | None = None, **overrides: Any
 ) -> _SegmenterConfig:
-    """A config from the shapes of a mapped research state dict (heads: head dim 64, as DINOv2)."""
-    absent = [research for ours, research in _RESEARCH_NAMES.items() if ours not in state]
+    """A config from the shapes of a mapped research state dict (heads: head dim 64, as DINOv2 and DINOv3;
+    DINOv3's LayerNorm eps and rotary base from :data:`RESEARCH_DINOV3_DEFAULTS`, its image size 640 unless
+    given: a rotary model has no position table to read it from)."""
+    backbone = research_backbone(state)
+    cls = research_config_class(cls, backbone)
+    names = _RESEARCH_NAMES_DINOV3 if backbone == "dinov3" else _RESEARCH_NAMES
+    absent = [research for ours, research in names.items() if ours not in state]
     if absent:
         raise CheckpointError(
             "research checkpoint lacks tensors needed to infer the config: " + ", ".join(absent)
@@ -440,31 +536,69 @@ def infer_research_config(
         what = "encoder.backbone.blocks.N.norm1.weight" if not layer_ids else "upscale.N.* (the upscale blocks)"
         raise CheckpointError(f"research checkpoint lacks tensors needed to infer the config: {what}")
     hidden = state["embeddings.cls_token"].shape[-1]
-    proj = state["embeddings.patch_embeddings.projection.weight"]
-    num_patches = state["embeddings.position_embeddings.weight"].shape[0]
-    fc1, fc2 = state["layers.0.mlp.fc1.weight"].shape[0], state["layers.0.mlp.fc2.weight"].shape[1]
-    patch = patch_size or proj.shape[-1]
-    side = int(round(num_patches**0.5))
-    if side * side != num_patches and "image_size" not in overrides:
-        raise CheckpointError(f"position embeddings hold {num_patches} patches (not a square grid); pass image_size")
-    swiglu = fc1 == 2 * fc2  # packed SwiGLU (DINOv2-giant): fc1 holds [gate | up]
     fields = dict(
         hidden_size=hidden,
         num_hidden_layers=1 + max(layer_ids),
         num_attention_heads=max(1, hidden // 64),
-        mlp_ratio=4 if swiglu else fc1 // hidden,
-        use_swiglu_ffn=swiglu,
-        patch_size=patch,
-        image_size=side * patch,
         num_register_tokens=state["embeddings.register_tokens"].shape[1],
         num_queries=state["query.weight"].shape[0],
         num_labels=state["class_predictor.weight"].shape[0] - 1,
         num_upscale_blocks=1 + max(upscale_ids),
     )
+    if backbone == "dinov3":
+        fields.update(_dinov3_fields(state), **copy_defaults(RESEARCH_DINOV3_DEFAULTS))
+        fields["patch_size"] = patch_size or state["embeddings.patch_embeddings.weight"].shape[-1]
+        fields["image_size"] = 640
+        if issubclass(cls, VideomtConfig):
+            fields["backbone_type"] = "dinov3"
+            if "norm_queries" not in overrides:
+                # the research code's NORM_QUERIES lives in its yaml, not in the weights: the published DINOv3
+                # configs set it for VIPSeg and VSPW (124 classes) and not for YouTube-VIS (40)
+                fields["norm_queries"] = fields["num_labels"] == 124
+                warnings.warn(
+                    f"research VidEoMT-DINOv3 checkpoint with {fields['num_labels']} classes: propagating "
+                    f"{'normalized' if fields['norm_queries'] else 'raw'} queries (norm_queries="
+                    f"{fields['norm_queries']}, as the published {'VIPSeg/VSPW' if fields['norm_queries'] else 'YouTube-VIS'} "
+                    "configs do; the weights cannot say). Pass norm_queries=True/False to choose.",
+                    LoadingWarning, stacklevel=4)
+    else:
+        proj = state["embeddings.patch_embeddings.projection.weight"]
+        num_patches = state["embeddings.position_embeddings.weight"].shape[0]
+        fc1, fc2 = state["layers.0.mlp.fc1.weight"].shape[0], state["layers.0.mlp.fc2.weight"].shape[1]
+        patch = patch_size or proj.shape[-1]
+        side = int(round(num_patches**0.5))
+        if side * side != num_patches and "image_size" not in overrides:
+            raise CheckpointError(f"position embeddings hold {num_patches} patches (not a square grid); pass image_size")
+        swiglu = fc1 == 2 * fc2  # packed SwiGLU (DINOv2-giant): fc1 holds [gate | up]
+        fields.update(mlp_ratio=4 if swiglu else fc1 // hidden, use_swiglu_ffn=swiglu, patch_size=patch,
+                      image_size=side * patch)
     if "attn_mask_probs" in state:
         fields["num_blocks"] = state["attn_mask_probs"].shape[0]
     fields.update(overrides)
     return cls(**fields)
+
+
+def copy_defaults(defaults: dict[str, Any]) -> dict[str, Any]:
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
+
+
+def _dinov3_fields(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The DINOv3 fields the weights show: MLP size and kind, and which projections have biases."""
+    def has(key: str) -> bool:
+        return key in state
+
+    fused_bias = has("layers.0.attention.qkv.bias")  # the research code's FUSED_QKV (zeros where absent)
+    gated = has("layers.0.mlp.gate_proj.weight")
+    return dict(
+        intermediate_size=state["layers.0.mlp.up_proj.weight"].shape[0],
+        use_gated_mlp=gated,
+        hidden_act="silu" if gated else "gelu",
+        query_bias=fused_bias or has("layers.0.attention.q_proj.bias"),
+        key_bias=fused_bias or has("layers.0.attention.k_proj.bias"),
+        value_bias=fused_bias or has("layers.0.attention.v_proj.bias"),
+        proj_bias=has("layers.0.attention.o_proj.bias"),
+        mlp_bias=has("layers.0.mlp.up_proj.bias"),
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -483,12 +617,20 @@ def _resolve_dtype(dtype: torch.dtype | str | None, state: dict[str, torch.Tenso
     return dtype
 
 
-def hf_names(key: str) -> list[str]:
-    """Our parameter name -> transformers' (a fused ``qkv`` is three)."""
+def hf_names(key: str, config: _SegmenterConfig | None = None) -> list[str]:
+    """Our parameter name -> transformers' (a fused ``qkv`` is three, or two where ``config`` leaves a bias out)."""
     match = re.match(r"^(layers\.\d+\.attention\.)qkv\.(weight|bias)$", key)
     if match:
-        return [f"{match.group(1)}{p}_proj.{match.group(2)}" for p in "qkv"]
+        has_bias = qkv_biases(config)
+        return [f"{match.group(1)}{p}_proj.{match.group(2)}" for p in "qkv" if match.group(2) == "weight" or has_bias[p]]
     return [key]
+
+
+def initial_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """transformers' initial value of every parameter and buffer of ``model`` (our names), on its device and in
+    its dtypes; the fused bias parts of biases the config leaves out are zero."""
+    return {key: _initial_value(model, key, value.shape, model.config).to(device=value.device, dtype=value.dtype)
+            for key, value in model.fused_state_dict().items()}
 
 
 def _initial_value(model: nn.Module, key: str, shape: torch.Size, config: _SegmenterConfig) -> torch.Tensor:
@@ -514,6 +656,10 @@ def _initial_value(model: nn.Module, key: str, shape: torch.Size, config: _Segme
         nn.init.ones_(value)
     else:  # register and mask tokens
         nn.init.zeros_(value)
+    if key.endswith("attention.qkv.bias"):  # the parts of biases transformers' model does not have stay zero
+        for part, real in enumerate(qkv_biases(config).values()):
+            if not real:
+                value.view(3, -1)[part] = 0
     return value
 
 
@@ -539,7 +685,7 @@ def build_model(
     """
     with torch.device("meta"):
         model = cls(config)
-    expected = model.state_dict()
+    expected = model.fused_state_dict()
     state = split_packed_swiglu(state, set(expected))
     for key, make in _OPTIONAL_KEYS.items():
         if key in expected and key not in state:
@@ -585,9 +731,9 @@ def build_model(
     for module in model.modules():  # non-persistent state created on meta
         if hasattr(module, "_pos_cache"):
             module._pos_cache = {}
-    missing_names = sorted({n for k in missing for n in hf_names(k)} | set(init_missing or ()))
-    unexpected_names = sorted({n for k in unexpected for n in hf_names(k)})
-    mismatched_names = sorted((n, a, b) for k, a, b in mismatched for n in hf_names(k))
+    missing_names = sorted({n for k in missing for n in hf_names(k, config)} | set(init_missing or ()))
+    unexpected_names = sorted({n for k in unexpected for n in hf_names(k, config)})
+    mismatched_names = sorted((n, a, b) for k, a, b in mismatched for n in hf_names(k, config))
     if missing_names or unexpected_names or mismatched_names:
         lines = [f"{cls.__name__} loaded from {source} with differences:"]
         if missing_names:
@@ -665,7 +811,6 @@ def _config_with(config: _SegmenterConfig, overrides: dict[str, Any]) -> _Segmen
 
 # from_pretrained arguments transformers takes that need nothing from us, and why
 _ACCEPTED_NOOPS = {
-    "attn_implementation": "videomt_fast always runs its own attention kernels",
     "low_cpu_mem_usage": "weights are always assigned onto a meta-device model",
     "trust_remote_code": "no remote code is ever run",
     "_fast_init": "",
@@ -703,6 +848,14 @@ def load_pretrained(
         device = _device_from_map(device_map)
     for key in _ACCEPTED_NOOPS:
         kwargs.pop(key, None)
+    attn = kwargs.pop("attn_implementation", None)
+    if attn is not None:  # recorded on the model's config once it exists (set_attn_implementation)
+        loaded = load_pretrained(cls, name_or_path, config=config, dtype=dtype, device=device, state_dict=state_dict,
+                                 output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes,
+                                 strict=strict, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
+                                 local_files_only=local_files_only, token=token, timeout=timeout, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).set_attn_implementation(attn)
+        return loaded
     config_cls = _config_class_for(cls)
     field_names = {f.name for f in dataclasses.fields(config_cls)} | {"num_labels"}
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
@@ -722,7 +875,7 @@ def load_pretrained(
             raise ValueError("from_pretrained(None, ...) needs config= (and state_dict=, transformers' key names; "
                              "without it every weight is initialised)")
         missing: list[str] = []
-        model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict or {}), None if strict else missing),
+        model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict or {}), None if strict else missing, config),
                             source="state_dict", loading_info=info, init_missing=missing, **build)
         return (model, info) if output_loading_info else model
     path = os.fspath(name_or_path)
@@ -737,11 +890,12 @@ def load_pretrained(
         raise FileNotFoundError(f"no config.json in {directory}; expected a transformers save_pretrained directory")
     raw = read_state_dict(directory) if state_dict is None else dict(state_dict)
     if _looks_research(raw):  # a research-style folder: the research model zoo's pytorch_model.bin
-        if config is None and _declared_model_type(config_path) == config_cls.model_type:
+        if config is None and declared_model_type(config_path) == config_cls.model_type:
             config = config_cls.from_json_file(config_path)
         state = research_to_fast(raw)
         if config is None:
             config = infer_research_config(state, config_cls)
+        state = hf_to_fast(state, config=config)
         model = build_model(cls, _config_with(config, overrides), state, source=directory, loading_info=info,
                             **{**build, "strict": True})
         return (model, info) if output_loading_info else model
@@ -750,13 +904,13 @@ def load_pretrained(
             raise FileNotFoundError(f"no config.json in {directory}; expected a transformers save_pretrained directory")
         config = config_cls.from_json_file(config_path)
     missing = []
-    state = hf_to_fast(raw, None if strict else missing)
+    state = hf_to_fast(raw, None if strict else missing, _config_with(config, overrides))
     model = build_model(cls, _config_with(config, overrides), state, source=directory, loading_info=info,
                         init_missing=missing, **build)
     return (model, info) if output_loading_info else model
 
 
-def _declared_model_type(config_path: str) -> str | None:
+def declared_model_type(config_path: str) -> str | None:
     try:
         with open(config_path, encoding="utf-8") as handle:
             data = json.load(handle)
@@ -791,6 +945,7 @@ def load_research_checkpoint(
         config = infer_research_config(state, _config_class_for(cls), **config_overrides)
     else:
         config = _config_with(config, config_overrides)
+    state = hf_to_fast(state, config=config)
     return build_model(cls, config, state, dtype=dtype, device=device, source=path, strict=True,
                        ignore_mismatched_sizes=ignore_mismatched_sizes, loading_info=loading_info)
 
@@ -817,19 +972,17 @@ def _load_torch_file(path: str) -> dict[str, torch.Tensor]:
 def from_transformers(hf_model: Any):
     """A videomt_fast model from a loaded transformers VidEoMT / EoMT model, sharing parameter storage
     (all but the fused QKV projections, which are concatenated once)."""
-    from videomt_fast.model.modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
+    from videomt_fast.model.modeling import (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation,
+                                             VideomtForUniversalSegmentation)
 
     name = type(hf_model).__name__
-    targets = {
-        "VideomtForUniversalSegmentation": (VideomtForUniversalSegmentation, VideomtConfig),
-        "EomtForUniversalSegmentation": (EomtForUniversalSegmentation, EomtConfig),
-    }
+    targets = {cls.__name__: cls for cls in (VideomtForUniversalSegmentation, EomtForUniversalSegmentation,
+                                             EomtDinov3ForUniversalSegmentation)}
     if name not in targets:
-        raise TypeError(f"from_transformers takes a transformers VideomtForUniversalSegmentation or "
-                        f"EomtForUniversalSegmentation, got {name}")
-    cls, config_cls = targets[name]
-    config = config_cls.coerce(hf_model.config)
-    state = hf_to_fast({k: v.detach() for k, v in hf_model.state_dict().items()})
+        raise TypeError(f"from_transformers takes a transformers {', '.join(sorted(targets))}, got {name}")
+    cls = targets[name]
+    config = cls.config_class.coerce(hf_model.config)
+    state = hf_to_fast({k: v.detach() for k, v in hf_model.state_dict().items()}, config=config)
     weight = next(iter(hf_model.parameters()))
     model = build_model(cls, config, state, dtype=weight.dtype, device=None, source=f"transformers {name}")
     return model
@@ -857,7 +1010,7 @@ def save_pretrained(model: Any, directory: str | os.PathLike) -> None:
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     mode = 0o666 & ~_umask()
-    state = fast_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}  # transformers' names
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".safetensors")
     os.close(fd)
     try:
@@ -871,4 +1024,5 @@ def save_pretrained(model: Any, directory: str | os.PathLike) -> None:
     data = model.config.to_dict()
     if not data.get("architectures"):
         data["architectures"] = [type(model).__name__]
+    data["dtype"] = str(model.dtype).removeprefix("torch.")  # as transformers writes it
     atomic_write_text(os.path.join(directory, "config.json"), json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -11,6 +11,7 @@ execution plan chose after :meth:`optimize`.
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -25,7 +26,7 @@ from torch.utils import _pytree as pytree
 
 from videomt_fast import ops
 from videomt_fast.ops import reference as _reference  # noqa: F401  (declares the ops)
-from videomt_fast.model.configuration import EomtConfig, VideomtConfig, _SegmenterConfig
+from videomt_fast.model.configuration import EomtConfig, EomtDinov3Config, VideomtConfig, _SegmenterConfig
 
 # --------------------------------------------------------------------------------------------
 # outputs
@@ -273,13 +274,94 @@ class Embeddings(nn.Module):
         )
 
 
+class Dinov3Embeddings(nn.Module):
+    """DINOv3's ``[cls, registers..., patches]``: no position table (the rotary embedding in every layer's
+    attention carries the positions); the patch convolution is ``patch_embeddings`` itself, as in
+    transformers' ``EomtDinov3Embeddings``."""
+
+    def __init__(self, config: _SegmenterConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_prefix_tokens = config.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.register_tokens = nn.Parameter(torch.zeros(1, config.num_register_tokens, d))
+        self.patch_embeddings = nn.Conv2d(
+            config.num_channels, config.hidden_size, kernel_size=config.patch_hw, stride=config.patch_hw
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        batch = pixel_values.shape[0]
+        patches = self.patch_embeddings(pixel_values.to(self.patch_embeddings.weight.dtype)).flatten(2).transpose(1, 2)
+        return torch.cat(
+            [self.cls_token.expand(batch, -1, -1), self.register_tokens.expand(batch, -1, -1), patches], dim=1
+        )
+
+
+class RotaryTable(nn.Module):
+    """DINOv3's axial rotary embedding: ``(cos, sin)``, each ``(gh * gw, head_dim)`` float32, for a patch grid.
+
+    Patch centres at ``((i + 0.5) / gh, (j + 0.5) / gw)`` mapped to ``[-1, 1]``; per axis ``head_dim / 4``
+    frequencies ``theta ** -(4k / head_dim)``; angles ``2 pi * coordinate * frequency`` for (y, x), flattened
+    and tiled twice, as transformers' ``EomtDinov3RotaryEmbedding`` computes them (float32, eval mode: no
+    shift, jitter or rescale). No parameters or buffers; one grid's tables are cached per device."""
+
+    def __init__(self, config: _SegmenterConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.theta = config.rope_theta
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        gh, gw = int(grid[0]), int(grid[1])
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # part of the graph: no cache
+            return self._compute(gh, gw, device)
+        key = (gh, gw, device)
+        cached = self._cache.get(key)
+        if cached is None:
+            # one grid at a time keeps memory flat; a CUDA graph that read evicted tables holds its own
+            # reference to them (videomt_fast.runtime.fast), so their memory is never reused under the graph
+            with torch.inference_mode(False):
+                cached = self._compute(gh, gw, device)
+            self._cache = {key: cached}
+        return cached
+
+    def _compute(self, gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = (1 / self.theta ** torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32)).to(device)
+        ys = (torch.arange(0.5, gh, dtype=torch.float32, device=device) / gh)
+        xs = (torch.arange(0.5, gw, dtype=torch.float32, device=device) / gw)
+        coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
+        angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
+        return torch.cos(angles), torch.sin(angles)
+
+
 class Attention(nn.Module):
+    """Fused QKV (rows ``[q | k | v]``) and the output projection. DINOv3 may leave out q/k/v biases (its
+    key projection has none): the fused bias then holds zeros there (``qkv_biases`` says which are real),
+    and its output projection is transformers' ``o_proj`` (DINOv2: ``out_proj``; :attr:`output` is either)."""
+
     def __init__(self, config: _SegmenterConfig):
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
-        self.qkv = nn.Linear(d, 3 * d)
-        self.out_proj = nn.Linear(d, d)
+        if config.backbone_family == "dinov3":
+            self.qkv_biases = (config.query_bias, config.key_bias, config.value_bias)
+            self.qkv = nn.Linear(d, 3 * d, bias=any(self.qkv_biases))
+            if self.qkv.bias is not None:
+                with torch.no_grad():
+                    for part, real in enumerate(self.qkv_biases):
+                        if not real:
+                            self.qkv.bias[part * d:(part + 1) * d] = 0
+            self.o_proj = nn.Linear(d, d, bias=config.proj_bias)
+        else:
+            self.qkv_biases = (True, True, True)
+            self.qkv = nn.Linear(d, 3 * d)
+            self.out_proj = nn.Linear(d, d)
+        self._output_name = "o_proj" if config.backbone_family == "dinov3" else "out_proj"
+
+    @property
+    def output(self) -> nn.Linear:
+        """The output projection (``out_proj``, DINOv3's ``o_proj``)."""
+        return getattr(self, self._output_name)
 
 
 class LayerScale(nn.Module):
@@ -288,28 +370,52 @@ class LayerScale(nn.Module):
         self.lambda1 = nn.Parameter(torch.full((config.hidden_size,), float(config.layerscale_value)))
 
 
+def linear_act(impl: ops.OpTable, x: torch.Tensor, linear: nn.Linear, activation: str) -> torch.Tensor:
+    """``act(linear(x))``: the fused ``linear_gelu`` op for GELU, plain PyTorch for SiLU (a DINOv3 config with
+    ``hidden_act="silu"``)."""
+    if activation == "gelu":
+        return impl.linear_gelu(x, linear.weight, linear.bias)
+    return _reference.ACTIVATIONS[activation](F.linear(x, linear.weight, linear.bias))
+
+
 class MLP(nn.Module):
+    """``fc2(gelu(fc1(x)))`` (DINOv2); DINOv3 names them ``up_proj`` / ``down_proj`` and uses ``hidden_act``."""
+
     def __init__(self, config: _SegmenterConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.mlp_hidden_size)
-        self.fc2 = nn.Linear(config.mlp_hidden_size, config.hidden_size)
+        self.activation = config.mlp_activation
+        if config.backbone_family == "dinov3":
+            self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=config.mlp_bias)
+            self.down_proj = nn.Linear(config.mlp_hidden_size, config.hidden_size, bias=config.mlp_bias)
+            self._names = ("up_proj", "down_proj")
+        else:
+            self.fc1 = nn.Linear(config.hidden_size, config.mlp_hidden_size)
+            self.fc2 = nn.Linear(config.mlp_hidden_size, config.hidden_size)
+            self._names = ("fc1", "fc2")
         self.impl = ops.DISPATCH
 
     def forward_residual(self, h: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        m = self.impl.linear_gelu(h, self.fc1.weight, self.fc1.bias)
-        return self.impl.linear_residual(m, self.fc2.weight, self.fc2.bias, scale, residual)
+        first, second = getattr(self, self._names[0]), getattr(self, self._names[1])
+        m = linear_act(self.impl, h, first, self.activation)
+        return self.impl.linear_residual(m, second.weight, second.bias, scale, residual)
 
 
 class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``: DINOv2's SwiGLU (SiLU) and DINOv3's gated MLP (``hidden_act``); the
+    gate and up projections run as one op (``linear_gated``: one GEMM with the product in its epilogue)."""
+
     def __init__(self, config: _SegmenterConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size)
-        self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size)
-        self.down_proj = nn.Linear(config.mlp_hidden_size, config.hidden_size)
+        bias = config.mlp_bias if config.backbone_family == "dinov3" else True
+        self.activation = config.mlp_activation
+        self.gate_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.mlp_hidden_size, bias=bias)
+        self.down_proj = nn.Linear(config.mlp_hidden_size, config.hidden_size, bias=bias)
         self.impl = ops.DISPATCH
 
     def forward_residual(self, h: torch.Tensor, scale: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        m = F.silu(self.gate_proj(h)) * self.up_proj(h)
+        gate, up = self.gate_proj, self.up_proj
+        m = self.impl.linear_gated(h, gate.weight, gate.bias, up.weight, up.bias, self.activation)
         return self.impl.linear_residual(m, self.down_proj.weight, self.down_proj.bias, scale, residual)
 
 
@@ -323,7 +429,7 @@ class Layer(nn.Module):
         self.attention = Attention(config)
         self.layer_scale1 = LayerScale(config)
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.mlp = GatedMLP(config) if config.use_swiglu_ffn else MLP(config)
+        self.mlp = GatedMLP(config) if config.gated_mlp else MLP(config)
         self.layer_scale2 = LayerScale(config)
         self.impl = ops.DISPATCH
 
@@ -333,12 +439,18 @@ class Layer(nn.Module):
         mask_bits: torch.Tensor | None = None,
         num_queries: int = 0,
         num_prefix: int = 0,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """``rope``: DINOv3's ``(cos, sin)`` tables of the patch grid (the last rows of ``x``), else None."""
         attn = self.attention
         h = self.impl.layer_norm(x, self.norm1.weight, self.norm1.bias, self.eps)
         qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
-        a = self.impl.attention(qkv, attn.num_heads, mask_bits, num_queries, num_prefix)
-        a = F.linear(a, attn.out_proj.weight, attn.out_proj.bias)
+        if rope is None:
+            a = self.impl.attention(qkv, attn.num_heads, mask_bits, num_queries, num_prefix)
+        else:
+            a = self.impl.rope_attention(qkv, attn.num_heads, rope[0], rope[1], mask_bits, num_queries, num_prefix)
+        out = attn.output
+        a = F.linear(a, out.weight, out.bias)
         x, h = self.impl.residual_layer_norm(
             x, a, self.layer_scale1.lambda1, self.norm2.weight, self.norm2.bias, self.eps
         )
@@ -364,9 +476,10 @@ class ScaleLayer(nn.Module):
         self.conv1 = nn.ConvTranspose2d(d, d, kernel_size=2, stride=2)
         self.conv2 = nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d, bias=False)
         self.layernorm2d = LayerNorm2d(d)
+        self.activation = _reference.ACTIVATIONS[config.head_activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layernorm2d(self.conv2(F.gelu(self.conv1(x))))
+        return self.layernorm2d(self.conv2(self.activation(self.conv1(x))))
 
 
 class ScaleBlock(nn.Module):
@@ -387,11 +500,12 @@ class MaskHead(nn.Module):
         self.fc1 = nn.Linear(d, d)
         self.fc2 = nn.Linear(d, d)
         self.fc3 = nn.Linear(d, d)
+        self.activation = config.head_activation
         self.impl = ops.DISPATCH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.impl.linear_gelu(x, self.fc1.weight, self.fc1.bias)
-        x = self.impl.linear_gelu(x, self.fc2.weight, self.fc2.bias)
+        x = linear_act(self.impl, x, self.fc1, self.activation)
+        x = linear_act(self.impl, x, self.fc2, self.activation)
         return self.fc3(x)
 
 
@@ -405,13 +519,16 @@ def attention_maps(
     mask_bits: torch.Tensor | None = None,
     num_queries: int = 0,
     num_prefix: int = 0,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(B, heads, N, N)`` attention probabilities of ``layer`` on its input ``x``, as transformers' eager
-    attention returns them (softmax in float32, cast back; masked pairs get probability 0). Plain PyTorch:
-    ``N^2`` memory per head, for inspection only."""
+    attention returns them (softmax in float32, cast back; masked pairs get probability 0; DINOv3's rotary
+    embedding applied first). Plain PyTorch: ``N^2`` memory per head, for inspection only."""
     attn = layer.attention
     h = F.layer_norm(x, (x.shape[-1],), layer.norm1.weight, layer.norm1.bias, layer.eps)
     qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias)
+    if rope is not None:
+        qkv = _reference.rotate_patch_rows(qkv, attn.num_heads, rope[0], rope[1])
     batch, seq_len, three_d = qkv.shape
     head_dim = three_d // 3 // attn.num_heads
     q, k, _ = qkv.view(batch, seq_len, 3, attn.num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
@@ -430,7 +547,7 @@ class _Recorder:
     replaced by ``last_hidden_state``; ``output_hidden_states`` may be an index or a list of indices
     (others are None), as transformers allows. Attention maps come from :func:`attention_maps`."""
 
-    _ARGS = ("x", "mask_bits", "num_queries", "num_prefix")  # Layer.forward's parameters
+    _ARGS = ("x", "mask_bits", "num_queries", "num_prefix", "rope")  # Layer.forward's parameters
 
     def __init__(self, model: "_Segmenter", hidden_states: Any, attentions: bool):
         self.layers = model.layers
@@ -471,8 +588,8 @@ class _Recorder:
         if self.want_hidden and not self.hidden:
             self._keep(call["x"])
         if self.want_attentions:
-            self.attentions.append(attention_maps(layer, call["x"], call.get("mask_bits"),
-                                                  call.get("num_queries", 0), call.get("num_prefix", 0)))
+            self.attentions.append(attention_maps(layer, call["x"], call.get("mask_bits"), call.get("num_queries", 0),
+                                                  call.get("num_prefix", 0), call.get("rope")))
 
     def _after(self, layer: "Layer", args: tuple, output: torch.Tensor) -> None:
         self._keep(output)
@@ -489,18 +606,55 @@ class _Recorder:
 def _fuse_transformers_names(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     """``load_state_dict`` pre-hook: a state dict with transformers' names (``q_proj`` / ``k_proj`` /
     ``v_proj``, the training-only ``criterion.*``) is rewritten in place to ours."""
-    from videomt_fast.model.loading import hf_to_fast
+    from videomt_fast.model.loading import is_transformers_key, hf_to_fast
 
     keys = [k for k in state_dict if k.startswith(prefix)]
     names = [k[len(prefix):] for k in keys]
-    if not any(n.startswith("criterion.") or (".attention." in n and "_proj." in n and "out_proj" not in n)
-               for n in names):
+    if not any(is_transformers_key(n) for n in names):
         return
-    ours = hf_to_fast({n: state_dict[k] for n, k in zip(names, keys)})
+    ours = hf_to_fast({n: state_dict[k] for n, k in zip(names, keys)}, config=module.config)
     for key in keys:
         del state_dict[key]
     state_dict.update({prefix + n: v for n, v in ours.items()})
 
+
+def _transformers_state_names(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    """``state_dict`` post-hook: our keys rewritten in place to transformers' (``qkv`` split into views
+    ``q_proj`` / ``k_proj`` / ``v_proj``, the bias parts transformers' model has; the training-only
+    ``criterion.empty_weight`` its loss holds), so a state dict loads into transformers' class and its tools.
+    :meth:`_Segmenter.fused_state_dict` gives our own keys."""
+    if module.__dict__.get("_fused_names"):
+        return
+    from videomt_fast.model.loading import fast_to_hf
+
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    ours = {k[len(prefix):]: state_dict.pop(k) for k in keys}
+    theirs = fast_to_hf(ours, module.config, contiguous=False)
+    weight = module.layernorm.weight
+    empty = torch.ones(module.config.num_labels + 1, dtype=weight.dtype, device=weight.device)
+    empty[-1] = module.config.no_object_weight
+    theirs["criterion.empty_weight"] = empty
+    state_dict.update({prefix + k: v for k, v in theirs.items()})
+
+
+# the attn_implementation names transformers knows
+_ATTN_IMPLEMENTATIONS = frozenset({"eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4",
+                                   "flex_attention"})
+
+# transformers' PreTrainedModel methods that only training uses: a clear error instead of an AttributeError
+_TRAINING_ONLY = ("resize_token_embeddings", "add_adapter", "load_adapter", "set_adapter", "enable_adapters",
+                  "disable_adapters", "get_loss_dict", "get_loss")
+
+
+def _training_only(name: str):
+    def refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"{type(self).__name__}.{name} is a training API of transformers' PreTrainedModel; videomt_fast is "
+            "inference-only (train with transformers' class, then load its checkpoint here)")
+
+    refuse.__name__ = name
+    refuse.__doc__ = "Refused: a training API (videomt_fast is inference-only)."
+    return refuse
 
 # --------------------------------------------------------------------------------------------
 # the shared segmenter
@@ -515,9 +669,16 @@ class _Segmenter(nn.Module):
     def __init__(self, config: _SegmenterConfig):
         super().__init__()
         config = self.config_class.coerce(config)  # ours, or transformers' config of the same model type
+        if config._attn_implementation is None:
+            config._attn_implementation = "sdpa"
         self.config = config
         self.num_hidden_layers = config.num_hidden_layers
-        self.embeddings = Embeddings(config, with_mask_token=self._with_mask_token)
+        if config.backbone_family == "dinov3":
+            self.embeddings = Dinov3Embeddings(config)
+            self.rope_embeddings = RotaryTable(config)
+        else:
+            self.embeddings = Embeddings(config, with_mask_token=self._with_mask_token)
+            self.rope_embeddings = None
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.query = nn.Embedding(config.num_queries, config.hidden_size)
         self.layers = nn.ModuleList([Layer(config) for _ in range(config.num_hidden_layers)])
@@ -529,6 +690,7 @@ class _Segmenter(nn.Module):
         self.check_finite = True  # set False to skip the NaN/inf scan of inputs (one reduction + sync)
         self.register_load_state_dict_post_hook(self._refresh_mask_probs)
         self.register_load_state_dict_pre_hook(_fuse_transformers_names)
+        self.register_state_dict_post_hook(_transformers_state_names)
         if self.attn_mask_probs.device.type != "meta":
             self._refresh_mask_probs()
         self.eval()
@@ -550,6 +712,19 @@ class _Segmenter(nn.Module):
     def grid_for(self, height: int, width: int) -> tuple[int, int]:
         ph, pw = self.config.patch_hw
         return height // ph, width // pw
+
+    def rope(self, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """DINOv3's rotary ``(cos, sin)`` tables for a patch grid (what every layer's attention reads), else None."""
+        if self.rope_embeddings is None:
+            return None
+        return self.rope_embeddings.tables(grid, self.device)
+
+    def position_tables(self, grid: tuple[int, int]) -> Any:
+        """The position tensors a frame of this grid reads (DINOv2: the resized position table; DINOv3: the
+        rotary tables), which a CUDA graph reads by address and so must keep alive."""
+        if self.rope_embeddings is not None:
+            return self.rope(grid)
+        return self.embeddings.position_embedding(grid)
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.impl.layer_norm(x, self.layernorm.weight, self.layernorm.bias, self.layernorm.eps)
@@ -574,6 +749,15 @@ class _Segmenter(nn.Module):
         return masks, class_logits
 
     # ------------------------------------------------------------------ loading
+    def fused_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """``state_dict()`` with this package's own keys (one fused ``qkv`` per attention, no loss buffer);
+        ``state_dict()`` itself gives transformers' names (and ``load_state_dict`` takes either)."""
+        self.__dict__["_fused_names"] = True
+        try:
+            return self.state_dict(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_fused_names", None)
+
     @classmethod
     def from_pretrained(
         cls,
@@ -646,8 +830,9 @@ class _Segmenter(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         """Nothing to disable: gradient checkpointing is never on."""
 
-    # attention always runs on our kernels: transformers' implementation switching does not apply
-    _supports_sdpa = False
+    # transformers' attention switch: recorded (config._attn_implementation), and every setting computes the
+    # same attention (eager's math; our kernels, chosen by the execution plan, run either way)
+    _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
     _keep_in_fp32_modules: list[str] = []
@@ -655,7 +840,47 @@ class _Segmenter(nn.Module):
 
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
-        return False
+        return True
+
+    def set_attn_implementation(self, attn_implementation: str | dict | None) -> None:
+        """transformers' ``set_attn_implementation``: records the setting in ``config._attn_implementation``
+        (``None``: ``"sdpa"``). Outputs do not change with it: the attention is computed by the op the
+        execution plan chose, and ``output_attentions`` works under every setting."""
+        if isinstance(attn_implementation, dict):
+            attn_implementation = attn_implementation.get("", next(iter(attn_implementation.values()), None))
+        name = attn_implementation or "sdpa"
+        if not isinstance(name, str) or not (name in _ATTN_IMPLEMENTATIONS or name.startswith("paged|") or "/" in name):
+            raise ValueError(f'Specified `attn_implementation="{name}"` is not supported. The only possible arguments '
+                             f"are {sorted(_ATTN_IMPLEMENTATIONS)}, a 'paged|' one or a hub kernel repo id (every one "
+                             "computes the same attention here)")
+        self.config._attn_implementation = name
+
+    # ------------------------------------------------------------------ training helpers
+    def init_weights(self) -> None:
+        """transformers' ``init_weights``: every parameter and buffer set to transformers' initial value (e.g. after
+        building on the meta device and ``to_empty``), in place."""
+        from videomt_fast.model.loading import initial_state
+
+        with torch.no_grad():
+            for name, value in initial_state(self).items():
+                target = self.get_parameter(name) if name in dict(self.named_parameters()) else self.get_buffer(name)
+                target.copy_(value)
+        self._refresh_mask_probs()
+
+    def enable_input_require_grads(self) -> None:
+        """transformers' helper: the input embeddings' output requires grad (so gradients reach the layers while the
+        embeddings are frozen)."""
+        def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+            output.requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(hook)
+
+    def disable_input_require_grads(self) -> None:
+        handle = self.__dict__.pop("_require_grads_hook", None)
+        if handle is not None:
+            handle.remove()
+
 
     @classmethod
     def _can_set_experts_implementation(cls) -> bool:
@@ -669,11 +894,13 @@ class _Segmenter(nn.Module):
     def _from_config(cls, config: Any, dtype: torch.dtype | None = None, torch_dtype: torch.dtype | None = None,
                      **kwargs: Any) -> "_Segmenter":
         """transformers' ``_from_config``: a freshly initialised model (PyTorch's default initialisation).
-        ``attn_implementation`` is accepted and changes nothing, as in :meth:`from_pretrained`."""
-        kwargs.pop("attn_implementation", None)
+        ``attn_implementation`` is recorded as by :meth:`set_attn_implementation`."""
+        attn = kwargs.pop("attn_implementation", None)
         if kwargs:
             raise TypeError(f"{cls.__name__}._from_config got unsupported keyword arguments {sorted(kwargs)}")
         model = cls(config)
+        if attn is not None:
+            model.set_attn_implementation(attn)
         dtype = dtype or torch_dtype
         return model.to(dtype) if dtype is not None else model
 
@@ -778,6 +1005,10 @@ class _Segmenter(nn.Module):
         self._mask_probs()
 
 
+for _name in _TRAINING_ONLY:
+    setattr(_Segmenter, _name, _training_only(_name))
+
+
 class VideomtForUniversalSegmentation(_Segmenter):
     """Drop-in for transformers' ``VideomtForUniversalSegmentation`` (inference)."""
 
@@ -794,8 +1025,9 @@ class VideomtForUniversalSegmentation(_Segmenter):
     def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         """Embeddings and the query-free early layers: ``(N, 3, H, W) -> (N, 1 + R + P, d)``."""
         hidden = self.embeddings(frames)
+        rope = self.rope(self.grid_for(*frames.shape[-2:]))
         for layer in self.layers[: self.query_start]:
-            hidden = layer(hidden)
+            hidden = layer(hidden, rope=rope)
         return hidden
 
     def query_step(
@@ -805,15 +1037,18 @@ class VideomtForUniversalSegmentation(_Segmenter):
 
         ``hidden`` ``(B, 1 + R + P, d)`` from :meth:`encode_frames`; ``prev_queries`` ``(B, Q, d)`` the raw
         last-layer query rows of the previous frame, or None for the first frame. Returns
-        ``(mask logits, class logits, normalized sequence, queries to propagate)``.
+        ``(mask logits, class logits, normalized sequence, queries to propagate)``: the raw last-layer query
+        rows, or with ``config.norm_queries`` (the research code's ``NORM_QUERIES``) the normalized ones.
         """
         x = self._new_token_buffer(hidden)
         self.impl.query_update(x, self.query.weight, prev_queries, self.query_updater.weight, self.query_updater.bias)
+        rope = self.rope(grid)
         for layer in self.layers[self.query_start :]:
-            x = layer(x)
+            x = layer(x, rope=rope)
         sequence = self._final_norm(x)
         masks, classes = self.predict(sequence, grid)
-        return masks, classes, sequence, x[:, : self.config.num_queries]
+        carried = sequence if self.config.norm_queries else x
+        return masks, classes, sequence, carried[:, : self.config.num_queries]
 
     # ------------------------------------------------------------------ clip forward
     def forward(
@@ -991,6 +1226,7 @@ class EomtForUniversalSegmentation(_Segmenter):
         num_queries = config.num_queries
         num_prefix = num_queries + config.num_prefix_tokens
         x = self.embeddings(pixel_values)
+        rope = self.rope(grid)
         for idx, layer in enumerate(self.layers):
             mask_bits = None
             if idx == self.query_start:
@@ -999,7 +1235,7 @@ class EomtForUniversalSegmentation(_Segmenter):
             if idx >= self.query_start and probs[idx - self.query_start] > 0:
                 mask_logits, _ = self.predict(self._final_norm(x), grid)
                 mask_bits = self.impl.mask_bits(mask_logits, grid)
-            x = layer(x, mask_bits, num_queries, num_prefix)
+            x = layer(x, mask_bits, num_queries, num_prefix, rope)
         sequence = self._final_norm(x)
         masks, classes = self.predict(sequence, grid)
         return EomtForUniversalSegmentationOutput(
@@ -1008,3 +1244,19 @@ class EomtForUniversalSegmentation(_Segmenter):
             last_hidden_state=sequence,
             patch_offsets=patch_offsets,
         )
+
+
+class EomtDinov3ForUniversalSegmentation(EomtForUniversalSegmentation):
+    """Drop-in for transformers' ``EomtDinov3ForUniversalSegmentation`` (inference): EoMT on a DINOv3
+    backbone (rotary embeddings on the patch tokens, no position table, optional gated MLP), masked
+    attention included."""
+
+    config_class = EomtDinov3Config
+
+
+def model_class_for(config: _SegmenterConfig) -> type[_Segmenter]:
+    """The model class of a config of ours: VidEoMT (either backbone), EoMT, EoMT-DINOv3."""
+    for cls in (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation, VideomtForUniversalSegmentation):
+        if type(config) is cls.config_class:
+            return cls
+    raise TypeError(f"no model class for {type(config).__name__}")

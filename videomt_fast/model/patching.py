@@ -10,9 +10,11 @@ _STATE: dict[str, Any] = {"patches": None}
 
 
 def _fast_classes() -> dict[str, type]:
-    from videomt_fast.model.modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
+    from videomt_fast.model.modeling import (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation,
+                                             VideomtForUniversalSegmentation)
 
-    return {"videomt": VideomtForUniversalSegmentation, "eomt": EomtForUniversalSegmentation}
+    return {"videomt": VideomtForUniversalSegmentation, "eomt": EomtForUniversalSegmentation,
+            "eomt_dinov3": EomtDinov3ForUniversalSegmentation}
 
 
 def _model_type(name_or_path: Any, kwargs: dict) -> str | None:
@@ -71,11 +73,11 @@ def patch() -> TransformersPatch:
     def remember(owner: type, name: str) -> None:
         restores.append((owner, name, owner.__dict__.get(name, _MISSING)))
 
-    for model_type, hf_name in (("videomt", "VideomtForUniversalSegmentation"), ("eomt", "EomtForUniversalSegmentation")):
+    for model_type, target in fast.items():
+        hf_name = target.__name__
         hf_cls = getattr(transformers, hf_name, None)
         if hf_cls is None:
             continue
-        target = fast[model_type]
 
         def loader(cls, *args, _target=target, **kwargs):
             # every argument passes through: ours take transformers' (and refuse the ones they cannot honour)

@@ -81,6 +81,39 @@ def attention_ref(
     return out.transpose(1, 2).reshape(batch, seq_len, dim)
 
 
+def rotate_patch_rows(qkv: torch.Tensor, num_heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """DINOv3's rotary embedding on the fused QKV layout: a new ``(B, N, 3d)`` whose q and k of the last
+    ``P = cos.shape[0]`` rows (the patch tokens) are ``x * cos + rotate_half(x) * sin`` per head (``cos`` /
+    ``sin`` ``(P, head_dim)``, cast to the qkv dtype first, as transformers does); every other row (queries,
+    cls, registers) and v unchanged. ``rotate_half(x) = [-x2, x1]`` for the halves ``[x1, x2]`` of a head."""
+    batch, seq_len, three_d = qkv.shape
+    dim = three_d // 3
+    head_dim = dim // num_heads
+    patches = cos.shape[0]
+    out = qkv.clone()
+    qk = out[:, seq_len - patches:, : 2 * dim].view(batch, patches, 2, num_heads, head_dim)
+    cos = cos.to(qkv.dtype)[None, :, None, None, :]
+    sin = sin.to(qkv.dtype)[None, :, None, None, :]
+    half = head_dim // 2
+    rotated = torch.cat((-qk[..., half:], qk[..., :half]), dim=-1)
+    qk.copy_(qk * cos + rotated * sin)
+    return out
+
+
+def rope_attention_ref(
+    qkv: torch.Tensor,
+    num_heads: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask_bits: torch.Tensor | None = None,
+    num_queries: int = 0,
+    num_prefix: int = 0,
+) -> torch.Tensor:
+    """:func:`attention_ref` after :func:`rotate_patch_rows` (DINOv3): the rotary embedding on the q and k of
+    the last ``cos.shape[0]`` rows only; ``(B, N, 3d) -> (B, N, d)``."""
+    return attention_ref(rotate_patch_rows(qkv, num_heads, cos, sin), num_heads, mask_bits, num_queries, num_prefix)
+
+
 # --------------------------------------------------------------------------------------------
 # EoMT mask bits
 
@@ -121,6 +154,22 @@ def linear_gelu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return F.gelu(F.linear(x, weight, bias))
 
 
+ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu}  # exact-erf GELU and SiLU, by config name
+
+
+def linear_gated_ref(
+    x: torch.Tensor,
+    gate_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor | None,
+    activation: str,
+) -> torch.Tensor:
+    """The gated MLP's first half: ``act(x @ gate_weight.T + gate_bias) * (x @ up_weight.T + up_bias)``
+    (``activation``: ``"silu"``, DINOv2's SwiGLU, or ``"gelu"``)."""
+    return ACTIVATIONS[activation](F.linear(x, gate_weight, gate_bias)) * F.linear(x, up_weight, up_bias)
+
+
 def linear_residual_ref(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -152,6 +201,9 @@ def query_update_ref(
 
 
 ops.define_op("attention", attention_ref, "softmax attention on the fused QKV layout (EoMT mask bits optional)")
+ops.define_op("rope_attention", rope_attention_ref,
+              "attention with DINOv3's rotary embedding on the patch rows' q and k (EoMT mask bits optional)")
+ops.define_op("linear_gated", linear_gated_ref, "gated MLP's first half: act(gate projection) * up projection")
 ops.define_op("mask_bits", mask_bits_ref, "bilinear resize of mask logits to the patch grid, > 0, packed to bits")
 ops.define_op("layer_norm", layer_norm_ref, "LayerNorm over the last dimension")
 ops.define_op("residual_layer_norm", residual_layer_norm_ref, "x += scale * f, then LayerNorm(x)")
@@ -166,24 +218,28 @@ ops.register_backend_module("triton", "videomt_fast.kernels")
 # library baselines that execution plans also try on CUDA: the reference with one SDPA backend
 
 
-def _sdpa_with(backend_name: str):
-    def attention_sdpa(qkv, num_heads, mask_bits=None, num_queries=0, num_prefix=0):
+def _sdpa_with(ref, backend_name: str):
+    def attention_sdpa(*args, **kwargs):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            return attention_ref(qkv, num_heads, mask_bits, num_queries, num_prefix)
+            return ref(*args, **kwargs)
 
-    attention_sdpa.__name__ = f"attention_sdpa_{backend_name.lower()}"
-    attention_sdpa.__doc__ = f":func:`attention_ref` with SDPA restricted to its {backend_name} backend."
+    attention_sdpa.__name__ = f"{ref.__name__[:-4]}_sdpa_{backend_name.lower()}"
+    attention_sdpa.__doc__ = f":func:`{ref.__name__}` with SDPA restricted to its {backend_name} backend."
     return attention_sdpa
 
 
-for _label, _backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION"),
-                         ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-math", "MATH")):
-    ops.register_candidate("attention", _label, _sdpa_with(_backend))
+for _op, _ref in (("attention", attention_ref), ("rope_attention", rope_attention_ref)):
+    for _label, _backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION"),
+                             ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-math", "MATH")):
+        ops.register_candidate(_op, _label, _sdpa_with(_ref, _backend))
 
 __all__ = [
     "attention_ref",
+    "rope_attention_ref",
+    "rotate_patch_rows",
+    "linear_gated_ref",
     "mask_bits_ref",
     "layer_norm_ref",
     "residual_layer_norm_ref",

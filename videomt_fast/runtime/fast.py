@@ -280,10 +280,11 @@ def _encoder(model, frames: torch.Tensor):
 # --------------------------------------------------------------------------------------------
 # what a graph baked in
 
-def _pinned_position_table(model, size: tuple[int, int]) -> torch.Tensor:
-    """The position table a graph at this frame size reads: the graph owner keeps a reference, so the
-    embeddings' one-grid cache may move on without its memory being reused under the graph."""
-    return model.embeddings.position_embedding(model.grid_for(*size))
+def _pinned_position_table(model, size: tuple[int, int]):
+    """The position tensors a graph at this frame size reads (DINOv2's resized table, DINOv3's rotary
+    tables): the graph owner keeps a reference, so the model's one-grid cache may move on without their
+    memory being reused under the graph."""
+    return model.position_tables(model.grid_for(*size))
 
 
 class _Baked:

@@ -31,7 +31,7 @@ def registrations() -> int:
 def weights_token(model) -> tuple:
     """Cheap per-step token of the weights: the registration counter, and the first and last weight's
     address, dtype and device (a move or cast changes them)."""
-    first, last = model.embeddings.patch_embeddings.projection.weight, model.class_predictor.weight
+    first, last = model.embeddings.cls_token, model.class_predictor.weight
     return _REGISTRATIONS[0], first.data_ptr(), last.data_ptr(), first.dtype, first.device
 
 

@@ -5,7 +5,7 @@ rejects (layouts, shared memory, register pressure are never looked at). This mo
 without a GPU:
 
 1. :func:`capture` calls the public kernel entry points (:func:`launch_cases`: the op calls a ViT-S/B/L
-   VidEoMT / EoMT forward makes at 640x640, patch 16, batch 1 and 2, bf16 / fp16 / fp32) with
+   VidEoMT / EoMT forward makes, DINOv2 and DINOv3 backbones (rotary attention, gated MLP), at 640x640, patch 16, batch 1 and 2, bf16 / fp16 / fp32) with
    uninitialized CPU tensors of the real shapes. Every ``kernel[grid](...)`` is intercepted and
    recorded, never executed (nor is the cuBLAS ``F.linear`` of the ``"cublas"`` GEMM epilogues), so a
    ViT-L sweep takes seconds. Each record (:class:`Launch`) holds what ``JITFunction.run`` would hand
@@ -68,6 +68,7 @@ KERNEL_MODULES = {"attention": attention, "mask_bits": mask_bits, "layer_norm": 
 # op (what a launch was captured for) -> the kernel module whose launcher it goes through
 OP_MODULES = {
     "attention": "attention",
+    "rope_attention": "attention",
     "mask_bits": "mask_bits",
     "layer_norm": "layer_norm",
     "residual_layer_norm": "layer_norm",
@@ -75,10 +76,12 @@ OP_MODULES = {
     "linear_gelu[triton]": "linear",
     "linear_residual[cublas]": "linear",
     "linear_residual[triton]": "linear",
+    "linear_gated[cublas]": "linear",
+    "linear_gated[triton]": "linear",
     "query_update": "query_update",
 }
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODELS = tuple(PRESETS)  # vit-s, vit-b, vit-l
+MODELS = tuple(PRESETS)  # vit-s, vit-b, vit-l (DINOv2); dinov3-s, dinov3-b, dinov3-l
 BATCHES = (1, 2)
 IMAGE_SIZE = 640
 # opt-in shared memory per block (bytes), the limit Triton checks when it loads a kernel (not when it
@@ -302,7 +305,10 @@ def launch_cases(models: Sequence[str] = MODELS, batches: Sequence[int] = BATCHE
     masks off) and with EoMT's mask bits; mask bits of the (B, Q, 4 gh, 4 gw) mask logits; fc1 + GELU and
     fc2 + residual of the MLP and the mask head's GELU layers on the strided query rows, each through
     both GEMM epilogues (``cublas`` and ``triton``); the query update of EoMT (table only) and of
-    VidEoMT (frame 0 and frame t > 0, previous queries strided and contiguous). ``make()`` allocates on
+    VidEoMT (frame 0 and frame t > 0, previous queries strided and contiguous). DINOv3 models (``dinov3-*``)
+    run the rotary attention instead (same four forms) and add the gated MLP's ``linear_gated`` at their
+    MLP size (both activations, both GEMM variants; the published S/B/L are not gated, the ViT-S+/H+ of the
+    family are). ``make()`` allocates on
     ``device``, uninitialized (``bench/gpu_smoke.py`` fills the tensors and runs the cases on the GPU).
     """
     return [case for model in models for batch in batches for dtype in dtypes
@@ -315,7 +321,8 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_bloc
 
 
 def model_config(model: str, image_size: int) -> EomtConfig:
-    """The config of a preset (``vit-s``, ``vit-b``, ``vit-l``) or of ``tiny`` at this image size."""
+    """The config of a preset (``vit-s``, ``vit-b``, ``vit-l``, ``dinov3-*``: an :class:`EomtDinov3Config`) or of
+    ``tiny`` at this image size."""
     if model == "tiny":
         return EomtConfig(**TINY, image_size=image_size)
     return config_from_preset(model, EomtConfig, image_size=image_size)
@@ -361,16 +368,32 @@ def _model_cases(model: str, batch: int, dtype: str, image_size: int, device: st
         add(f"linear_gelu[{impl}]", f"mask head on the query rows of N={s_q}",
             lambda: (e(batch, s_q, d)[:, :nq], e(d, d), e(d)), gelu, linear.linear_gelu_guard)
 
-    att = (attention.attention, attention.attention_guard)
-    add("attention", f"unmasked N={s_enc} (early layers)", lambda: (e(batch, s_enc, 3 * d), heads, None, 0, 0), *att)
-    add("attention", f"unmasked N={s_q} (VidEoMT query layers)", lambda: (e(batch, s_q, 3 * d), heads, None, 0, 0),
-        *att)
-    add("attention", f"unmasked N={s_q} (EoMT, masks off)",
-        lambda: (e(batch, s_q, 3 * d), heads, None, nq, nq + prefix), *att)
-    add("attention", f"masked N={s_q} (EoMT mask bits)",
-        lambda: (e(batch, s_q, 3 * d), heads, torch.empty(batch, nq, words, dtype=torch.int32, device=device), nq,
-                 nq + prefix),
-        *att)
+    if cfg.backbone_family == "dinov3":
+        op, att = "rope_attention", (attention.rope_attention, attention.rope_attention_guard)
+        hd = cfg.head_dim
+
+        def rope() -> tuple[torch.Tensor, torch.Tensor]:
+            return (torch.empty(patches, hd, dtype=torch.float32, device=device),
+                    torch.empty(patches, hd, dtype=torch.float32, device=device))
+        for impl in ("cublas", "triton"):
+            for act in ("gelu", "silu"):
+                add(f"linear_gated[{impl}]", f"gate * up ({act}) N={s_q} (query layers)",
+                    lambda act=act: (e(batch, s_q, d), e(mlp, d), e(mlp), e(mlp, d), e(mlp), act),
+                    linear.make_linear_gated(impl == "triton"), linear.linear_gated_guard)
+    else:
+        op, att = "attention", (attention.attention, attention.attention_guard)
+
+        def rope() -> tuple:
+            return ()
+
+    def qkv_args(seq: int, *rest) -> tuple:
+        return (e(batch, seq, 3 * d), heads, *rope(), *rest)
+
+    add(op, f"unmasked N={s_enc} (early layers)", lambda: qkv_args(s_enc, None, 0, 0), *att)
+    add(op, f"unmasked N={s_q} (VidEoMT query layers)", lambda: qkv_args(s_q, None, 0, 0), *att)
+    add(op, f"unmasked N={s_q} (EoMT, masks off)", lambda: qkv_args(s_q, None, nq, nq + prefix), *att)
+    add(op, f"masked N={s_q} (EoMT mask bits)",
+        lambda: qkv_args(s_q, torch.empty(batch, nq, words, dtype=torch.int32, device=device), nq, nq + prefix), *att)
     add("mask_bits", f"logits ({batch},{nq},{up * gh},{up * gw}) -> grid {gh}x{gw}",
         lambda: (e(batch, nq, up * gh, up * gw), (gh, gw)), mask_bits.mask_bits, mask_bits.mask_bits_guard)
     qu = (query_update.query_update, query_update.query_update_guard)
