@@ -14,12 +14,14 @@ planned on the estimates in :data:`PHASES` (a fresh H100/H200, empty Triton, Ind
   the timed phases' Python): the CUDA post-processing extension. Phases started before it finished never
   build it themselves (``VIDEOMT_FAST_NO_JIT=1``); a lock left by an earlier killed run is cleared first.
 * ``env``: device, driver, versions.
-* ``fps-vit-s|b|l``: ``python -m bench`` per model (CUDA events, rotated inputs, MFU from the FLOP model),
-  online and offline. The fast provider's ``optimize()`` calibrates the execution plans of these shapes
+* ``fps-vit-s|b|l`` and ``fps-dinov3-l`` (VidEoMT on DINOv3 ViT-L: rotary attention and the gated MLP's
+  kernels): ``python -m bench`` per model (CUDA events, rotated inputs, MFU from the FLOP model), online and
+  offline. The fast provider's ``optimize()`` calibrates the execution plans of these shapes
   (every candidate verified against float64 and timed as a CUDA graph, the whole-model gate): the plan
   tables are in the benchmark JSON, the phase fails when a plan misses its gate, and every later phase
   reads the same plan cache.
-* ``compile-vit-s|b|l``: ``torch.compile`` of transformers (online).
+* ``compile-vit-s|l``: ``torch.compile`` of transformers (online); ``compile-vit-b`` after the checks, when
+  time is left.
 * ``graphs``: ``tests/test_gpu_graphs.py`` (graphed sessions at 640x640, ViT-S then ViT-L, equal the
   eager session bit for bit under deterministic cuDNN and cuBLAS settings, and the fp32 reference within
   the bf16 rule; graphed clip forward and masked EoMT predictor equal eager; the plan's kernels ran).
@@ -79,14 +81,17 @@ PHASES: tuple[PhasePlan, ...] = (
     PhasePlan("fps-vit-s", 55, 100, why="headline: plans + online/offline FPS vs transformers"),
     PhasePlan("fps-vit-b", 45, 80, why="headline"),
     PhasePlan("fps-vit-l", 60, 100, why="headline"),
+    PhasePlan("fps-dinov3-l", 55, 100, why="headline: VidEoMT on DINOv3 ViT-L (rotary attention, gated MLP kernels)"),
     PhasePlan("compile-vit-s", 40, 70, why="headline: torch.compile of transformers"),
-    PhasePlan("compile-vit-b", 40, 70, why="headline"),
     PhasePlan("compile-vit-l", 50, 90, why="headline"),
     PhasePlan("graphs", 45, 100, why="graphed = eager bit for bit, vs fp32, the plan's kernels ran"),
     PhasePlan("post", 10, 45, why="CUDA post-processing at 1080p"),
     PhasePlan("post-tests", 25, 60, why="tests/test_postprocess_cuda.py"),
+    PhasePlan("compile-vit-b", 40, 70, required=False, why="torch.compile of ViT-B: between S and L, when time is left"),
     PhasePlan("ops", 25, 90, required=False, why="every Triton kernel in every form (the plans verify the chosen ones)"),
 )
+FPS_DINOV3 = "dinov3-l"  # the published VidEoMT-DINOv3 models are ViT-L
+COMPILE_ARCHS = ("vit-s", "vit-l")  # required; vit-b optional, after the checks
 PLANNED = {p.name: p for p in PHASES}
 
 
@@ -296,8 +301,10 @@ class Driver:
         self.run("env", self.worker("env"))
         for arch in (["tiny"] if a.dry else a.archs):  # the headline first
             self.bench(f"fps-{arch}", arch, "hf-eager-fp32,hf-sdpa-bf16,fast", ("online", "offline"))
+        if a.dinov3 and not a.dry:
+            self.bench(f"fps-{FPS_DINOV3}", FPS_DINOV3, "hf-eager-fp32,hf-sdpa-bf16,fast", ("online", "offline"))
         if a.compile and not a.dry:
-            for arch in a.archs:
+            for arch in (x for x in a.archs if x in COMPILE_ARCHS):
                 self.bench(f"compile-{arch}", arch, "hf-compile", ("online",))
         pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "-rfE"]
         # deterministic cuDNN algorithms and one cuBLAS workspace size on every stream: graphed and eager runs
@@ -307,6 +314,9 @@ class Driver:
         self.finish_build()
         self.run("post", self.worker("post"))
         self.run("post-tests", pytest + ["tests/test_postprocess_cuda.py"], kind="pytest")
+        if a.compile and not a.dry:
+            for arch in (x for x in a.archs if x not in COMPILE_ARCHS):  # optional, when time is left
+                self.bench(f"compile-{arch}", arch, "hf-compile", ("online",))
         self.run("ops", self.worker("ops"), env=self.env(VIDEOMT_FAST_CHECK_LAUNCHES="1",
                                                          **({"TRITON_INTERPRET": "1"} if a.dry else {})))
         return self.finish()
@@ -651,7 +661,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--archs", type=lambda s: [a for a in s.split(",") if a], default=list(FPS_ARCHS),
                    help="models of the FPS phases (default vit-s,vit-b,vit-l)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile of transformers (ViT-S) when time is left (default on)")
+                   help="torch.compile of transformers (ViT-S and ViT-L; ViT-B when time is left) (default on)")
+    p.add_argument("--dinov3", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"the FPS row of VidEoMT on DINOv3 ({FPS_DINOV3}) (default on)")
     p.add_argument("--phase", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

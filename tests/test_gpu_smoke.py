@@ -87,7 +87,8 @@ def smoke():
 
 
 def _driver(smoke, tmp_path, deadline=60.0, dry=True):
-    args = types.SimpleNamespace(out=str(tmp_path), dry=dry, deadline=deadline, archs=["vit-s"], compile=False)
+    args = types.SimpleNamespace(out=str(tmp_path), dry=dry, deadline=deadline, archs=["vit-s"], compile=False,
+                                 dinov3=False)
     return smoke.Driver(args)
 
 
@@ -150,7 +151,7 @@ def test_the_phase_plan_fits_the_deadline_on_paper(smoke, tmp_path, monkeypatch)
     required phases fit the deadline. Mutation caught: a phase added to main() without an estimate, the
     headline moved behind the checks, or estimates past the deadline."""
     driver = _driver(smoke, tmp_path / "plan", dry=False)
-    driver.args.archs, driver.args.compile = list(smoke.FPS_ARCHS), True
+    driver.args.archs, driver.args.compile, driver.args.dinov3 = list(smoke.FPS_ARCHS), True, True
     ran = []
     monkeypatch.setattr(driver, "start_build", lambda: None)
     monkeypatch.setattr(driver, "finish_build", lambda: ran.append("build") or {})
@@ -167,8 +168,13 @@ def test_the_phase_plan_fits_the_deadline_on_paper(smoke, tmp_path, monkeypatch)
     driver.main()
     phases = [n for n in ran if n != "build"]
     assert phases == [p.name for p in smoke.PHASES], phases
-    headline = [n for n in phases if n.startswith(("fps-", "compile-"))]
-    assert headline == phases[1 : 1 + len(headline)] and len(headline) == 2 * len(smoke.FPS_ARCHS)
+    required = [n for n in phases if smoke.PLANNED[n].required]
+    headline = [n for n in required if n.startswith(("fps-", "compile-"))]
+    assert headline == required[1 : 1 + len(headline)]  # right after env, before every check
+    assert {f"fps-{a}" for a in smoke.FPS_ARCHS} | {f"fps-{smoke.FPS_DINOV3}"} <= set(headline)
+    assert {f"compile-{a}" for a in smoke.COMPILE_ARCHS} <= set(headline)
+    optional = [n for n in phases if not smoke.PLANNED[n].required]
+    assert phases[-len(optional):] == optional  # what is optional comes last
     assert ran.index("build") < ran.index("post")  # post-processing needs the extension
     required = [p.name for p in smoke.PHASES if p.required]
     assert smoke.planned_seconds(required) <= smoke.DEADLINE_S, smoke.planned_seconds(required)
