@@ -178,10 +178,14 @@ def _launch_config(head_dim: int, dtype: torch.dtype, rope: bool = False) -> tup
     4 warps ptxas spills (sm_90: 255 registers, ~1.6 KB spill stores unmasked, ~6.6 KB masked), at
     64x32 with 8 warps it uses 90 / 248 registers and no local memory (videomt_fast/testing/triton_compile.py).
     The rotary variant holds three more key tiles (the partner half, cos, sin): in fp32 64x32 spills
-    (255 registers, 0.6 KB unmasked, 5.3 KB masked), so it halves the key block (64x16: 201-235 registers).
+    (255 registers, 0.6 KB unmasked, 5.3 KB masked), so it halves the key block (64x16: 201-235 registers);
+    in bf16 / fp16, 64x64 with 4 warps spilled 20 B masked on sm_80 with Triton 3.6, so it takes 8 warps
+    and 2 stages (at most 242 registers, sm_80 and sm_90, Triton 3.6 and 3.9).
     """
     if dtype == torch.float32:
         return (64, 16, 8, 2) if rope else (64, 32, 8, 2)
+    if rope:
+        return 64, 64, 8, 2
     if head_dim <= 64:
         return 64, 64, 4, 3
     return 64, 64, 8, 2

@@ -159,8 +159,9 @@ def test_captured_launch_parameters_are_the_gpu_ones(default_launches):
             assert x.constexprs["PRECISION"] == ("ieee" if _dtype_of(x) == "fp32" else "tf32"), x.describe()
         if x.name == "_attention_kernel":
             assert x.constexprs["HEAD_DIM"] == 64 and x.signature["qkv_ptr"] == x.signature["out_ptr"]
-            fp32 = (64, 16, 8, 2) if x.constexprs["ROPE"] else (64, 32, 8, 2)
-            want = {"fp32": fp32}.get(_dtype_of(x), (64, 64, 4, 3))  # pinned: the spill-free configs ptxas vetted
+            rope = x.constexprs["ROPE"]
+            want = {"fp32": (64, 16, 8, 2) if rope else (64, 32, 8, 2)}.get(
+                _dtype_of(x), (64, 64, 8, 2) if rope else (64, 64, 4, 3))  # pinned: the spill-free configs ptxas vetted
             assert (x.constexprs["BLOCK_M"], x.constexprs["BLOCK_N"], x.options["num_warps"],
                     x.options["num_stages"]) == want, x.describe()
         assert all(x.grid) and x.cases

@@ -11,6 +11,7 @@ from videomt_fast.model.configuration import PRESETS, EomtConfig, EomtDinov3Conf
 from videomt_fast.processing.eomt_processor import EomtImageProcessor
 from videomt_fast.model.modeling import (
     EomtDinov3ForUniversalSegmentation,
+    EomtDinov3ForUniversalSegmentationOutput,
     EomtForUniversalSegmentation,
     EomtForUniversalSegmentationOutput,
     VideomtForUniversalSegmentation,
@@ -63,6 +64,7 @@ __all__ = [
     "EomtForUniversalSegmentation",
     "EomtForUniversalSegmentationOutput",
     "EomtDinov3ForUniversalSegmentation",
+    "EomtDinov3ForUniversalSegmentationOutput",
     "VideomtVideoProcessor",
     "EomtImageProcessor",
     "VideomtSession",

@@ -1035,8 +1035,8 @@ class VideomtForUniversalSegmentation(_Segmenter):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One frame through the query layers and the head.
 
-        ``hidden`` ``(B, 1 + R + P, d)`` from :meth:`encode_frames`; ``prev_queries`` ``(B, Q, d)`` the raw
-        last-layer query rows of the previous frame, or None for the first frame. Returns
+        ``hidden`` ``(B, 1 + R + P, d)`` from :meth:`encode_frames`; ``prev_queries`` ``(B, Q, d)`` the queries
+        this method returned for the previous frame, or None for the first frame. Returns
         ``(mask logits, class logits, normalized sequence, queries to propagate)``: the raw last-layer query
         rows, or with ``config.norm_queries`` (the research code's ``NORM_QUERIES``) the normalized ones.
         """
@@ -1244,6 +1244,9 @@ class EomtForUniversalSegmentation(_Segmenter):
             last_hidden_state=sequence,
             patch_offsets=patch_offsets,
         )
+
+
+EomtDinov3ForUniversalSegmentationOutput = EomtForUniversalSegmentationOutput  # transformers' name; the same fields
 
 
 class EomtDinov3ForUniversalSegmentation(EomtForUniversalSegmentation):

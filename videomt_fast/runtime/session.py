@@ -60,7 +60,8 @@ class VideomtSession:
 
     @property
     def propagated_queries(self) -> torch.Tensor | None:
-        """``(B, Q, d)`` raw last-layer query rows of the previous frame (None before the first step)."""
+        """``(B, Q, d)`` last-layer query rows of the previous frame, raw (normalized with ``config.norm_queries``);
+        None before the first step."""
         return self._queries
 
     @torch.no_grad()
