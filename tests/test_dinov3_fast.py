@@ -165,7 +165,7 @@ def test_bench_arch_dinov3(tmp_path, model):
     argv = ["--arch", "dinov3-s", "--model", model, "--device", "cpu", "--size", "32x32", "--repeats", "1",
             "--warmup", "0", "--num-inputs", "1", "--frames", "2", "--online-frames", "2", "--e2e-frames", "1",
             "--agree-frames", "2", "--e2e-size", "32x40", "--providers", "hf-eager-fp32,fast", "--out-dir",
-            str(tmp_path / "out")]
+            str(tmp_path / "out"), "--dtype", "float32"]  # (float32: the plumbing, not a CPU's dtype decision)
     assert benchmark.main(argv) == 0
     (name,) = list((tmp_path / "out").iterdir())
     report = json.loads(name.read_text())
