@@ -289,8 +289,10 @@ def test_segment_a_video_with_a_research_videomt_dinov3_checkpoint(tmp_path):
         code = cli.main(["segment", str(tmp_path / "clip.mp4"), "--model", str(path), "--task", "instance",
                          "--size", "48", "--threshold", "0.0", "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 0
-    result = json.loads((tmp_path / "out" / "clip" / "instances.json").read_text())["annotations"]
+    result = json.loads((tmp_path / "out" / "clip" / "youtube_vis.json").read_text())  # every top-k pair
     assert result and {"score", "label_id", "id"} <= set(result[0])
+    tracks_json = json.loads((tmp_path / "out" / "clip" / "instances.json").read_text())["tracks"]
+    assert sorted(t["id"] for t in tracks_json) == sorted({r["id"] for r in result})
     with pytest.warns(videomt_fast.model.loading.LoadingWarning):
         model = VideomtForUniversalSegmentation.from_pretrained(path)
     frames = np.concatenate(list(video_io.iter_chunks(video_io.VideoSource(str(tmp_path / "clip.mp4"), "video"), 100)))
