@@ -13,6 +13,7 @@ import torch
 import videomt_fast
 from videomt_fast import EomtDinov3Config, EomtDinov3ForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation
 from videomt_fast.model.configuration import CheckpointError, config_from_preset
+from videomt_fast.model.loading import LoadingWarning
 
 from helpers import assert_outputs_close, hf_eomt_dinov3, images, max_abs, randomize_, video
 from research_dinov3 import ResearchVideomtDinov3
@@ -229,10 +230,10 @@ def test_videomt_dinov3_matches_the_research_code(tmp_path, settings, frames, si
 
 def test_videomt_dinov3_research_norm_queries_default_follows_the_published_configs(tmp_path):
     _, path = _research_model(tmp_path, num_classes=124)
-    with pytest.warns(videomt_fast.model.loading.LoadingWarning, match="norm_queries=True"):
+    with pytest.warns(LoadingWarning, match="norm_queries=True"):
         assert VideomtForUniversalSegmentation.from_pretrained(path).config.norm_queries is True
     _, path = _research_model(tmp_path, num_classes=40)
-    with pytest.warns(videomt_fast.model.loading.LoadingWarning, match="norm_queries=False"):
+    with pytest.warns(LoadingWarning, match="norm_queries=False"):
         assert VideomtForUniversalSegmentation.from_pretrained(path).config.norm_queries is False
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -285,7 +286,7 @@ def test_segment_a_video_with_a_research_videomt_dinov3_checkpoint(tmp_path):
 
     _, path = _research_model(tmp_path, num_attention_heads=1, hidden_size=64, num_classes=40)
     video_io.write_test_video(str(tmp_path / "clip.mp4"), 6, 40, 56, seed=4)
-    with pytest.warns(videomt_fast.model.loading.LoadingWarning, match="norm_queries=False"):
+    with pytest.warns(LoadingWarning, match="norm_queries=False"):
         code = cli.main(["segment", str(tmp_path / "clip.mp4"), "--model", str(path), "--task", "instance",
                          "--size", "48", "--threshold", "0.0", "--out", str(tmp_path / "out"), "--no-progress"])
     assert code == 0
@@ -293,7 +294,7 @@ def test_segment_a_video_with_a_research_videomt_dinov3_checkpoint(tmp_path):
     assert result and {"score", "label_id", "id"} <= set(result[0])
     tracks_json = json.loads((tmp_path / "out" / "clip" / "instances.json").read_text())["tracks"]
     assert sorted(t["id"] for t in tracks_json) == sorted({r["id"] for r in result})
-    with pytest.warns(videomt_fast.model.loading.LoadingWarning):
+    with pytest.warns(LoadingWarning):
         model = VideomtForUniversalSegmentation.from_pretrained(path)
     frames = np.concatenate(list(video_io.iter_chunks(video_io.VideoSource(str(tmp_path / "clip.mp4"), "video"), 100)))
     pixels = VideomtVideoProcessor(size={"height": 48, "width": 48}).preprocess(
