@@ -1,7 +1,9 @@
 """ONNX export (videomt_fast.export): every graph passes onnx.checker and runs on ONNX Runtime with
 PyTorch's results: the step graph frame by frame over a 20-frame video with its state outside the graph,
 the clip graph at two clip lengths and two frame sizes, EoMT with masked attention inside the graph,
-the fp16 graphs within the plans' fp16 rule; misuse raises a named error. Tiny models, CPU only."""
+the fp16 graphs within the plans' fp16 rule; misuse raises a named error. Each model-level test runs on
+both backbones: DINOv2 (VidEoMT, EoMT) and DINOv3 (VidEoMT-DINOv3 with the gated MLP and norm_queries,
+EoMT-DINOv3), the rotary tables following the frame size inside a dynamic graph. Tiny models, CPU only."""
 
 from __future__ import annotations
 
@@ -13,12 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TINY, max_abs, randomize_
+from helpers import TINY, TINY_DINOV3, max_abs, randomize_
 
 onnx = pytest.importorskip("onnx", reason="needs onnx (the test extra)")
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (the test extra)")
 
-from videomt_fast import EomtConfig, EomtForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation  # noqa: E402
+from videomt_fast import (EomtConfig, EomtDinov3Config, EomtDinov3ForUniversalSegmentation,  # noqa: E402
+                          EomtForUniversalSegmentation, VideomtConfig, VideomtForUniversalSegmentation)
 from videomt_fast.export import ExportError, FrameSizeError, StateError, export, load  # noqa: E402
 from videomt_fast.runtime import plans  # noqa: E402
 
@@ -38,32 +41,52 @@ def _dynamic() -> bool:
     return resolve_exporter() == "dynamo"
 
 
-def _video_model(seed=0):
-    return randomize_(VideomtForUniversalSegmentation(VideomtConfig(**TINY)), seed).eval()
+BACKBONES = ("dinov2", "dinov3")
+
+
+def _video_model(seed=0, backbone="dinov2"):
+    if backbone == "dinov3":  # rotary attention, the gated MLP and normalized carried queries
+        config = VideomtConfig(**TINY_DINOV3, backbone_type="dinov3", use_gated_mlp=True, norm_queries=True)
+    else:
+        config = VideomtConfig(**TINY)
+    return randomize_(VideomtForUniversalSegmentation(config), seed).eval()
+
+
+def _eomt_model(seed=1, backbone="dinov2"):
+    if backbone == "dinov3":
+        return randomize_(EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**TINY_DINOV3)), seed).eval()
+    return randomize_(EomtForUniversalSegmentation(EomtConfig(**TINY)), seed).eval()
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def backbone(request):
+    """The backbone of the module's exports (one parameter for all of them, so each export is made once per
+    backbone)."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def video_export(tmp_path_factory):
-    model = _video_model()
-    out = tmp_path_factory.mktemp("onnx") / "videomt"
+def video_export(tmp_path_factory, backbone):
+    model = _video_model(backbone=backbone)
+    out = tmp_path_factory.mktemp("onnx") / f"videomt-{backbone}"
     sidecar = model.export(out, dtypes=["float32", "float16"], sizes=SIZES, verify=False)
     return model, out, sidecar
 
 
 @pytest.fixture(scope="module")
-def eomt_export(tmp_path_factory):
-    model = randomize_(EomtForUniversalSegmentation(EomtConfig(**TINY)), 1).eval()
+def eomt_export(tmp_path_factory, backbone):
+    model = _eomt_model(backbone=backbone)
     assert model.attn_mask_probs.tolist() == [1.0, 1.0]  # masked attention on in both query layers
-    out = tmp_path_factory.mktemp("onnx") / "eomt"
+    out = tmp_path_factory.mktemp("onnx") / f"eomt-{backbone}"
     sidecar = export(model, out, sizes=SIZES, verify=True)
     return model, out, sidecar
 
 
 @pytest.fixture(scope="module")
-def fixed_export(tmp_path_factory):
+def fixed_export(tmp_path_factory, backbone):
     """The TorchScript exporter (what runs where onnxscript is missing): one graph per listed size."""
-    model = _video_model(seed=2)
-    out = tmp_path_factory.mktemp("onnx") / "fixed"
+    model = _video_model(seed=2, backbone=backbone)
+    out = tmp_path_factory.mktemp("onnx") / f"fixed-{backbone}"
     sidecar = export(model, out, graphs_=["step"], sizes=[(32, 64)], exporter="torchscript", verify=False)
     return model, out, sidecar
 
@@ -99,6 +122,10 @@ def test_sidecar_names_every_input_and_output(video_export):
         assert sidecar["frame_sizes"]["dynamic"] is True and sidecar["frame_sizes"]["multiple_of"] == [16, 16]
     else:
         assert sidecar["frame_sizes"] == {**sidecar["frame_sizes"], "dynamic": False, "sizes": ["48x48", "32x64"]}
+    positions = sidecar["frame_sizes"]["position_embeddings"]
+    dinov3 = sidecar["model"]["config"].get("backbone_type") == "dinov3"
+    assert ("rotary" in positions) == dinov3
+    assert ("inside the graph" in positions) == _dynamic() and ("stored" in positions) == (not _dynamic())
     assert sidecar["normalization"]["mean"] == [0.485, 0.456, 0.406]
     for entry in sidecar["graphs"]:
         graph = onnx.load(os.path.join(folder, entry["file"])).graph
@@ -109,6 +136,8 @@ def test_sidecar_names_every_input_and_output(video_export):
                 assert doc["dtype"] == dtype and doc["doc"]
                 assert len(doc["shape"]) == len(value.type.tensor_type.shape.dim)
         assert bool(entry["fp32_inside"]) == (entry["dtype"] == "float16")
+        if entry["fp32_inside"]:
+            assert any("rotary" in line for line in entry["fp32_inside"]) == dinov3
     step = next(g for g in sidecar["graphs"] if g["graph"] == "step" and g["dtype"] == "float32")
     assert [d["name"] for d in step["inputs"]] == ["frames", "queries", "first"]
     assert step["inputs"][0]["shape"] == ["batch", 3, "height", "width"] if _dynamic() else ["batch", 3, 48, 48]
@@ -208,7 +237,8 @@ def test_fp16_graphs_meet_the_plans_fp16_rule(video_export):
 
 
 def test_fp16_graph_keeps_attention_and_norm_statistics_in_fp32(video_export):
-    _, folder, sidecar = video_export
+    """... and, with DINOv3, the rotary rotation of q and k (rotate_half's negation, once per layer)."""
+    torch_model, folder, sidecar = video_export
     name = next(g["file"] for g in sidecar["graphs"] if g["graph"] == "step" and g["dtype"] == "float16")
     model = onnx.shape_inference.infer_shapes(onnx.load(os.path.join(folder, name)))
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.input)}
@@ -222,6 +252,34 @@ def test_fp16_graph_keeps_attention_and_norm_statistics_in_fp32(video_export):
         stash = next((a.i for a in n.attribute if a.name == "stash_type"), 1)
         assert types[n.input[0]] == onnx.TensorProto.FLOAT or stash == 1
     assert any(types.get(n.input[0]) == onnx.TensorProto.FLOAT16 for n in matmuls)  # the rest is fp16
+    negations = [n for n in model.graph.node if n.op_type == "Neg"]
+    if torch_model.config.backbone_family == "dinov3":
+        assert len(negations) == torch_model.config.num_hidden_layers
+        assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in negations)
+        tables = [n for n in model.graph.node if n.op_type in ("Cos", "Sin")]
+        assert all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in tables)
+        assert bool(tables) == _dynamic()  # computed in the graph from the frame size, or stored per size
+    else:
+        assert not negations
+
+
+def test_export_table_rotation_equals_the_reference():
+    """The export table's rotary rotation (tables padded to every row, no symbolic slice) gives the
+    reference's values exactly, float32 and float16, the rows before the patches untouched."""
+    from videomt_fast.export.graphs import ExportTable
+    from videomt_fast.model.modeling import RotaryTable
+    from videomt_fast.ops.reference import rotate_patch_rows
+
+    gen = torch.Generator().manual_seed(3)
+    rotary = RotaryTable(VideomtConfig(**TINY_DINOV3, backbone_type="dinov3"))
+    for dtype in (torch.float32, torch.float16):
+        for grid, prefix in (((3, 5), 12), ((2, 2), 5)):
+            cos, sin = rotary.tables(grid, torch.device("cpu"))
+            qkv = torch.randn(2, prefix + grid[0] * grid[1], 3 * TINY_DINOV3["hidden_size"], generator=gen).to(dtype)
+            ours = ExportTable._rotate(qkv, TINY_DINOV3["num_attention_heads"], cos, sin)
+            ref = rotate_patch_rows(qkv, TINY_DINOV3["num_attention_heads"], cos, sin)
+            assert ours.dtype == dtype and torch.equal(ours, ref)
+            assert torch.equal(ours[:, :prefix], qkv[:, :prefix])
 
 
 def test_fixed_size_export_with_the_torchscript_exporter(fixed_export):
@@ -280,12 +338,13 @@ def test_cli_misuse_is_one_line_and_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
 
 
-def test_segment_runtime_onnxruntime_matches_the_torch_session(tmp_path):
+@pytest.mark.parametrize("backbone_type", BACKBONES)
+def test_segment_runtime_onnxruntime_matches_the_torch_session(tmp_path, backbone_type):
     pytest.importorskip("av", reason="needs av (the test extra): the test video")
     from videomt_fast.apps import segment, video_io
 
     model_dir, video = tmp_path / "model", tmp_path / "clip.mp4"
-    _video_model(seed=4).save_pretrained(str(model_dir))
+    _video_model(seed=4, backbone=backbone_type).save_pretrained(str(model_dir))
     video_io.write_test_video(str(video), 6, 40, 56, seed=1)
     maps = {}
     for runtime in ("torch", "onnxruntime"):
@@ -299,6 +358,25 @@ def test_segment_runtime_onnxruntime_matches_the_torch_session(tmp_path):
         assert done["identity"]["settings"].get("runtime") == (None if runtime == "torch" else "onnxruntime")
     assert maps["torch"].shape == maps["onnxruntime"].shape == (6, 40, 56)
     assert (maps["torch"] == maps["onnxruntime"]).mean() >= 0.999
+
+
+def test_export_cli_takes_an_eomt_dinov3_checkpoint(tmp_path, capsys):
+    """The checkpoint's config.json says EoMT-DINOv3: the image graph of that class, verified against it."""
+    from videomt_fast.apps import export as export_cli
+
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    _eomt_model(seed=6, backbone="dinov3").save_pretrained(str(model_dir))
+    argv = ["--model", str(model_dir), "--out", str(out), "--size", "32x64", "--exporter", "torchscript"]
+    assert export_cli.main(argv) == 0
+    sidecar = json.loads((out / "export.json").read_text())
+    assert sidecar["model"]["class"] == "EomtDinov3ForUniversalSegmentation"
+    assert [g["file"] for g in sidecar["graphs"]] == ["image-fp32-32x64.onnx"]
+    assert max(sidecar["verified"][0]["max_abs_err"].values()) <= ATOL
+    assert "verified image float32 32x64" in capsys.readouterr().out
+    args = export_cli.build_parser().parse_args(["--arch", "dinov3-s", "--model-type", "eomt", "--out", "x"])
+    assert type(export_cli.load_model(args)).__name__ == "EomtDinov3ForUniversalSegmentation"
+    with pytest.raises(SystemExit):
+        export_cli.build_parser().parse_args(["--arch", "dinov3-xl", "--out", "x"])
 
 
 def test_segment_runtime_misuse(tmp_path, capsys):

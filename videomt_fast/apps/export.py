@@ -2,7 +2,8 @@
 
     videomt-fast export --model DIR_OR_HUB_ID --out exported/ --size 640x640 --dtype float32,float16
 
-writes ``step-fp32.onnx``, ``clip-fp32.onnx`` (VidEoMT) or ``image-fp32.onnx`` (EoMT), their fp16 twins
+writes ``step-fp32.onnx``, ``clip-fp32.onnx`` (VidEoMT) or ``image-fp32.onnx`` (EoMT), either backbone
+(DINOv2 or DINOv3; an EoMT-DINOv3 checkpoint is recognised by its config.json), their fp16 twins
 and ``export.json`` (every input and output with its shape and dtype, the frame sizes, the normalization,
 what stays float32 in fp16 graphs, and each graph's error against PyTorch at the listed sizes). See
 :mod:`videomt_fast.export`.
@@ -11,7 +12,6 @@ what stays float32 in fp16 graphs, and each graph's error against PyTorch at the
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="videomt-fast export", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="save_pretrained folder, hub id, research .pth, or demo (the packaged model)")
-    source.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l"),
-                        help="published backbone shape with random weights (for trying the export)")
+    source.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l", "dinov3-s", "dinov3-b", "dinov3-l"),
+                        help="published backbone shape with random weights (for trying the export): vit-s/b/l "
+                             "DINOv2, dinov3-s/b/l DINOv3 (--model-type eomt: EoMT-DINOv3)")
     p.add_argument("--model-type", choices=("auto", "videomt", "eomt"), default="auto",
                    help="which model the weights are (auto: the checkpoint's config.json; VidEoMT otherwise)")
     p.add_argument("--out", required=True, help="output folder (written beside, then renamed into place)")
@@ -49,18 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_class(args):
-    from videomt_fast.model.modeling import EomtForUniversalSegmentation, VideomtForUniversalSegmentation
+    from videomt_fast.model.loading import declared_model_type
+    from videomt_fast.model.modeling import (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation,
+                                             VideomtForUniversalSegmentation)
 
+    declared = None
+    if args.model and os.path.isdir(args.model):
+        declared = declared_model_type(os.path.join(args.model, "config.json"))
     kind = args.model_type
-    if kind == "auto" and args.model:
-        config = os.path.join(args.model, "config.json")
-        if os.path.isfile(config):
-            try:
-                with open(config, encoding="utf-8") as fh:
-                    kind = "eomt" if json.load(fh).get("model_type") == "eomt" else "videomt"
-            except (OSError, ValueError):
-                kind = "videomt"
-    return EomtForUniversalSegmentation if kind == "eomt" else VideomtForUniversalSegmentation
+    if kind == "auto":
+        kind = "eomt" if declared in ("eomt", "eomt_dinov3") else "videomt"
+    if kind != "eomt":
+        return VideomtForUniversalSegmentation
+    return EomtDinov3ForUniversalSegmentation if declared == "eomt_dinov3" else EomtForUniversalSegmentation
 
 
 def load_model(args):
@@ -68,12 +70,13 @@ def load_model(args):
 
     from videomt_fast.demo import resolve_model
     from videomt_fast.model.configuration import EomtConfig, VideomtConfig, config_from_preset
+    from videomt_fast.model.modeling import model_class_for
 
     cls = _model_class(args)
     if args.arch:
         torch.manual_seed(args.seed)
         config = config_from_preset(args.arch, EomtConfig if cls.__name__.startswith("Eomt") else VideomtConfig)
-        return cls(config).eval()
+        return model_class_for(config)(config).eval()
     return cls.from_pretrained(resolve_model(args.model), dtype=torch.float32, device="cpu")
 
 

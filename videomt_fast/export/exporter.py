@@ -17,10 +17,13 @@ graph (``query_step``), so the step and the clip run the same exported operation
 * ``image`` (EoMT): ``pixel_values`` ``(B, 3, H, W)`` -> class and mask logits, masked attention (as the
   model's ``attn_mask_probs`` say) computed inside the graph.
 
-The batch is dynamic. Height and width are dynamic (multiples of the patch size) with torch's dynamo
-exporter, which turns the antialiased bicubic resize of the position embeddings into an ONNX ``Resize``;
-with the TorchScript exporter (used where onnxscript is missing) or ``fixed_sizes=True``, one graph per
-listed size is written with its position table computed here, and the sidecar lists those sizes.
+Either backbone exports: DINOv2 (learned position table) and DINOv3 (rotary embeddings on the patch
+tokens, gated MLP). The batch is dynamic. Height and width are dynamic (multiples of the patch size) with
+torch's dynamo exporter: DINOv2's antialiased bicubic resize of the position embeddings becomes an ONNX
+``Resize``, DINOv3's rotary cos/sin tables are computed in the graph from the frame size. With the
+TorchScript exporter (used where onnxscript is missing) or ``fixed_sizes=True``, one graph per listed size
+is written with its position tables (DINOv2's resized table, DINOv3's rotary tables) computed here and
+stored, and the sidecar lists those sizes and says so (``frame_sizes.position_embeddings``).
 """
 
 from __future__ import annotations
@@ -331,13 +334,22 @@ def _prepared(model, dtype: torch.dtype, copy_always: bool = False):
 
 @contextlib.contextmanager
 def _table_for(model, size: tuple[int, int], fixed: bool):
-    """With ``fixed``: the model's position table replaced, for the trace, by the one of ``size`` (resized
-    here as the model resizes it), so the graph stores it instead of resizing in the graph."""
+    """With ``fixed``: the model's position tables replaced, for the trace, by those of ``size``, computed here
+    as the model computes them (DINOv2: the resized position table; DINOv3: the rotary cos/sin tables), so
+    the graph stores them instead of computing them in the graph."""
     if not fixed:
         yield
         return
-    embeddings = model.embeddings
     grid = model.grid_for(*size)
+    if model.rope_embeddings is not None:
+        before = model.rope_embeddings
+        model.rope_embeddings = graphs.PinnedRotary(before, grid, model.device)
+        try:
+            yield
+        finally:
+            model.rope_embeddings = before
+        return
+    embeddings = model.embeddings
     before = embeddings.position_embeddings, embeddings.grid_size
     weight = embeddings.position_embedding(grid).detach().clone()
     embeddings.position_embeddings = torch.nn.Embedding.from_pretrained(weight, freeze=True)
@@ -418,6 +430,20 @@ DOCS = {
 }
 
 
+# How the graphs get the position information of a frame size: (backbone family, dynamic height and width)
+_POSITIONS = {
+    ("dinov2", True): "resized inside the graph (ONNX Resize, cubic, antialiased, coefficient -0.5: PyTorch's "
+                      "bicubic antialias)",
+    ("dinov2", False): "computed at export for each listed size and stored in that size's graph; frames of other "
+                       "sizes are refused",
+    ("dinov3", True): "DINOv3's rotary embedding: the cos/sin tables of the patch grid computed inside the graph "
+                      "from the frame size (float32, as the model computes them)",
+    ("dinov3", False): "DINOv3's rotary embedding: the cos/sin tables computed at export for each listed size "
+                       "(float32, as the model computes them) and stored in that size's graph; frames of other "
+                       "sizes are refused",
+}
+
+
 def export(
     model,
     out_dir: str | os.PathLike,
@@ -488,7 +514,7 @@ def _export_into(model, folder, kinds, dtype_names, sizes, dynamic_hw, exporter,
         for trace_size in _trace_size(config, sizes, dynamic_hw):
             with _table_for(prepared, trace_size, not dynamic_hw):
                 specs = _video_specs(prepared, table, trace_size) if video else [_image_spec(prepared, trace_size)]
-                with graphs.export_tables(prepared, table), torch.no_grad():
+                with graphs.export_tables(prepared, table), prepared.fused_names(), torch.no_grad():
                     traced = [_torch_export(spec, exporter, dynamic_hw, opset, config.patch_hw) for spec in specs]
             suffix = "" if dynamic_hw else f"-{_size_text(trace_size)}"
             state_dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype_name))
@@ -507,7 +533,7 @@ def _export_into(model, folder, kinds, dtype_names, sizes, dynamic_hw, exporter,
                     "frame_sizes": "dynamic" if dynamic_hw else [_size_text(trace_size)],
                     "inputs": [_value_doc(v, DOCS) for v in graph.graph.input],
                     "outputs": [_value_doc(v, DOCS) for v in graph.graph.output],
-                    "fp32_inside": list(graphs.FP32_INSIDE) if dtype != torch.float32 else [],
+                    "fp32_inside": graphs.fp32_inside(prepared) if dtype != torch.float32 else [],
                 }
                 if kind == "step":
                     entry["first_frame"] = ("set first[b] on a stream's first frame: that row starts from the "
@@ -527,12 +553,10 @@ def _export_into(model, folder, kinds, dtype_names, sizes, dynamic_hw, exporter,
         "model": {"class": type(model).__name__, "config": _config_dict(config)},
         "exporter": _exporter_info(exporter, opset),
         "frame_sizes": ({"dynamic": True, "multiple_of": list(config.patch_hw), "verified": [_size_text(s) for s in sizes],
-                         "position_embeddings": "resized inside the graph (ONNX Resize, cubic, antialiased, "
-                                                "coefficient -0.5: PyTorch's bicubic antialias)"}
+                         "position_embeddings": _POSITIONS[config.backbone_family, True]}
                         if dynamic_hw else
                         {"dynamic": False, "sizes": [_size_text(s) for s in sizes],
-                         "position_embeddings": "computed at export for each listed size and stored in that "
-                                                "size's graph; frames of other sizes are refused"}),
+                         "position_embeddings": _POSITIONS[config.backbone_family, False]}),
         "batch": "dynamic",
         "normalization": {**NORMALIZATION, "mean": list(IMAGENET_DEFAULT_MEAN), "std": list(IMAGENET_DEFAULT_STD)},
         "graphs": entries,

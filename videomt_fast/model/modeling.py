@@ -11,6 +11,7 @@ execution plan chose after :meth:`optimize`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import os
@@ -312,9 +313,11 @@ class RotaryTable(nn.Module):
         self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tables(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            # part of the graph: no cache, and the grid's sides as traced (an exported graph with a dynamic
+            # frame size computes the tables from it)
+            return self._compute(grid[0], grid[1], device)
         gh, gw = int(grid[0]), int(grid[1])
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():  # part of the graph: no cache
-            return self._compute(gh, gw, device)
         key = (gh, gw, device)
         cached = self._cache.get(key)
         if cached is None:
@@ -327,8 +330,9 @@ class RotaryTable(nn.Module):
 
     def _compute(self, gh: int, gw: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         inv_freq = (1 / self.theta ** torch.arange(0, 1, 4 / self.head_dim, dtype=torch.float32)).to(device)
-        ys = (torch.arange(0.5, gh, dtype=torch.float32, device=device) / gh)
-        xs = (torch.arange(0.5, gw, dtype=torch.float32, device=device) / gw)
+        # i + 0.5 (exact in float32): arange(0.5, n) would need ceil(n - 0.5), which a symbolic n cannot give
+        ys = (torch.arange(gh, dtype=torch.float32, device=device) + 0.5) / gh
+        xs = (torch.arange(gw, dtype=torch.float32, device=device) + 0.5) / gw
         coords = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0
         angles = (2 * math.pi * coords[:, :, None] * inv_freq[None, None, :]).flatten(1, 2).tile(2)
         return torch.cos(angles), torch.sin(angles)
@@ -752,9 +756,17 @@ class _Segmenter(nn.Module):
     def fused_state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """``state_dict()`` with this package's own keys (one fused ``qkv`` per attention, no loss buffer);
         ``state_dict()`` itself gives transformers' names (and ``load_state_dict`` takes either)."""
+        with self.fused_names():
+            return self.state_dict(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def fused_names(self) -> Iterator[None]:
+        """Inside, ``state_dict()`` (of this model or a module holding it) has this package's own keys, the
+        parameters themselves: what a tracer that finds parameters through the state dict needs (torch.jit's,
+        so the TorchScript ONNX exporter)."""
         self.__dict__["_fused_names"] = True
         try:
-            return self.state_dict(*args, **kwargs)
+            yield
         finally:
             self.__dict__.pop("_fused_names", None)
 
