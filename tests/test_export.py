@@ -408,6 +408,20 @@ def test_bench_rows_for_onnxruntime(tmp_path):
         benchmark.parse_args(["--tiny", "--ort", "gpu"])
 
 
+def test_bench_rows_for_onnxruntime_on_videomt_dinov3():
+    """VidEoMT-DINOv3, which transformers has no class for: the ONNX Runtime row exports the same weights as
+    the fast row (the benchmark's own model of them) and agrees with transformers' DINOv3 modules."""
+    from videomt_fast.apps import benchmark
+
+    args = benchmark.parse_args(["--arch", "dinov3-s", "--size", "32x32", "--device", "cpu", "--providers",
+                                 "hf-eager-fp32", "--ort", "cpu", "--mode", "online", "--repeats", "1", "--warmup",
+                                 "0", "--online-frames", "2", "--agree-frames", "2", "--no-save"])
+    report = benchmark.run(args)
+    row = next(r for r in report["rows"] if r["label"] == "ort-cpu-fp32")
+    assert row["status"] == "ok", row
+    assert row["agreement"]["mask_max_abs_err"] <= 1e-3 and row["agreement"]["class_max_abs_err"] <= 1e-3
+
+
 def test_the_library_never_imports_onnx_until_an_export_runs():
     import subprocess
     import sys

@@ -51,13 +51,10 @@ def resolve(text: str) -> list[str]:
 
 def build(bench, name: str, size: tuple[int, int]) -> Runner:
     """The Runner of ``ort-<ep>`` at ``size`` on ``bench``'s shared weights."""
-    import copy
-
     try:
         import onnxruntime
     except ImportError:
         raise Skip("onnxruntime is not installed (pip install -e \".[onnx]\")") from None
-    from videomt_fast import from_transformers
     from videomt_fast.export import export, load
 
     ep = name.split("-", 1)[1]
@@ -67,7 +64,7 @@ def build(bench, name: str, size: tuple[int, int]) -> Runner:
                    f"{onnxruntime.get_available_providers()})")
     dtype = DTYPES[ep]
     dtype_name = str(dtype).replace("torch.", "")
-    model = from_transformers(copy.deepcopy(bench.hf_master(size))).eval()
+    model = bench.lean_model(size).eval()  # the shared weights (VidEoMT-DINOv3 included: no transformers class)
     folder = tempfile.mkdtemp(prefix="videomt-fast-bench-onnx-")
     out = os.path.join(folder, "export")
     started = time.perf_counter()
