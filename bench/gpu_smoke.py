@@ -370,7 +370,7 @@ class Driver:
         for p in self.phases:
             self.say(f"{p['name']:<14} {p['status']:<8} {p.get('seconds', 0):>6} s  {p.get('reason') or ''}")
         for row in fps:
-            self.say(f"fps {row['arch']:<6} {row['provider']:<13} {row['mode']:<8} "
+            self.say(f"fps {row['arch']:<6} {row.get('label') or row['provider']:<13} {row['mode']:<8} "
                      f"{row['fps'] if row['fps'] is None else round(row['fps'], 1)} frames/s  mfu {row['mfu']}")
         return 0 if status == "pass" else 1
 
@@ -399,7 +399,8 @@ def _fps_rows(bench_dir: Path, dry: bool) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
         rows_of = data.get("rows")
         for r in rows_of if isinstance(rows_of, list) else []:  # (plan tables have no benchmark rows)
-            rows.append({"arch": data.get("arch"), "provider": r.get("provider"), "mode": r.get("mode"),
+            rows.append({"arch": data.get("arch"), "provider": r.get("provider"), "label": r.get("label"),
+                         "mode": r.get("mode"),
                          "size": r.get("size"),
                          "dtype": r.get("dtype"), "status": r.get("status"),
                          "fps": None if dry else r.get("fps"), "mfu": None if dry else r.get("mfu"),

@@ -253,6 +253,8 @@ def test_dry_run_end_to_end(tmp_path):
     assert report["fps"] and all(r["fps"] is None and r["mfu"] is None for r in report["fps"])  # no timing
     assert {(r["provider"], r["mode"]) for r in report["fps"]} == {
         (p, m) for p in ("hf-eager-fp32", "hf-sdpa-bf16", "fast") for m in ("online", "offline")}
+    # each row is named by the dtype that ran (the CPU runs the bf16 peer in float32)
+    assert all(r["label"].endswith({"float32": "-fp32", "bfloat16": "-bf16", "float16": "-fp16"}[r["dtype"]]) for r in report["fps"])
     assert (out / "bench.tar.gz").exists() and (out / "smoke.log").exists() and (out / "build.log").exists()
     assert len(list(out.iterdir())) <= 8  # what a device call brings back
 
