@@ -4,6 +4,7 @@ or in a child, and the files it writes read back."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -18,6 +19,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, num_blocks=2, num_queries=7, image_size=48, num_labels=5)
 CHUNK = 4
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH", "")) if p)}
+
+
+def interruptible() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a shell that starts a job in the background
+    hands it SIGINT ignored, and an ignored signal stays ignored across exec (Python then installs no
+    KeyboardInterrupt handler); the child starts with the default disposition wherever the suite runs."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def tiny_model(folder, seed: int):

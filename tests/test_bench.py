@@ -253,7 +253,9 @@ def test_frame_flops_masked_blocks_add_one_head_pass_each():
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    rc = benchmark.main(TINY_RUN + ["--size", "32x32", "--size", "32x48", "--out-dir", str(out),
+    # float32 forced: a CPU's own dtype decision for the fast path is timed, so it may go either way on a busy
+    # machine (the label of a decided dtype: test_fast_row_is_labelled_with_the_dtype_its_plan_decided)
+    rc = benchmark.main(TINY_RUN + ["--size", "32x32", "--size", "32x48", "--out-dir", str(out), "--dtype", "float32",
                                     "--providers", "hf-eager-fp32,hf-sdpa-bf16,fast-ref,fast", "--peers", "none"])
     assert rc == 0
     files = os.listdir(out)
@@ -520,6 +522,29 @@ def test_results_go_outside_the_working_tree_unless_asked(tmp_path, monkeypatch,
     monkeypatch.delenv("VIDEOMT_FAST_RESULTS_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert benchmark.results_dir() == str(tmp_path / "cache" / "videomt_fast" / "results")
+
+
+@pytest.mark.parametrize("decided", ["bfloat16", "float32"])
+def test_fast_row_is_labelled_with_the_dtype_its_plan_decided(decided, tmp_path, monkeypatch):
+    """On a CPU the fast path's dtype is its plan's (timed) decision: the rows name and carry the dtype that
+    decision chose, whichever it was (the decision stubbed here; its own tests are in test_plans.py)."""
+    from videomt_fast.runtime import plans
+
+    monkeypatch.setenv("VIDEOMT_FAST_PLAN_CACHE", str(tmp_path / "plans"))  # the stub's verdict stays here
+
+    def decide(model, rows, size, timer=None, budget=None, times=None):
+        return {"dtype": decided, "reason": "stub", "float32_ms": 2.0, "bfloat16_ms": 1.0,
+                "weights": plans.weights_fingerprint(model)}
+
+    monkeypatch.setattr(plans, "choose_cpu_dtype", decide)
+    rc = benchmark.main(TINY_RUN + ["--mode", "online", "--mode", "offline", "--providers", "hf-eager-fp32,fast",
+                                    "--peers", "none", "--out-dir", str(tmp_path / "out")])
+    assert rc == 0
+    (path,) = (tmp_path / "out").glob("*.json")
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["provider"] == "fast"]
+    assert {r["mode"] for r in rows} == {"online", "offline"}
+    label = benchmark.provider_label("fast", getattr(torch, decided))
+    assert all(r["label"] == label and r["dtype"] == decided and r["status"] == "ok" for r in rows), rows
 
 
 def test_progress_names_the_dtype_that_will_run():

@@ -24,7 +24,7 @@ from videomt_fast.apps import segment as seg
 from videomt_fast.apps import video_io
 from videomt_fast.processing.video_processor import VideomtVideoProcessor
 
-from segment_helpers import CHUNK, ENV, REPO, TINY, tiny_model
+from segment_helpers import CHUNK, ENV, REPO, TINY, interruptible, tiny_model
 from segment_helpers import argv as _argv
 from segment_helpers import cli as _cli
 from segment_helpers import run as _run
@@ -343,7 +343,7 @@ def test_ctrl_c_prints_the_summary_and_leaves_nothing_half_done(model_dir, tmp_p
         video_io.write_test_video(str(v), 2 * CHUNK, 32, 32, seed=10 + i)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _HOLD_MID_VIDEO, *_argv(model_dir, out, *videos)], env=ENV, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
     try:
@@ -375,7 +375,8 @@ def test_ctrl_c_with_several_devices_leaves_nothing_half_done(model_dir, tmp_pat
         video_io.write_test_video(str(v), 24, 32, 32, seed=30 + i)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "videomt_fast", "segment", *_argv(model_dir, out, *videos, extra=["--devices", "cpu,cpu"])]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=interruptible)
     watchdog = threading.Timer(240, proc.kill)
     watchdog.start()
     try:
