@@ -119,7 +119,6 @@ class Driver:
         self.phases: list[dict[str, Any]] = []
         self.build: subprocess.Popen | None = None
         self.build_started = 0.0
-        self.build_failed = False
         self.build_done = False
         # --dry proves the code paths, not the timing: a busy CPU (CI) gets four times each limit
         self.scale = 4 if args.dry else 1
@@ -139,7 +138,7 @@ class Driver:
         path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # a bare machine: the checkout
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=path,
                    VIDEOMT_FAST_PLAN_CACHE=str(self.work / "plan-cache"), **extra)  # one plan cache for every phase
-        if self.args.dry or self.build_failed or not self.build_done:
+        if self.args.dry or not self.build_done:
             # nothing to build on a CPU; while the background build runs, a phase never builds (it would wait
             # on the build's lock, or leave one behind when killed at its limit); after a failure, no second try
             env["VIDEOMT_FAST_NO_JIT"] = "1"
@@ -258,16 +257,10 @@ class Driver:
 
     def start_build(self) -> None:
         self.build_started = time.monotonic()
-        if not self.args.dry:
-            from videomt_fast.ops import _ext
-
-            for lock in _ext.clear_locks():  # the only builder on this machine: an earlier run was killed mid-build
-                self.say(f"=== removed a build lock left by an earlier run: {lock}")
         cores = os.cpu_count() or 2
         env = self.env(VIDEOMT_FAST_EXT_VERBOSE="1", MAX_JOBS=os.environ.get("MAX_JOBS", str(max(1, cores // 2))))
-        env.pop("VIDEOMT_FAST_NO_JIT", None)
-        if self.args.dry:
-            env["VIDEOMT_FAST_NO_JIT"] = "1"
+        if not self.args.dry:
+            env.pop("VIDEOMT_FAST_NO_JIT", None)
         self._build_log = open(self.out / "build.log", "w")
         self.build = subprocess.Popen(self.worker("build"), cwd=ROOT, stdout=self._build_log,
                                       stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -287,7 +280,6 @@ class Driver:
             phase.update(status="timeout", reason=f"the build was not done within {limit:.0f} s more")
         else:
             self._worker_verdict(phase, "build", rc)
-        self.build_failed = phase["status"] in ("fail", "timeout")
         self.build_done = phase["status"] == "pass"
         self.say(f"=== build: {phase['status']} after {phase['seconds']} s" + (f" ({phase['reason']})" if phase.get("reason") else ""))
         return phase
@@ -436,6 +428,9 @@ def phase_build(args) -> dict[str, Any]:
     from videomt_fast.ops import _ext
 
     t0 = time.monotonic()
+    if not args.dry:
+        for lock in _ext.clear_locks():  # the only builder on this machine: an earlier run was killed mid-build
+            print(f"removed a build lock left by an earlier run: {lock}", flush=True)
     module = _ext.load()
     result = {"module": repr(module), "error": _ext.error(), "seconds": round(time.monotonic() - t0, 1)}
     if module is not None:

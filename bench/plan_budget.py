@@ -16,7 +16,6 @@ budget.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -65,7 +64,7 @@ def main(argv=None) -> int:
     cache = tempfile.mkdtemp(prefix="videomt_fast-plan-budget-")
     os.environ["VIDEOMT_FAST_PLAN_CACHE"] = cache  # empty: everything is measured
     import videomt_fast
-    from videomt_fast.apps.benchmark import environment, results_dir
+    from videomt_fast.apps.benchmark import environment, results_dir, write_json_atomic
     from videomt_fast.demo import WEIGHTS_DIR
     from videomt_fast.model.configuration import config_from_preset
 
@@ -107,10 +106,7 @@ def main(argv=None) -> int:
               "environment": environment(torch.device("cpu")), "threads": torch.get_num_threads(),
               "load_average": list(os.getloadavg()), "budget_s_per_shape": args.budget, "rows": rows}
     out = args.out or os.path.join(results_dir(), f"plan_budget_cpu_{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out + ".tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(out + ".tmp", out)
+    write_json_atomic(out, report)
     print(f"results: {out}")
     return 0 if all(r["kept"] for r in rows) else 1
 

@@ -44,6 +44,7 @@ import torch
 
 from videomt_fast.export import graphs
 from videomt_fast.export.errors import ExportError, require
+from videomt_fast.model.loading import _umask
 
 FORMAT = "videomt_fast.onnx-export"
 FORMAT_VERSION = 1
@@ -488,9 +489,7 @@ def export(
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is meant to be shared
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the export is meant to be shared
     try:
         sidecar = _export_into(model, tmp, kinds, dtype_names, sizes, dynamic_hw, exporter, opset, verify, video)
         _write_json(os.path.join(tmp, SIDECAR), sidecar)

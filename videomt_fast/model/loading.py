@@ -319,13 +319,7 @@ def hf_to_fast(state: dict[str, torch.Tensor], missing: list[str] | None = None,
         packed = _SWIGLU_PACKED.match(key)
         if packed:
             prefix, which, kind = packed.groups()
-            if which == "out":
-                out[f"{prefix}down_proj.{kind}"] = value
-            else:
-                if value.shape[0] % 2:
-                    raise CheckpointError(f"{key} has {value.shape[0]} rows; a packed SwiGLU holds [gate | up], "
-                                          "an even count")
-                out[f"{prefix}gate_proj.{kind}"], out[f"{prefix}up_proj.{kind}"] = value.chunk(2, dim=0)
+            _unpack_swiglu(out, key, value, prefix, which == "out", kind)
             continue
         out[key] = value
     for (prefix, kind), parts in qkv_parts.items():
@@ -367,15 +361,20 @@ def split_packed_swiglu(state: dict[str, torch.Tensor], expected: set[str]) -> d
         if not match or f"{match.group(1)}gate_proj.{match.group(3)}" not in expected:
             continue
         prefix, which, kind = match.groups()
-        value = out.pop(key)
-        if which == "2":
-            out[f"{prefix}down_proj.{kind}"] = value
-            continue
-        if value.shape[0] % 2:
-            raise CheckpointError(f"{key} has {value.shape[0]} rows; a packed SwiGLU fc1 holds [gate | up], an even count")
-        gate, up = value.chunk(2, dim=0)
-        out[f"{prefix}gate_proj.{kind}"], out[f"{prefix}up_proj.{kind}"] = gate, up
+        _unpack_swiglu(out, key, out.pop(key), prefix, which == "2", kind)
     return out
+
+
+def _unpack_swiglu(out: dict[str, torch.Tensor], key: str, value: torch.Tensor, prefix: str, down: bool,
+                   kind: str) -> None:
+    """One packed SwiGLU tensor into ``out``: the down projection as ``down_proj``, else ``[gate | up]``
+    split into ``gate_proj`` and ``up_proj``."""
+    if down:
+        out[f"{prefix}down_proj.{kind}"] = value
+        return
+    if value.shape[0] % 2:
+        raise CheckpointError(f"{key} has {value.shape[0]} rows; a packed SwiGLU holds [gate | up], an even count")
+    out[f"{prefix}gate_proj.{kind}"], out[f"{prefix}up_proj.{kind}"] = value.chunk(2, dim=0)
 
 
 def is_transformers_key(key: str) -> bool:
@@ -849,13 +848,12 @@ def load_pretrained(
     for key in _ACCEPTED_NOOPS:
         kwargs.pop(key, None)
     attn = kwargs.pop("attn_implementation", None)
-    if attn is not None:  # recorded on the model's config once it exists (set_attn_implementation)
-        loaded = load_pretrained(cls, name_or_path, config=config, dtype=dtype, device=device, state_dict=state_dict,
-                                 output_loading_info=output_loading_info, ignore_mismatched_sizes=ignore_mismatched_sizes,
-                                 strict=strict, subfolder=subfolder, revision=revision, cache_dir=cache_dir,
-                                 local_files_only=local_files_only, token=token, timeout=timeout, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).set_attn_implementation(attn)
-        return loaded
+
+    def done(model, info):
+        if attn is not None:  # recorded on the model's config (set_attn_implementation)
+            model.set_attn_implementation(attn)
+        return (model, info) if output_loading_info else model
+
     config_cls = _config_class_for(cls)
     field_names = {f.name for f in dataclasses.fields(config_cls)} | {"num_labels"}
     overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in field_names}
@@ -877,11 +875,11 @@ def load_pretrained(
         missing: list[str] = []
         model = build_model(cls, _config_with(config, overrides), hf_to_fast(dict(state_dict or {}), None if strict else missing, config),
                             source="state_dict", loading_info=info, init_missing=missing, **build)
-        return (model, info) if output_loading_info else model
+        return done(model, info)
     path = os.fspath(name_or_path)
     if path.endswith((".pth", ".pt", ".ckpt")) and os.path.isfile(path):
         model = load_research_checkpoint(cls, path, config=config, loading_info=info, **build, **overrides)
-        return (model, info) if output_loading_info else model
+        return done(model, info)
     if path.endswith((".pth", ".pt", ".ckpt")) and not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     directory = resolve_checkpoint_dir(path, **hub)
@@ -898,7 +896,7 @@ def load_pretrained(
         state = hf_to_fast(state, config=config)
         model = build_model(cls, _config_with(config, overrides), state, source=directory, loading_info=info,
                             **{**build, "strict": True})
-        return (model, info) if output_loading_info else model
+        return done(model, info)
     if config is None:
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"no config.json in {directory}; expected a transformers save_pretrained directory")
@@ -907,7 +905,7 @@ def load_pretrained(
     state = hf_to_fast(raw, None if strict else missing, _config_with(config, overrides))
     model = build_model(cls, _config_with(config, overrides), state, source=directory, loading_info=info,
                         init_missing=missing, **build)
-    return (model, info) if output_loading_info else model
+    return done(model, info)
 
 
 def declared_model_type(config_path: str) -> str | None:

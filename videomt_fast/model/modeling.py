@@ -873,10 +873,10 @@ class _Segmenter(nn.Module):
         building on the meta device and ``to_empty``), in place."""
         from videomt_fast.model.loading import initial_state
 
+        params = dict(self.named_parameters())
         with torch.no_grad():
             for name, value in initial_state(self).items():
-                target = self.get_parameter(name) if name in dict(self.named_parameters()) else self.get_buffer(name)
-                target.copy_(value)
+                (params[name] if name in params else self.get_buffer(name)).copy_(value)
         self._refresh_mask_probs()
 
     def enable_input_require_grads(self) -> None:

@@ -50,8 +50,12 @@ def _cache_dir(src: Path) -> Path:
     for name in SOURCES + HEADERS:
         digest.update((src / name).read_bytes())
     digest.update(f"{torch.__version__}|{torch.version.cuda}".encode())
-    root = Path(os.environ.get("VIDEOMT_FAST_EXT_CACHE", Path.home() / ".cache" / "videomt_fast"))
-    return root / f"postprocess-{digest.hexdigest()[:16]}"
+    return _cache_root() / f"postprocess-{digest.hexdigest()[:16]}"
+
+
+def _cache_root() -> Path:
+    """``$VIDEOMT_FAST_EXT_CACHE``, else ``~/.cache/videomt_fast``: every build folder is under it."""
+    return Path(os.environ.get("VIDEOMT_FAST_EXT_CACHE", Path.home() / ".cache" / "videomt_fast"))
 
 
 LOCK_STALE_S = 900.0  # a build lock older than this was left by a builder that is gone
@@ -75,9 +79,7 @@ def clear_stale_lock(build: Path, max_age_s: float = LOCK_STALE_S) -> bool:
 def clear_locks() -> list[Path]:
     """Remove every build lock under the build folder: for a caller that knows it is the only builder on its
     machine (the GPU check), after an earlier run was killed mid-build."""
-    root = Path(os.environ.get("VIDEOMT_FAST_EXT_CACHE", Path.home() / ".cache" / "videomt_fast"))
-    removed = [lock for lock in root.glob("postprocess-*/lock") if clear_stale_lock(lock.parent, 0.0)]
-    return removed
+    return [lock for lock in _cache_root().glob("postprocess-*/lock") if clear_stale_lock(lock.parent, 0.0)]
 
 
 def wait_for_lock(build: Path, timeout_s: float, poll_s: float = 0.5) -> None:

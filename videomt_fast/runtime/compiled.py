@@ -423,9 +423,10 @@ def _verify_and_time(model, plan, site, step, calibration, run_ops, size, budget
     except Exception as exc:
         comp.reason = f"raised {type(exc).__name__}: {plans._first_line(exc)}"
         return
+    ops_outs = {form: run_ops(frames, queries) for form, (frames, queries) in inputs.items()}
     errors, tols = {}, {}
-    for form, (frames, queries) in inputs.items():
-        ops_error = plans._error(run_ops(frames, queries), f64[form])
+    for form in inputs:
+        ops_error = plans._error(ops_outs[form], f64[form])
         tols[form] = plans.tolerance(model.dtype, ops_error)
         errors[form] = plans._error(outs[form], f64[form])
         ops_c.error = ops_error if ops_c.error is None else max(ops_c.error, ops_error)
@@ -436,8 +437,8 @@ def _verify_and_time(model, plan, site, step, calibration, run_ops, size, budget
         comp.reason = (f"{worst} frame: NaN or inf in the output" if math.isnan(comp.error)
                        else f"{worst} frame: error {comp.error:.2e} over tolerance {comp.tolerance:.2e}")
         return
-    for form, (frames, queries) in inputs.items():
-        verdict = plans.judge(outs[form][:2], f32[form][:2], model.dtype, peer=run_ops(frames, queries)[:2])
+    for form in inputs:
+        verdict = plans.judge(outs[form][:2], f32[form][:2], model.dtype, peer=ops_outs[form][:2])
         if not verdict["passed"]:
             comp.reason = f"{form} frame: misses the agreement gate ({plans.gate_summary(verdict)})"
             return

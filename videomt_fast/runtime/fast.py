@@ -189,7 +189,7 @@ def plan_for(model, rows: int, size: tuple[int, int], stages: tuple[str, ...] | 
         report = settings.cpu_dtype_report
         notes = []
         if report:
-            figures = "" if report["reason"].startswith("not measured") else f" ({_dtype_figures(report)})"
+            figures = f" ({_dtype_figures(report)})" if report.get("measured", True) else ""
             notes.append(f"cpu dtype: {report['reason']}{figures}")
         plan = plans.get(model, rows, tuple(size), mode=settings.plan, stages=list(stages or plans.stages_of(model)),
                          budget=budget, notes=notes)

@@ -633,11 +633,9 @@ def float32_reference(model):
 
 
 def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
-    if not bool(torch.isfinite(out).all()):
-        return math.inf
-    den = float(ref.norm())
-    return float((out - ref).norm()) / den if den > 0 else float((out - ref).norm())
+    """:func:`_error` of one tensor, inf where ``out`` is not finite."""
+    error = _error(out, ref)
+    return math.inf if math.isnan(error) else error
 
 
 def _rms(t: torch.Tensor) -> float:
@@ -981,6 +979,7 @@ def choose_cpu_dtype(model, rows: int, size: tuple[int, int], timer: Callable[[s
     if at is None:
         result["reason"] = (f"not measured: frames at the smallest representative size would not fit the "
                             f"{allowed:.0f} s of the planning budget left for the decision: float32 kept")
+        result["measured"] = False  # kept for this call only: never cached
         return result
     result["measured_size"] = list(at)
     pixels = calibration_input(model, rows, at, frames=2 if hasattr(model, "query_updater") else 1).float()
@@ -1136,7 +1135,7 @@ def cpu_dtype_decision(model, rows: int, size: tuple[int, int], mode: str | None
         except (OSError, ValueError, KeyError, TypeError):
             pass
     report = choose_cpu_dtype(model, rows, size, budget=budget, times=times)
-    if "not measured" not in report.get("reason", ""):
+    if report.get("measured", True):
         _write_json_atomic(path, {"key": key, "report": report})
     return report
 
