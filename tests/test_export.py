@@ -389,6 +389,24 @@ def test_segment_runtime_misuse(tmp_path, capsys):
     assert len(err) == 2 and "--fast applies to the torch runtime" in err[0] and "not bfloat16" in err[1]
 
 
+def test_onnxruntime_settings_are_checked_where_every_caller_passes(tmp_path):
+    """The library call refuses what the command line refuses (the check lives in SegmentSettings.validate),
+    and ``dtype="auto"`` resolves to float32 for ONNX Runtime on any device (its graphs are exported from
+    float32 weights; bf16 is the torch runtime's CUDA default only)."""
+    import torch
+
+    from videomt_fast.apps import segment
+    from videomt_fast.apps.segment.engine import resolve_dtype
+    from videomt_fast.apps.segment.settings import SegmentSettings
+
+    with pytest.raises(segment.UsageError, match="not bfloat16"):
+        segment.run(SegmentSettings(model="demo", task="semantic", out=str(tmp_path / "o"), dtype="bfloat16",
+                                    runtime="onnxruntime"), [str(tmp_path / "x.mp4")])
+    assert not (tmp_path / "o").exists()  # refused before any work
+    assert resolve_dtype("auto", "cuda:0", "onnxruntime") == torch.float32
+    assert resolve_dtype("auto", "cuda:0") == torch.bfloat16 and resolve_dtype("auto", "cpu", "onnxruntime") == torch.float32
+
+
 def test_bench_rows_for_onnxruntime(tmp_path):
     """ONNX Runtime rows in the same run as transformers and our path, with the agreement columns."""
     from videomt_fast.apps import benchmark

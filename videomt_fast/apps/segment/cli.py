@@ -86,9 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from_args(args: argparse.Namespace) -> SegmentSettings:
-    from videomt_fast.apps.segment.ort import check_settings
-
-    check_settings(args.runtime, args.dtype, args.fast)
     try:
         fuse = [int(v) for v in args.fuse_labels.split(",") if v.strip()] if args.fuse_labels else []
     except ValueError:
@@ -167,7 +164,7 @@ def run(settings: SegmentSettings, inputs: list[str], devices: str = "auto", ray
     device_list = resolve_devices(devices) if ray_address is None else []
     if settings.dtype == "auto" and len({torch_device_type(d) for d in device_list}) == 1:
         # recorded in done.json as what runs (bfloat16 on CUDA, float32 on a CPU), not as "auto"
-        settings = replace(settings, dtype=str(resolve_dtype("auto", device_list[0])).replace("torch.", ""))
+        settings = replace(settings, dtype=str(resolve_dtype("auto", device_list[0], settings.runtime)).replace("torch.", ""))
     _prepare_out(settings.out)
     try:  # the output folder is never searched for inputs (a rerun would segment the results)
         sources, problems = video_io.discover_inputs(inputs, exclude=[settings.out])

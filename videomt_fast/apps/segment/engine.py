@@ -20,21 +20,23 @@ from videomt_fast.apps.segment.settings import SegmentSettings
 _MODEL_CACHE: dict[tuple, Any] = {}
 
 
-def resolve_dtype(name: str, device: str):
+def resolve_dtype(name: str, device: str, runtime: str = "torch"):
+    """The model's dtype: ``auto`` is bfloat16 on CUDA for the torch runtime, else float32 (ONNX Runtime runs
+    float32 graphs exported from float32 weights)."""
     import torch
 
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        return torch.bfloat16 if str(device).startswith("cuda") and runtime == "torch" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
 def load_model(settings: SegmentSettings, device: str):
     """The model on ``device`` (cached per process: Ray workers and repeated calls reuse it)."""
-    key = (settings.model, device, settings.dtype, settings.fast)
+    key = (settings.model, device, settings.dtype, settings.fast, settings.runtime)
     if key not in _MODEL_CACHE:
         from videomt_fast.model.modeling import VideomtForUniversalSegmentation
 
-        dtype = resolve_dtype(settings.dtype, device)
+        dtype = resolve_dtype(settings.dtype, device, settings.runtime)
         model = VideomtForUniversalSegmentation.from_pretrained(settings.model, dtype=dtype, device=device)
         check_weights(model, settings.model)
         if settings.fast and hasattr(model, "optimize"):

@@ -17,7 +17,7 @@ import tempfile
 from typing import Any
 
 RUNTIMES = ("torch", "onnxruntime")
-_EXPORTS: dict[tuple, Any] = {}  # (model id, dtype, size or None) -> OrtModel
+_EXPORTS: dict[tuple, tuple[Any, Any]] = {}  # (model id, dtype, size or None) -> (model, OrtModel)
 
 
 def check_settings(runtime: str, dtype: str, fast: bool) -> None:
@@ -45,10 +45,10 @@ def new_session(model, size: tuple[int, int], dtype: str, device: str):
     graph_dtype = "float16" if dtype == "float16" else "float32"
     dynamic = resolve_exporter() == "dynamo"
     key = (id(model), graph_dtype, None if dynamic else tuple(size))
-    if key not in _EXPORTS:
+    if _EXPORTS.get(key, (None,))[0] is not model:  # (an id is reused once its model is freed)
         folder = tempfile.mkdtemp(prefix="videomt-fast-segment-onnx-")
         atexit.register(shutil.rmtree, folder, True)
         export(model, f"{folder}/export", graphs_=["step"], dtypes=[graph_dtype], sizes=[tuple(size)], verify=False)
         providers = "auto" if str(device).startswith("cuda") else "cpu"
-        _EXPORTS[key] = load(f"{folder}/export", dtype=graph_dtype, providers=providers)
-    return _EXPORTS[key].new_session(1)
+        _EXPORTS[key] = (model, load(f"{folder}/export", dtype=graph_dtype, providers=providers))
+    return _EXPORTS[key][1].new_session(1)

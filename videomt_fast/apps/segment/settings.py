@@ -56,6 +56,9 @@ class SegmentSettings:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):  # NaN fails too
                 raise ValueError(f"{option(name)} must be a number from 0 to 1, got {value!r}")
+        from videomt_fast.apps.segment.ort import check_settings
+
+        check_settings(self.runtime, self.dtype, self.fast)
         return self
 
     def task_threshold(self) -> float:
