@@ -389,6 +389,26 @@ def test_segment_runtime_misuse(tmp_path, capsys):
     assert len(err) == 2 and "--fast applies to the torch runtime" in err[0] and "not bfloat16" in err[1]
 
 
+def test_export_knows_the_model_class_of_a_hub_id(tmp_path, monkeypatch):
+    """A hub id is read like a folder (its config.json's model_type), as from_pretrained and patch_transformers
+    read it: an EoMT-DINOv3 checkpoint named by hub id exports as EoMT-DINOv3, not as VidEoMT."""
+    import json
+    import types
+
+    import videomt_fast
+    from videomt_fast.apps import export as export_cli
+    from videomt_fast.model import loading
+
+    folder = tmp_path / "snapshot"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "eomt_dinov3"}))
+    monkeypatch.setattr(loading, "resolve_checkpoint_dir", lambda name, **hub: str(folder))
+    args = types.SimpleNamespace(model="org/eomt-dinov3", model_type="auto")
+    assert export_cli._model_class(args) is videomt_fast.EomtDinov3ForUniversalSegmentation
+    assert export_cli._model_class(types.SimpleNamespace(model=str(folder), model_type="auto")) \
+        is videomt_fast.EomtDinov3ForUniversalSegmentation
+
+
 def test_onnxruntime_settings_are_checked_where_every_caller_passes(tmp_path):
     """The library call refuses what the command line refuses (the check lives in SegmentSettings.validate),
     and ``dtype="auto"`` resolves to float32 for ONNX Runtime on any device (its graphs are exported from

@@ -613,10 +613,9 @@ class Bench:
         cls = EomtConfig if self.eomt else VideomtConfig
         if args.checkpoint:
             from videomt_fast.model.configuration import EomtDinov3Config
-            from videomt_fast.model.loading import declared_model_type, resolve_checkpoint_dir
+            from videomt_fast.model.loading import checkpoint_model_type
 
-            directory = resolve_checkpoint_dir(args.checkpoint)
-            if self.eomt and declared_model_type(os.path.join(directory, "config.json")) == "eomt_dinov3":
+            if self.eomt and checkpoint_model_type(args.checkpoint) == "eomt_dinov3":
                 cls = EomtDinov3Config
             return cls.from_pretrained(args.checkpoint)
         square = size[0] == size[1]

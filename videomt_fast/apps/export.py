@@ -50,13 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_class(args):
-    from videomt_fast.model.loading import declared_model_type
+    from videomt_fast.model.loading import checkpoint_model_type
     from videomt_fast.model.modeling import (EomtDinov3ForUniversalSegmentation, EomtForUniversalSegmentation,
                                              VideomtForUniversalSegmentation)
 
-    declared = None
-    if args.model and os.path.isdir(args.model):
-        declared = declared_model_type(os.path.join(args.model, "config.json"))
+    declared = checkpoint_model_type(args.model) if args.model else None
     kind = args.model_type
     if kind == "auto":
         kind = "eomt" if declared in ("eomt", "eomt_dinov3") else "videomt"

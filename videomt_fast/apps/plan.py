@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -71,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.checkpoint:
         cls = videomt_fast.VideomtForUniversalSegmentation
         if args.model == "eomt":
-            from videomt_fast.model.loading import declared_model_type, resolve_checkpoint_dir
+            from videomt_fast.model.loading import checkpoint_model_type
 
-            dinov3 = not args.checkpoint.endswith((".pth", ".pt", ".ckpt")) and declared_model_type(
-                os.path.join(resolve_checkpoint_dir(args.checkpoint), "config.json")) == "eomt_dinov3"
+            dinov3 = checkpoint_model_type(args.checkpoint) == "eomt_dinov3"
             cls = videomt_fast.EomtDinov3ForUniversalSegmentation if dinov3 else videomt_fast.EomtForUniversalSegmentation
         model = cls.from_pretrained(args.checkpoint, dtype=torch.float32, device=device)
     else:

@@ -917,6 +917,20 @@ def declared_model_type(config_path: str) -> str | None:
     return data.get("model_type") if isinstance(data, dict) else None
 
 
+def checkpoint_model_type(name_or_path: Any, **hub: Any) -> str | None:
+    """The ``model_type`` a checkpoint folder or hub id declares in its ``config.json`` (``hub``:
+    ``revision``, ``cache_dir``, ``token``, ``subfolder``, ``local_files_only``); None for a file (a research
+    checkpoint) or where it cannot be read."""
+    path = os.fspath(name_or_path)
+    if os.path.isfile(path):
+        return None
+    try:
+        directory = resolve_checkpoint_dir(path, **hub)
+    except (OSError, ValueError):
+        return None
+    return declared_model_type(os.path.join(directory, "config.json"))
+
+
 def _looks_research(state: dict[str, torch.Tensor]) -> bool:
     bare = (re.sub(r"^(module\.)?(backbone\.|network\.)?", "", k) for k in state)
     return any(k.startswith("encoder.backbone.") or k == "q.weight" for k in bare)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 _STATE: dict[str, Any] = {"patches": None}
@@ -24,18 +22,10 @@ def _model_type(name_or_path: Any, kwargs: dict) -> str | None:
         return getattr(config, "model_type", None)
     if name_or_path is None:
         return None
-    path = os.fspath(name_or_path)
-    if os.path.isfile(path):
-        return None
-    try:
-        from videomt_fast.model.loading import resolve_checkpoint_dir
+    from videomt_fast.model.loading import checkpoint_model_type
 
-        keys = ("revision", "cache_dir", "token", "subfolder", "local_files_only")
-        directory = resolve_checkpoint_dir(path, **{k: kwargs[k] for k in keys if k in kwargs})
-        with open(os.path.join(directory, "config.json"), encoding="utf-8") as handle:
-            return json.load(handle).get("model_type")
-    except (OSError, ValueError):
-        return None
+    keys = ("revision", "cache_dir", "token", "subfolder", "local_files_only")
+    return checkpoint_model_type(name_or_path, **{k: kwargs[k] for k in keys if k in kwargs})
 
 
 def _name_or_path(args: tuple, kwargs: dict) -> tuple[Any, tuple, dict]:
