@@ -247,6 +247,19 @@ def test_a_budget_too_small_to_compile_is_said_not_overrun(cache, monkeypatch):
     assert budget.skipped == ["the compiled frame step (not compiled)"]
 
 
+def test_a_decision_cut_short_by_the_budget_is_not_cached(cache, monkeypatch):
+    """"Too little to compile" is this call's verdict, not the shape's: the plan is used but not written, so
+    the next process decides again (as for a plan cut short). Mutation caught: caching every decision."""
+    monkeypatch.setattr(plans, "clock", lambda: 1000.0)
+    monkeypatch.setattr(compiled, "_compile_in_child", lambda *a: (True, ""))  # never reached
+    model, _ = _pair()
+    plan = plans.build(model, 1, SIZE)
+    plan.key = plans.cache_key(model, 1, SIZE, plans.stages_of(model))
+    compiled.consider(model, plan, mode="on", budget=plans.Budget(compiled.MIN_COMPILE_S + compiled.VERIFY_RESERVE_S - 1))
+    assert not plans._cache_file(plan.key).exists()
+    assert plans.save_cached(plan) is None  # nor later, by another site's decision
+
+
 def test_auto_does_not_time_a_step_its_arithmetic_clearly_dominates(cache, monkeypatch):
     """Where the estimated arithmetic dwarfs the measured host time (a large model on a CPU), auto declines
     without timing the op step (seconds a frame at ViT-L 640x640) and says which figure is an estimate."""

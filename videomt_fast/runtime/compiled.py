@@ -344,7 +344,7 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget: plans.
                        "VIDEOMT_FAST_COMPILE=on compiles anyway")
         plan.notes.append(f"{SITE}: host time {host_ms:.2f} ms per frame (measured); arithmetic about "
                           f"{arith_ms:.0f} ms (estimated, not measured)")
-        return _finish(plan, site)
+        return _finish(plan, site, budget)
     first, later, prev = _calibration_frames(model, rows, size)
 
     def run_ops(frames=later, queries=prev):
@@ -360,7 +360,7 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget: plans.
     if mode == "auto" and host_share < HOST_SHARE:
         comp.reason = (f"auto: not host-bound (host time {host_share:.0%} of the op plan's step, under "
                        f"{HOST_SHARE:.0%}); VIDEOMT_FAST_COMPILE=on compiles anyway")
-        return _finish(plan, site)
+        return _finish(plan, site, budget)
     packages = package_paths(plan)
     extra_path = packages["later"].with_suffix(".constants.pt")
     budget.phase("compiled frame step: exporting")
@@ -368,7 +368,7 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget: plans.
         exported = {form: export_step(model, rows, size, first=form == "first") for form in FORMS}
     except Exception as exc:
         comp.reason = f"export raised {type(exc).__name__}: {plans._first_line(exc)}"
-        return _finish(plan, site)
+        return _finish(plan, site, budget)
     extra = {k: v for ep in exported.values() for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}
     # verification and timing follow the compile: keep a little for them
     left = budget.left() - VERIFY_RESERVE_S
@@ -376,7 +376,7 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget: plans.
         comp.reason = (f"budget: {max(0.0, budget.left()):.0f} s of the {budget.seconds:.0f} s planning budget "
                        "left, too little to compile")
         budget.skip("the compiled frame step (not compiled)")
-        return _finish(plan, site)
+        return _finish(plan, site, budget)
     budget.phase("compiled frame step: compiling")
     compile_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="videomt_fast-step-") as tmp:
@@ -397,18 +397,18 @@ def consider(model, plan: plans.Plan, *, mode: str | None = None, budget: plans.
             comp.reason = error
             if error.startswith("budget"):
                 budget.skip("the compiled frame step (its compile was stopped)")
-            return _finish(plan, site)
+            return _finish(plan, site, budget)
         if extra:
             torch.save(extra, extra_path)
         try:
             step = CompiledStep({form: str(path) for form, path in targets.items()}, model, rows, size, extra)
         except Exception as exc:
             comp.reason = f"the compiled library failed to load: {type(exc).__name__}: {plans._first_line(exc)}"
-            return _finish(plan, site)
+            return _finish(plan, site, budget)
     plan.notes.append(f"{SITE}: {NAME} compiled in {compiled_s:.1f} s (first-frame and later-frame libraries)")
     budget.phase("compiled frame step: verifying and timing")
     _verify_and_time(model, plan, site, step, (first, later, prev), run_ops, size, budget)
-    return _finish(plan, site)
+    return _finish(plan, site, budget)
 
 
 def _verify_and_time(model, plan, site, step, calibration, run_ops, size, budget=None) -> None:
@@ -451,9 +451,13 @@ def _verify_and_time(model, plan, site, step, calibration, run_ops, size, budget
         plan.__dict__["_step"] = step
 
 
-def _finish(plan: plans.Plan, site: plans.Site) -> plans.Site:
+def _finish(plan: plans.Plan, site: plans.Site, budget: plans.Budget | None = None) -> plans.Site:
+    """Remember the decision with its plan, unless the plan or this decision was cut short by its budget
+    (then it is used in this process and decided again in the next)."""
+    if budget is not None and budget.skipped:
+        plan.__dict__["_cut_short"] = True
     if plan.key:
-        plans.save_cached(plan)  # (not when the plan was cut short by its budget)
+        plans.save_cached(plan)
     return site
 
 
