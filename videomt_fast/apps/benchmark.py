@@ -62,8 +62,9 @@ from typing import Any, Callable
 import torch
 
 from videomt_fast.model.cost import frame_flops, layer_flops  # noqa: F401 (layer_flops: part of this module's API)
+from videomt_fast.model.configuration import PRESETS
 
-ARCHS = ("vit-s", "vit-b", "vit-l", "dinov3-s", "dinov3-b", "dinov3-l")
+ARCHS = tuple(PRESETS)  # vit-s/b/l (DINOv2), dinov3-s/b/l
 PROVIDERS = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile", "fast-ref", "fast")
 BASELINES = ("hf-eager-fp32", "hf-sdpa-bf16", "hf-compile")
 PEERS = ("mask2former-swin-t", "edgetam-video")

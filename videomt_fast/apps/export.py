@@ -15,17 +15,17 @@ import argparse
 import os
 import sys
 
-from videomt_fast.apps.benchmark import _names, _size
+from videomt_fast.apps.benchmark import ARCHS, _names, _size
+from videomt_fast.export.exporter import DTYPES, EXPORTERS, IMAGE_GRAPHS, OPSET, VIDEO_GRAPHS
 
-GRAPHS = ("step", "clip", "image")
-DTYPES = ("float32", "float16")
+GRAPHS = VIDEO_GRAPHS + IMAGE_GRAPHS
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="videomt-fast export", description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="save_pretrained folder, hub id, research .pth, or demo (the packaged model)")
-    source.add_argument("--arch", choices=("vit-s", "vit-b", "vit-l", "dinov3-s", "dinov3-b", "dinov3-l"),
+    source.add_argument("--arch", choices=ARCHS,
                         help="published backbone shape with random weights (for trying the export): vit-s/b/l "
                              "DINOv2, dinov3-s/b/l DINOv3 (--model-type eomt: EoMT-DINOv3)")
     p.add_argument("--model-type", choices=("auto", "videomt", "eomt"), default="auto",
@@ -40,9 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "export; with --fixed-sizes or the TorchScript exporter, one graph per size")
     p.add_argument("--fixed-sizes", action="store_true",
                    help="one graph per --size with its position table stored (static shapes, e.g. for TensorRT)")
-    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+    p.add_argument("--exporter", choices=EXPORTERS, default="auto",
                    help="torch's exporter (auto: dynamo where onnxscript is installed, else TorchScript)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--opset", type=int, default=OPSET, help=f"ONNX opset (default {OPSET})")
     p.add_argument("--no-verify", action="store_true", help="skip running the graphs against PyTorch")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--seed", type=int, default=0, help="seed of --arch's random weights")
