@@ -194,6 +194,21 @@ def test_phases_started_before_the_build_finished_never_build(smoke, tmp_path):
     assert driver.env()["VIDEOMT_FAST_NO_JIT"] == "1"
 
 
+def test_the_build_worker_clears_locks_before_it_builds(smoke, monkeypatch, capsys):
+    """The build phase is the only builder on the GPU machine: it removes the locks an earlier killed run left
+    before it loads (the driver itself imports no torch for that); a dry run touches no lock."""
+    from videomt_fast.ops import _ext
+
+    calls = []
+    monkeypatch.setattr(_ext, "clear_locks", lambda: calls.append("clear") or ["/cache/postprocess-x/lock"])
+    monkeypatch.setattr(_ext, "load", lambda: calls.append("load") or "module")
+    assert smoke.phase_build(types.SimpleNamespace(dry=False))["status"] == "pass"
+    assert calls == ["clear", "load"] and "/cache/postprocess-x/lock" in capsys.readouterr().out
+    calls.clear()
+    smoke.phase_build(types.SimpleNamespace(dry=True))
+    assert calls == ["load"]
+
+
 def test_dry_build_phase_skips_with_a_cuda_torch_and_no_device(smoke, monkeypatch):
     """A CUDA build of torch on a machine without a GPU (the GPU image's software on a CPU): the dry run
     has nothing to build and says so. Mutation caught: skipping only for a CPU build of torch."""
